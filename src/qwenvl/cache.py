@@ -1,0 +1,58 @@
+"""The KV cache: preallocated keys and values that the caller owns and passes to the model.
+
+Rows of a batch keep their own lengths, so prompts of different lengths decode side by side and
+each row sees exactly what it would see alone. Each row also remembers the dynamic-NTK alpha of
+its prefill, which the decoding steps after it reuse (SPEC 5).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import LLMConfig
+
+
+class KVCache:
+    def __init__(
+        self,
+        cfg: LLMConfig,
+        batch_size: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (cfg.num_hidden_layers, batch_size, cfg.num_attention_heads, capacity, cfg.kv_channels)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[3]
+
+    def positions(self, new_tokens: int) -> torch.Tensor:
+        """Absolute positions [B, new_tokens] of the next tokens of every row."""
+        steps = torch.arange(new_tokens, device=self.lengths.device)
+        return self.lengths[:, None] + steps
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [B, heads, L, d] at `positions` [B, L] of each row."""
+        index = positions[:, None, :, None].expand_as(k)
+        self.keys[layer].scatter_(2, index, k)
+        self.values[layer].scatter_(2, index, v)
+
+    def view(self, layer: int, kv_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer, :, :, :kv_length], self.values[layer, :, :, :kv_length]
+
+    def select(self, rows: torch.Tensor | list[int]) -> KVCache:
+        """A cache holding only `rows` (a copy), e.g. to drop finished sequences from a batch."""
+        picked = KVCache.__new__(KVCache)
+        rows = torch.as_tensor(rows, device=self.lengths.device)
+        picked.keys, picked.values = self.keys[:, rows], self.values[:, rows]
+        picked.lengths, picked.ntk_alpha = self.lengths[rows], self.ntk_alpha[rows]
+        return picked

@@ -1,0 +1,235 @@
+"""Generation as small functions over a model and a KV cache: prefill, decode step, sampling, stopping.
+
+The model only maps embeddings to hidden states; everything about choosing tokens lives here.
+Prompts of different lengths are right-padded and keep their own cache lengths, so each row of a
+batch produces what it would produce alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from .cache import KVCache
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that does not fit the model's context window."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop_words_ids: tuple[tuple[int, ...], ...] = ()
+    eos_token_id: int | None = None
+    seed: int | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_config(cls, generation_config: Any = None, **overrides: Any) -> SamplingParams:
+        """Values from a transformers GenerationConfig (or anything with those attributes), then overrides."""
+        names = {f.name for f in fields(cls)} - {"extra", "stop_words_ids"}
+        values: dict[str, Any] = {}
+        for name in names:
+            value = getattr(generation_config, name, None) if generation_config is not None else None
+            if value is not None:
+                values[name] = value
+        for name, value in overrides.items():
+            if value is None:
+                continue
+            if name in names:
+                values[name] = value
+            elif name == "stop_words_ids":
+                values[name] = tuple(tuple(s) for s in value)
+        if isinstance(values.get("eos_token_id"), (list, tuple)):
+            values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
+        params = cls(**values)
+        if params.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
+        if params.do_sample and params.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+        if params.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {params.repetition_penalty}")
+        return params
+
+    def with_stop_words(self, stop_words_ids: Sequence[Sequence[int]]) -> SamplingParams:
+        merged = list(self.stop_words_ids)
+        merged += [tuple(s) for s in stop_words_ids if tuple(s) not in merged]
+        return replace(self, stop_words_ids=tuple(merged))
+
+
+# -- logits to tokens -------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide positive / multiply negative logits of already seen ids (seen: [B, V] bool)."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    threshold = torch.topk(logits, k).values[:, -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely ids whose probability reaches p (at least one id)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = cumulative <= 1 - p
+    drop_sorted[:, -1] = False
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+# A trained model's nucleus almost always lies within its top few hundred ids; sampling among
+# these candidates avoids sorting the whole vocabulary at every step.
+NUCLEUS_CANDIDATES = 1024
+
+
+def _sample_nucleus(logits: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """Top-p sampling among the top NUCLEUS_CANDIDATES ids; None when the nucleus may be wider."""
+    width = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+    values, ids = torch.topk(logits, width)  # descending
+    probs = (values - torch.logsumexp(logits, -1, keepdim=True)).exp()
+    mass_before = probs.cumsum(-1) - probs
+    keep = mass_before < p
+    if width < logits.shape[-1] and bool(keep[:, -1].any()):
+        return None
+    weights = probs.masked_fill(~keep, 0.0)
+    choice = torch.multinomial(weights, 1, generator=generator)
+    return ids.gather(1, choice).squeeze(1)
+
+
+def choose_tokens(
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Next token per row [B] from last-position logits [B, V]."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if not params.do_sample:
+        return logits.argmax(-1)
+    logits = filter_top_k(logits / params.temperature, params.top_k)
+    if params.top_p < 1.0:
+        tokens = _sample_nucleus(logits, params.top_p, generator)
+        if tokens is not None:
+            return tokens
+        logits = filter_top_p(logits, params.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+# -- model steps ------------------------------------------------------------------------------------
+
+
+def prefill(
+    model, rows: Sequence[Sequence[int]], cache: KVCache, image_features: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run the prompts into the cache; logits [B, V] at each row's last prompt token."""
+    device = cache.lengths.device
+    lengths = [len(r) for r in rows]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+    hidden = model.transformer(model.transformer.embed(ids, image_features), cache, lengths)
+    last = hidden[torch.arange(len(rows), device=device), torch.as_tensor(lengths, device=device) - 1]
+    return model.lm_head(last)
+
+
+def decode_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """Feed one token per row [B]; logits [B, V] of the next."""
+    hidden = model.transformer(model.transformer.embed(tokens[:, None]), cache)
+    return model.lm_head(hidden[:, -1])
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+
+def _ends_with_stop(tokens: list[int], stop_words_ids: Sequence[Sequence[int]]) -> bool:
+    return any(len(s) and tokens[-len(s) :] == list(s) for s in stop_words_ids)
+
+
+def context_limit(model) -> int:
+    return model.config.max_position_embeddings
+
+
+def stream_tokens(
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    image_features: torch.Tensor | None = None,
+) -> Iterator[list[int | None]]:
+    """Yield, at each step, the new token of every row (None for a row that has finished).
+
+    A row finishes after a stop word or the end-of-text id (both are yielded), or at max_new_tokens.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    limit = context_limit(model)
+    longest = max(len(p) for p in prompts)
+    if longest > limit:
+        raise PromptTooLongError(f"the prompt is {longest} tokens; the model's context window is {limit}")
+    max_new = min(params.max_new_tokens, limit - longest)
+    if max_new <= 0:
+        return
+    param = next(model.parameters())
+    cache = KVCache(model.transformer.llm_config, len(prompts), longest + max_new, param.dtype, param.device)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=param.device).manual_seed(params.seed)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=param.device)
+        for i, p in enumerate(prompts):
+            seen[i, torch.as_tensor(list(p), device=param.device)] = True
+
+    generated: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    logits = prefill(model, prompts, cache, image_features)
+    for step in range(max_new):
+        tokens = choose_tokens(logits, params, seen, generator)
+        out: list[int | None] = []
+        for i, token in enumerate(tokens.tolist()):
+            if done[i]:
+                out.append(None)
+                continue
+            generated[i].append(token)
+            out.append(token)
+            if token == params.eos_token_id or _ends_with_stop(generated[i], params.stop_words_ids):
+                done[i] = True
+        yield out
+        if all(done) or step == max_new - 1:
+            return
+        if seen is not None:
+            seen[torch.arange(len(prompts), device=param.device), tokens] = True
+        logits = decode_step(model, tokens, cache)
+
+
+def generate_tokens(
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    image_features: torch.Tensor | None = None,
+) -> list[list[int]]:
+    """The new ids of every row."""
+    rows: list[list[int]] = [[] for _ in prompts]
+    for step in stream_tokens(model, prompts, params, image_features):
+        for row, token in zip(rows, step, strict=True):
+            if token is not None:
+                row.append(token)
+    return rows

@@ -1,0 +1,156 @@
+"""The Qwen LLM's pieces: RMSNorm, rotary with dynamic NTK and log-n scaling, attention, MLP (SPEC 5).
+
+Module and parameter names are the checkpoint's (`transformer.h.{i}.attn.c_attn`, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache import KVCache
+from ..config import LLMConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalized in fp32, as the original, then scaled in the model's dtype
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def ntk_alpha(length: int, cfg: LLMConfig) -> float:
+    """Dynamic-NTK alpha of a prefill of `length` tokens: max(2^ceil(log2(L/seq_length)+1) - 1, 1)."""
+    if not cfg.use_dynamic_ntk or length <= 0:
+        return 1.0
+    # python floats, as the original, so that ceil() sees exactly the same value at powers of two
+    return float(max(2 ** math.ceil(math.log(length / cfg.seq_length, 2) + 1) - 1, 1))
+
+
+@dataclass
+class Rotary:
+    """cos/sin [B, L, d] for the positions of one forward, computed once and shared by all layers."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def build(cls, positions: torch.Tensor, alphas: list[float], cfg: LLMConfig) -> Rotary:
+        d = cfg.rotary_dim
+        exponent = torch.arange(0, d, 2, device=positions.device).float() / d
+        rows = []
+        # fp32 throughout, and the same float ops as the original so fp32 logits match to the last bits
+        for a in alphas:
+            base = cfg.rotary_emb_base * a ** (d / (d - 2))
+            rows.append(1.0 / (base**exponent))
+        inv_freq = torch.stack(rows)  # [B, d/2]
+        freqs = positions.float()[:, :, None] * inv_freq[:, None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return cls(angles.cos(), angles.sin())
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [B, L, heads, d] (rotate-half form)."""
+        xf = x.float()
+        half = xf.shape[-1] // 2
+        rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+        cos, sin = self.cos[:, :, None, :], self.sin[:, :, None, :]
+        return (xf * cos + rotated * sin).type_as(x)
+
+
+def logn_scale(positions: torch.Tensor, cfg: LLMConfig) -> torch.Tensor | None:
+    """Per-position query scale log(p+1)/log(seq_length) beyond seq_length, else 1; None when unused."""
+    if not cfg.use_logn_attn or int(positions.max()) + 1 <= cfg.seq_length:
+        return None
+    p1 = (positions + 1).double()
+    scale = torch.where(p1 > cfg.seq_length, torch.log(p1) / math.log(cfg.seq_length), torch.ones_like(p1))
+    return scale.float()
+
+
+@dataclass
+class Step:
+    """What every layer of one forward shares: positions [B, L], rotary tables, log-n scale, the cache."""
+
+    positions: torch.Tensor
+    rotary: Rotary
+    logn: torch.Tensor | None
+    cache: KVCache | None
+    # every row starts at position 0: plain causal attention over the new keys, no cache read
+    fresh: bool
+
+    @classmethod
+    def build(
+        cls, cfg: LLMConfig, batch: int, length: int, cache: KVCache | None, lengths: list[int]
+    ) -> Step:
+        device = cache.lengths.device if cache is not None else None
+        if cache is None:
+            positions = torch.arange(length, device=device)[None].expand(batch, length)
+            alphas = [ntk_alpha(n, cfg) for n in lengths]
+            fresh = True
+        else:
+            positions = cache.positions(length)
+            fresh = not bool(cache.lengths.any())
+            if fresh:  # a prefill: each row's alpha comes from its own prompt length, then stays
+                cache.ntk_alpha = torch.tensor([ntk_alpha(n, cfg) for n in lengths], device=device)
+            alphas = cache.ntk_alpha.tolist()
+        return cls(positions, Rotary.build(positions, alphas, cfg), logn_scale(positions, cfg), cache, fresh)
+
+
+class QWenAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.num_attention_heads, cfg.kv_channels
+        self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.projection_size)
+        self.c_proj = nn.Linear(cfg.projection_size, cfg.hidden_size, bias=not cfg.no_bias)
+
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.c_attn(x).view(batch, length, 3, self.heads, self.head_dim).unbind(2)
+        q, k = step.rotary.apply(q), step.rotary.apply(k)
+        if step.logn is not None:
+            q = q * step.logn[:, :, None, None].to(q.dtype)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, d]
+        if step.cache is not None:
+            step.cache.write(layer, step.positions, k, v)
+        if step.fresh:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            kv_length = int(step.positions.max()) + 1
+            keys, values = step.cache.view(layer, kv_length)
+            # a key is visible to a query at or after its position: causal, and it hides the stale
+            # entries past a shorter row's length, in one mask
+            visible = torch.arange(kv_length, device=x.device)[None, None, :] <= step.positions[:, :, None]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None])
+        return self.c_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class QWenMLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.mlp_width, bias=not cfg.no_bias)
+        self.w2 = nn.Linear(cfg.hidden_size, cfg.mlp_width, bias=not cfg.no_bias)
+        self.c_proj = nn.Linear(cfg.mlp_width, cfg.hidden_size, bias=not cfg.no_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class QWenBlock(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.ln_1 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.attn = QWenAttention(cfg)
+        self.ln_2 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
+        self.mlp = QWenMLP(cfg)
+
+    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), step, layer)
+        return x + self.mlp(self.ln_2(x))

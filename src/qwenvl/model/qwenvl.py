@@ -1,0 +1,73 @@
+"""The whole model: token embeddings with image features written in, the LLM stack, the LM head.
+
+`QWenModel` is the checkpoint's `transformer` (wte, h, ln_f, visual); `QwenVLForCausalLM` adds
+`lm_head` and the transformers/original-compatible surface (from_pretrained, chat, generate).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..cache import KVCache
+from ..config import QwenVLConfig
+from .llm import QWenBlock, RMSNorm, Step
+from .vision import VisionTransformer
+
+
+class ImageSpanError(ValueError):
+    """Image features and the image spans of the token ids do not fit together."""
+
+
+def image_span_starts(input_ids: torch.Tensor, img_start_id: int) -> list[tuple[int, int]]:
+    """(row, position) of every `<img>` id, in order of appearance (row by row)."""
+    return [tuple(p) for p in (input_ids == img_start_id).nonzero().tolist()]
+
+
+class QWenModel(nn.Module):
+    """Embeddings -> blocks -> final norm; image features replace the 256 ids inside each image span."""
+
+    def __init__(self, config: QwenVLConfig):
+        super().__init__()
+        llm, vision = config.llm, config.vision
+        self.llm_config, self.vision_config = llm, vision
+        self.wte = nn.Embedding(llm.vocab_size, llm.hidden_size)
+        self.h = nn.ModuleList(QWenBlock(llm) for _ in range(llm.num_hidden_layers))
+        self.ln_f = RMSNorm(llm.hidden_size, llm.layer_norm_epsilon)
+        self.visual = VisionTransformer(vision)
+
+    def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings [B, L, H] with `image_features` [N, 256, H] written into the N image spans."""
+        embeds = self.wte(input_ids)
+        if image_features is None:
+            return embeds
+        span = self.vision_config.n_queries
+        starts = image_span_starts(input_ids, self.vision_config.image_start_id)
+        if len(starts) != len(image_features):
+            raise ImageSpanError(
+                f"{len(image_features)} image features for {len(starts)} image spans in the ids"
+            )
+        end_id = self.vision_config.image_start_id + 1
+        for (row, pos), features in zip(starts, image_features, strict=True):
+            end = pos + span + 1
+            if end >= input_ids.shape[1] or int(input_ids[row, end]) != end_id:
+                raise ImageSpanError(f"the image span at row {row}, position {pos} is not {span} ids long")
+            embeds[row, pos + 1 : end] = features.to(embeds.dtype)
+        return embeds
+
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        cache: KVCache | None = None,
+        lengths: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Hidden states [B, L, H] of `embeds`; rows hold `lengths` real tokens (right padding)."""
+        batch, length, _ = embeds.shape
+        lengths = lengths if lengths is not None else [length] * batch
+        step = Step.build(self.llm_config, batch, length, cache, lengths)
+        x = embeds
+        for layer, block in enumerate(self.h):
+            x = block(x, step, layer)
+        if cache is not None:
+            cache.lengths += torch.tensor(lengths, device=cache.lengths.device)
+        return self.ln_f(x)

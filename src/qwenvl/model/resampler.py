@@ -1,0 +1,64 @@
+"""The resampler (`attn_pool`): 256 learned queries cross-attend to the ViT patches (SPEC 4, step 5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def resize_positions(table: torch.Tensor, count: int) -> torch.Tensor:
+    """A square grid of position embeddings [n, C] bicubically resized to `count` entries.
+
+    Computed in fp32, as the original does, then returned in the table's dtype.
+    """
+    src, dst = math.isqrt(table.shape[0]), math.isqrt(count)
+    if src == dst:
+        return table
+    grid = table.float().reshape(1, src, src, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).flatten(0, 2).to(table.dtype)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention with torch.nn.MultiheadAttention's parameter names ([Q;K;V] in_proj blocks)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        batch, d = q.shape[0], q.shape[-1] // self.heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # [B, L, D] -> [B, heads, L, d]
+            return x.view(batch, -1, self.heads, d).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        return self.out_proj(out.transpose(1, 2).reshape(batch, -1, self.heads * d))
+
+
+class Resampler(nn.Module):
+    def __init__(self, n_queries: int, dim: int, heads: int, kv_dim: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.empty(n_queries, dim))
+        # fixed 2-D sin-cos table in the original; loaded from the checkpoint, never recomputed
+        self.pos_embed = nn.Parameter(torch.empty(n_queries, dim), requires_grad=False)
+        self.kv_proj = nn.Linear(kv_dim, dim, bias=False) if kv_dim != dim else nn.Identity()
+        self.attn = CrossAttention(dim, heads)
+        self.ln_q = nn.LayerNorm(dim, eps=1e-6)
+        self.ln_kv = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """[B, patches, kv_dim] -> [B, n_queries, dim]."""
+        kv = self.ln_kv(self.kv_proj(patches))
+        q = self.ln_q(self.query) + self.pos_embed
+        key_pos = resize_positions(self.pos_embed, patches.shape[1])
+        return self.attn(q.expand(patches.shape[0], -1, -1), kv + key_pos, kv)

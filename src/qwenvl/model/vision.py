@@ -1,0 +1,99 @@
+"""The vision tower (`transformer.visual`): a ViT over 14-px patches, then the resampler (SPEC 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VisionConfig
+from .resampler import Resampler, resize_positions
+
+
+class VisualAttention(nn.Module):
+    """Self-attention whose `in_proj` rows are grouped per head: [q_h; k_h; v_h] for each head h."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj = nn.Linear(width, 3 * width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        qkv = self.in_proj(x).view(batch, length, self.heads, 3, width // self.heads)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, heads, L, d]
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class VisualMLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.c_fc = nn.Linear(width, hidden)
+        self.gelu = nn.GELU()  # erf form, as the original
+        self.c_proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class VisualBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.attn = VisualAttention(cfg.width, cfg.heads)
+        self.ln_2 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.mlp = VisualMLP(cfg.width, cfg.mlp_width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisualTransformer(nn.Module):
+    """`transformer.visual.transformer`: the stack of ViT blocks."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.resblocks = nn.ModuleList(VisualBlock(cfg) for _ in range(cfg.layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """Pixels [N, 3, S, S] -> image features [N, 256, output_dim]."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.config = cfg
+        self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.n_queries, cfg.width))
+        self.ln_pre = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.transformer = VisualTransformer(cfg)
+        self.attn_pool = Resampler(cfg.n_queries, cfg.output_dim, cfg.resampler_heads, kv_dim=cfg.width)
+        self.ln_post = nn.LayerNorm(cfg.output_dim, eps=1e-6)
+        self.proj = nn.Parameter(torch.empty(cfg.output_dim, cfg.output_dim))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(pixels.to(self.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)  # [N, patches, width]
+        x = x + resize_positions(self.positional_embedding, x.shape[1])
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(self.attn_pool(x)) @ self.proj
+
+    @torch.no_grad()
+    def encode(self, images: Sequence, policy=None) -> torch.Tensor:
+        """Features of images given as paths, URLs, bytes or PIL images (the original's API).
+
+        Reading files happens here, before the numeric path; `forward` only sees pixels.
+        """
+        from ..images import load_image, preprocess
+
+        pixels = preprocess([load_image(image, policy) for image in images], self.config.image_size)
+        return self(pixels.to(self.conv1.weight.device))

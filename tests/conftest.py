@@ -1,0 +1,73 @@
+"""Shared fixtures: the golden tiny checkpoint, rebuilt once per session from its documented rule."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+GOLDEN = DATA / "golden"
+
+
+@pytest.fixture(scope="session")
+def golden_cases() -> dict:
+    return json.loads((GOLDEN / "cases.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def golden_arrays():
+    return np.load(GOLDEN / "arrays.npz")
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> dict:
+    return json.loads((GOLDEN / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_config) -> Path:
+    """The golden tiny checkpoint (fp32 .bin) with `images/` beside it, as the golden cases expect."""
+    from qwenvl.random_checkpoint import build_checkpoint
+
+    root = tmp_path_factory.mktemp("golden")
+    seed = int((GOLDEN / "seed.txt").read_text())
+    folder = build_checkpoint(tiny_config, str(root / "ckpt"), seed)
+    os.symlink(DATA / "images", root / "images")
+    return Path(folder)
+
+
+@pytest.fixture
+def in_golden_dir(tiny_checkpoint, monkeypatch) -> Path:
+    """Run from the folder where the golden cases' relative `images/...` paths resolve."""
+    monkeypatch.chdir(tiny_checkpoint.parent)
+    return tiny_checkpoint.parent
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_checkpoint):
+    from qwenvl import QwenVLTokenizer
+
+    return QwenVLTokenizer.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    from qwenvl import QwenVLForCausalLM
+
+    torch.set_grad_enabled(True)
+    return QwenVLForCausalLM.from_pretrained(tiny_checkpoint, fp32=True)
+
+
+def small_config(**overrides) -> dict:
+    """A very small Qwen-VL config (fast to build) with the real vocabulary size."""
+    config = json.loads((GOLDEN / "config.json").read_text())
+    # output_dim stays 128: the resampler has output_dim / 128 heads
+    config.update({"num_hidden_layers": 1, "intermediate_size": 256})
+    config["visual"] = dict(config["visual"], width=32, heads=2, layers=1)
+    config.update(overrides)
+    return config

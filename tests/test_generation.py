@@ -1,0 +1,181 @@
+"""Generation: cached decoding equals a full forward, batches equal single rows, sampling, stopping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenvl import make_context
+from qwenvl.cache import KVCache
+from qwenvl.generation import (
+    PromptTooLongError,
+    SamplingParams,
+    choose_tokens,
+    decode_step,
+    filter_top_k,
+    filter_top_p,
+    generate_tokens,
+    prefill,
+    stream_tokens,
+)
+
+pytestmark = pytest.mark.usefixtures("in_golden_dir")
+
+
+def prompt_of(tokenizer, text: str, length: int | None = None) -> list[int]:
+    ids = tokenizer.encode(text)
+    if length is not None:
+        ids = (ids * (length // len(ids) + 1))[:length]
+    return ids
+
+
+def test_cached_decode_equals_full_forward(tiny_model, tokenizer):
+    """Past seq_length (64) too: prompt 70 + 10 new tokens keeps the same NTK alpha and uses log-n."""
+    for length in (9, 70):
+        prompt = prompt_of(tokenizer, "The capital of France is a city with", length)
+        new = generate_tokens(tiny_model, [prompt], SamplingParams(max_new_tokens=10))[0]
+        cache = KVCache(tiny_model.transformer.llm_config, 1, length + 10)
+        with torch.no_grad():
+            step_logits = [prefill(tiny_model, [prompt], cache)[0]]
+            for token in new[:-1]:
+                step_logits.append(decode_step(tiny_model, torch.tensor([token]), cache)[0])
+            full = tiny_model(torch.tensor([prompt + new])).logits[0]
+        expected = full[length - 1 : length - 1 + len(new)]
+        torch.testing.assert_close(torch.stack(step_logits), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_batch_rows_equal_single_rows(tiny_model, tokenizer):
+    prompts = [
+        make_context(tokenizer, "Picture 1: <img>images/shapes.png</img>\n描述画面内容。")[1],
+        prompt_of(tokenizer, "The capital of France is"),
+        prompt_of(tokenizer, "a long prompt past the sequence length ", 90),
+        make_context(tokenizer, "What is 2+2?")[1],
+    ]
+    params = SamplingParams(max_new_tokens=12)
+    alone = [
+        tiny_model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12)[0, len(p) :].tolist()
+        for p in prompts
+    ]
+    features = tiny_model._features_for_ids(torch.tensor([prompts[0]]))
+    together = generate_tokens(tiny_model, prompts, params, features)
+    assert together == alone
+
+
+def test_generate_accepts_left_padded_batches(tiny_model, tokenizer):
+    short, long = tokenizer.encode("Hello"), tokenizer.encode("The capital of France is")
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (len(long) - len(short)) + short, long])
+    mask = torch.tensor([[0] * (len(long) - len(short)) + [1] * len(short), [1] * len(long)])
+    out = tiny_model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=5)
+    alone = tiny_model.generate(torch.tensor([short]), do_sample=False, max_new_tokens=5)
+    assert out[0, : len(short) + 5].tolist() == alone[0].tolist()
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_model, tokenizer):
+    prompt = prompt_of(tokenizer, "Once upon a time")
+    params = SamplingParams(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.9, top_k=50, seed=7)
+    first = generate_tokens(tiny_model, [prompt], params)
+    assert generate_tokens(tiny_model, [prompt], params) == first
+    torch.manual_seed(1234)
+    a = tiny_model.generate(torch.tensor([prompt]), do_sample=True, top_p=0.9, max_new_tokens=16)
+    torch.manual_seed(1234)
+    b = tiny_model.generate(torch.tensor([prompt]), do_sample=True, top_p=0.9, max_new_tokens=16)
+    assert a.tolist() == b.tolist()
+
+
+def test_stop_words_end_a_row(tiny_model, tokenizer):
+    prompt = prompt_of(tokenizer, "The capital of France is")
+    free = generate_tokens(tiny_model, [prompt], SamplingParams(max_new_tokens=8))[0]
+    stop = free[2]
+    params = SamplingParams(max_new_tokens=8, stop_words_ids=((stop,),))
+    assert generate_tokens(tiny_model, [prompt], params)[0] == free[: free.index(stop) + 1]
+    eos = SamplingParams(max_new_tokens=8, eos_token_id=stop)
+    assert generate_tokens(tiny_model, [prompt], eos)[0] == free[: free.index(stop) + 1]
+
+
+def test_streaming_yields_each_step(tiny_model, tokenizer):
+    prompt = prompt_of(tokenizer, "The capital of France is")
+    steps = list(stream_tokens(tiny_model, [prompt], SamplingParams(max_new_tokens=6)))
+    assert [s[0] for s in steps] == generate_tokens(tiny_model, [prompt], SamplingParams(max_new_tokens=6))[0]
+
+
+def test_chat_stream_grows_to_the_chat_reply(tiny_model, tokenizer):
+    replies = list(tiny_model.chat_stream(tokenizer, "What is 2+2?", do_sample=False, max_new_tokens=10))
+    response, _ = tiny_model.chat(tokenizer, "What is 2+2?", do_sample=False, max_new_tokens=10)
+    assert replies and replies[-1] == response
+    assert all(later.startswith(earlier) for earlier, later in zip(replies, replies[1:], strict=False))
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_model, tokenizer):
+    too_long = [tokenizer.encode("x")[0]] * (tiny_model.config.max_position_embeddings + 1)
+    with pytest.raises(PromptTooLongError, match="8193 tokens"):
+        generate_tokens(tiny_model, [too_long], SamplingParams(max_new_tokens=1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"top_p": 0.0}, "top_p"),
+        ({"do_sample": True, "temperature": 0}, "temperature"),
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+    ],
+)
+def test_bad_sampling_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams.from_config(None, **kwargs)
+
+
+def test_generation_config_defaults_flow_into_params(tiny_model):
+    params = SamplingParams.from_config(tiny_model.generation_config)
+    assert params.do_sample and params.top_p == 0.3 and params.top_k == 0 and params.max_new_tokens == 512
+    assert SamplingParams.from_config(tiny_model.generation_config, do_sample=False).do_sample is False
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0]])
+    assert torch.isinf(filter_top_k(logits, 2)).tolist() == [[False, False, True, True]]
+    probs = logits.softmax(-1)[0]  # ~[0.64, 0.24, 0.09, 0.03]
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    assert torch.isinf(filter_top_p(logits, 0.7)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_top_p(logits, 0.01)).tolist() == [[False, True, True, True]]
+
+
+def test_repetition_penalty_lowers_seen_tokens():
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    seen = torch.tensor([[True, False, True]])
+    params = SamplingParams(repetition_penalty=1.2)
+    assert choose_tokens(logits, params, seen, None).item() == 1
+    assert choose_tokens(logits, SamplingParams(), seen, None).item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_agrees_with_fp32(tiny_checkpoint, tiny_model, tokenizer, dtype):
+    """bf16 keeps 8 mantissa bits, fp16 11: logits of a 2-layer model stay within a few 1e-2 of fp32,
+    and the log-probability of fp32's greedy choice stays close."""
+    from qwenvl import QwenVLForCausalLM
+
+    half = QwenVLForCausalLM.from_pretrained(tiny_checkpoint, dtype=dtype)
+    assert half.dtype == dtype
+    _, prompt = make_context(tokenizer, "Picture 1: <img>images/shapes.png</img>\n描述画面内容。")
+    with torch.no_grad():
+        ref = tiny_model(torch.tensor([prompt])).logits[0].float()
+        got = half(torch.tensor([prompt])).logits[0].float()
+    tolerance = 0.08 if dtype == torch.bfloat16 else 0.02
+    assert (got - ref).abs().max() < tolerance * ref.abs().max()
+    ref_lp, got_lp = ref.log_softmax(-1), got.log_softmax(-1)
+    choice = ref.argmax(-1, keepdim=True)
+    assert (ref_lp.gather(-1, choice) - got_lp.gather(-1, choice)).abs().max() < 0.1
+
+
+def test_nucleus_sampling_stays_inside_the_nucleus():
+    from qwenvl.generation import _sample_nucleus
+
+    logits = torch.full((1, 5000), -10.0)
+    logits[0, [3, 17, 42]] = torch.tensor([5.0, 4.5, 1.0])  # the top two hold > 90% of the mass
+    generator = torch.Generator().manual_seed(0)
+    drawn = {_sample_nucleus(logits, 0.9, generator).item() for _ in range(200)}
+    assert drawn == {3, 17}
+    flat = torch.zeros(1, 5000)  # a nucleus wider than the candidates: the caller sorts instead
+    assert _sample_nucleus(flat, 0.5, generator) is None
+    params = SamplingParams(do_sample=True, top_p=0.5, seed=0)
+    assert 0 <= choose_tokens(flat, params, None, generator).item() < 5000
