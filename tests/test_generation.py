@@ -179,3 +179,12 @@ def test_nucleus_sampling_stays_inside_the_nucleus():
     assert _sample_nucleus(flat, 0.5, generator) is None
     params = SamplingParams(do_sample=True, top_p=0.5, seed=0)
     assert 0 <= choose_tokens(flat, params, None, generator).item() < 5000
+
+
+def test_generate_drives_a_transformers_streamer(tiny_model, tokenizer):
+    from transformers import TextIteratorStreamer
+
+    prompt = prompt_of(tokenizer, "The capital of France is")
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    out = tiny_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, streamer=streamer)
+    assert "".join(streamer) == tokenizer.decode(out[0, len(prompt) :])

@@ -8,7 +8,10 @@ from .tokenizer import QwenVLTokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 CHAT_FORMATS = ("chatml", "raw")
-History = Sequence[tuple[str, str | None]]
+# A message is text (its <img>/<ref>/<box> tags are live, as in the original) or a list-format
+# list of parts whose text is always plain: the safe form for text typed by someone else.
+Content = str | Sequence[dict]
+History = Sequence[tuple[Content, str | None]]
 
 
 def _check_format(chat_format: str) -> None:
@@ -16,9 +19,41 @@ def _check_format(chat_format: str) -> None:
         raise ValueError(f"unknown chat_format {chat_format!r}; expected one of {CHAT_FORMATS}")
 
 
+def encode_content(tokenizer: QwenVLTokenizer, content: Content) -> tuple[str, list[int]]:
+    """(text, ids) of one message.
+
+    A list of parts renders like `from_list_format`, but only its `image` parts become image spans
+    (their references are the application's, not a user's); `text` parts are encoded with no
+    special tokens at all, so typed `<img>` or `<|im_start|>` stays text.
+    """
+    if isinstance(content, str):
+        return content, tokenizer.encode_chat(content)
+    pieces: list[tuple[bool, str]] = []  # (is_image_reference, text)
+    images = 0
+    for part in content:
+        if "image" in part:
+            images += 1
+            pieces += [(False, f"Picture {images}: "), (True, str(part["image"])), (False, "\n")]
+        elif "text" in part:
+            pieces.append((False, part["text"]))
+        else:
+            raise ValueError(f"a message part needs an 'image' or 'text' key, got {sorted(part)}")
+    text, ids, plain = "", [], ""
+    for is_image, piece in [*pieces, (True, None)]:
+        if not is_image:
+            plain += piece
+            continue
+        ids += tokenizer.encode(plain, allowed_special=set()) if plain else []
+        text, plain = text + plain, ""
+        if piece is not None:
+            text += f"<img>{piece}</img>"
+            ids += tokenizer.image_span_ids(piece)
+    return text, ids
+
+
 def make_context(
     tokenizer: QwenVLTokenizer,
-    query: str,
+    query: Content,
     history: History | None = None,
     system: str = "",
     max_window_size: int = 6144,
@@ -31,14 +66,15 @@ def make_context(
     """
     _check_format(chat_format)
     if chat_format == "raw":
-        return query, tokenizer.encode_chat(query)
+        return encode_content(tokenizer, query)
 
     im_start, im_end = "<|im_start|>", "<|im_end|>"
     nl = tokenizer.encode("\n")
 
-    def turn(role: str, content: str) -> tuple[str, list[int]]:
-        ids = [tokenizer.im_start_id, *tokenizer.encode_chat(role), *nl, *tokenizer.encode_chat(content)]
-        return f"{im_start}{role}\n{content}{im_end}", ids + [tokenizer.im_end_id]
+    def turn(role: str, content: Content) -> tuple[str, list[int]]:
+        text, content_ids = encode_content(tokenizer, content)
+        ids = [tokenizer.im_start_id, *tokenizer.encode_chat(role), *nl, *content_ids]
+        return f"{im_start}{role}\n{text}{im_end}", ids + [tokenizer.im_end_id]
 
     system_text, system_ids = turn("system", system)
     kept_text, kept_ids = "", []

@@ -248,16 +248,17 @@ class QwenVLTokenizer:
                 raise ValueError(
                     "an image reference between <img> and </img> must not contain special tokens"
                 )
-            reference = self.tokenizer.decode_bytes(inner)
-            if len(reference) > IMAGE_SPAN:
-                raise ValueError(
-                    f"The content in <img>..</img> is too long: {len(reference)} bytes, at most {IMAGE_SPAN}"
-                )
-            out.append(self.img_start_id)
-            out.extend(reference)  # byte value b is id b
-            out.extend([self.img_pad_id] * (IMAGE_SPAN - len(reference)))
-            out.append(self.img_end_id)
+            out += self.image_span_ids(self.tokenizer.decode_bytes(inner))
         return out
+
+    def image_span_ids(self, reference: str | bytes) -> list[int]:
+        """The 258 ids of an image span: `<img>`, the reference's bytes as ids, `<imgpad>`s, `</img>`."""
+        data = reference.encode("utf-8") if isinstance(reference, str) else reference
+        if len(data) > IMAGE_SPAN:
+            raise ValueError(
+                f"The content in <img>..</img> is too long: {len(data)} bytes, at most {IMAGE_SPAN}"
+            )
+        return [self.img_start_id, *data, *[self.img_pad_id] * (IMAGE_SPAN - len(data)), self.img_end_id]
 
     def __call__(
         self, text: str | list[str], return_tensors: str | None = None, padding: bool | str = False, **kw

@@ -202,7 +202,17 @@ class QwenVLForCausalLM(PreTrainedModel):
             params = params.with_stop_words(stop_words_ids)
         rows = self._prompt_rows(input_ids, attention_mask)
         features = self._features_for_ids(torch.as_tensor(_pad(rows, 0)))
-        new = generate_tokens(self, rows, params, features)
+        if streamer is None:
+            new = generate_tokens(self, rows, params, features)
+        else:  # transformers' streamer protocol: the prompt, then each new token, then end()
+            if len(rows) != 1:
+                raise ValueError("a streamer can only follow a single prompt")
+            streamer.put(torch.as_tensor([rows[0]]))
+            new = [[]]
+            for step in stream_tokens(self, rows, params, features):
+                new[0].append(step[0])
+                streamer.put(torch.as_tensor([step[0]]))
+            streamer.end()
         pad = getattr(generation_config or self.generation_config, "pad_token_id", None)
         pad = self.config.pad_token_id if pad is None else pad
         return torch.as_tensor(
