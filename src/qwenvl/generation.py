@@ -160,8 +160,11 @@ def decode_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
 # -- the loop ---------------------------------------------------------------------------------------
 
 
-def _ends_with_stop(tokens: list[int], stop_words_ids: Sequence[Sequence[int]]) -> bool:
-    return any(len(s) and tokens[-len(s) :] == list(s) for s in stop_words_ids)
+def is_finished(token: int, generated: list[int], params: SamplingParams) -> bool:
+    """Whether `token`, just appended to `generated`, ends the sequence (end-of-text or a stop word)."""
+    if token == params.eos_token_id:
+        return True
+    return any(len(s) and generated[-len(s) :] == list(s) for s in params.stop_words_ids)
 
 
 def context_limit(model) -> int:
@@ -210,7 +213,7 @@ def stream_tokens(
                 continue
             generated[i].append(token)
             out.append(token)
-            if token == params.eos_token_id or _ends_with_stop(generated[i], params.stop_words_ids):
+            if is_finished(token, generated[i], params):
                 done[i] = True
         yield out
         if all(done) or step == max_new - 1:

@@ -1,0 +1,386 @@
+"""A serving engine: continuous batching and prefix reuse over the generation functions.
+
+One worker thread owns the model. Requests wait in a bounded queue; between decode steps the
+worker admits them (encoding their images once and prefilling them on their own), then merges
+them into the running batch, whose rows keep their own lengths in one KV cache. Finished
+sequences are remembered so that a later prompt that starts the same way (the next turn of a
+conversation) reuses their keys and values instead of re-encoding the image and the history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import KVCache
+from .generation import PromptTooLongError, SamplingParams, choose_tokens, decode_step, is_finished
+from .model.llm import ntk_alpha
+from .model.qwenvl import image_span_starts
+
+logger = logging.getLogger(__name__)
+
+
+class EngineBusyError(RuntimeError):
+    """The request queue is full: the caller should retry later (a server answers 503)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine was stopped before the request finished."""
+
+
+@dataclass
+class Event:
+    token: int | None = None
+    finish_reason: str | None = None  # "stop" or "length" on the last event
+    error: BaseException | None = None
+
+
+class RequestHandle:
+    """What `Engine.submit` returns: the stream of a request's tokens, and a way to cancel it."""
+
+    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop | None):
+        self.id = request_id
+        self.prompt_tokens = 0
+        self.reused_tokens = 0
+        self.finish_reason: str | None = None
+        self._loop = loop
+        self._sync: queue.Queue[Event] = queue.Queue()
+        self._async: asyncio.Queue[Event] | None = asyncio.Queue() if loop is not None else None
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating for this request; its slot is freed at the next step."""
+        self.cancelled.set()
+
+    def _publish(self, event: Event) -> None:
+        if self._async is not None:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+        else:
+            self._sync.put(event)
+
+    def _read(self, event: Event) -> int | None:
+        if event.error is not None:
+            raise event.error
+        if event.finish_reason is not None:
+            self.finish_reason = event.finish_reason
+        return event.token
+
+    def __iter__(self) -> Iterator[int]:
+        """Token ids as they are generated (blocking); ends when the request finishes."""
+        while True:
+            event = self._sync.get()
+            token = self._read(event)
+            if token is not None:
+                yield token
+            if event.finish_reason is not None:
+                return
+
+    async def stream(self) -> AsyncIterator[int]:
+        """The same, for asyncio code (the handle must come from `submit(..., loop=...)`)."""
+        if self._async is None:
+            raise RuntimeError("submit the request with loop=asyncio.get_running_loop() to stream it")
+        while True:
+            event = await self._async.get()
+            token = self._read(event)
+            if token is not None:
+                yield token
+            if event.finish_reason is not None:
+                return
+
+
+@dataclass
+class _Request:
+    handle: RequestHandle
+    prompt: list[int]
+    params: SamplingParams
+    images: list  # PIL images, one per image span of the prompt, in order
+
+
+@dataclass
+class _Row:
+    """A running sequence: its request and what it generated so far."""
+
+    request: _Request
+    max_new: int
+    generated: list[int] = field(default_factory=list)
+    seen: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+    logits: torch.Tensor | None = None  # of the next token, [V]
+    finish_reason: str | None = None  # set once the row's last event is published
+
+
+class PrefixStore:
+    """Finished sequences' KV rows, most recent last, keyed by their token ids."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
+
+    def add(self, tokens: Sequence[int], cache: KVCache) -> None:
+        if self.max_entries <= 0:
+            return
+        key = tuple(tokens)
+        self._entries[key] = cache
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def longest_prefix(self, prompt: Sequence[int]) -> tuple[int, KVCache | None]:
+        """(shared length, cache) of the stored sequence sharing the longest prefix with `prompt`."""
+        best, best_cache = 0, None
+        for tokens, cache in self._entries.items():
+            shared = _shared_prefix(tokens, prompt)
+            if shared > best:
+                best, best_cache = shared, cache
+        return best, best_cache
+
+
+def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def concat_caches(caches: Sequence[KVCache]) -> KVCache:
+    """One cache holding the rows of all `caches` (capacity: the largest)."""
+    capacity = max(c.capacity for c in caches)
+    merged = KVCache.__new__(KVCache)
+    merged.keys = torch.cat([_widen(c.keys, capacity) for c in caches], dim=1)
+    merged.values = torch.cat([_widen(c.values, capacity) for c in caches], dim=1)
+    merged.lengths = torch.cat([c.lengths for c in caches])
+    merged.ntk_alpha = torch.cat([c.ntk_alpha for c in caches])
+    return merged
+
+
+def _widen(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
+    extra = capacity - tensor.shape[3]
+    if extra == 0:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, 0, 0, extra))
+
+
+class Engine:
+    """Continuous batching over one model; thread-safe `submit`, tokens streamed per request."""
+
+    def __init__(self, model, max_batch_size: int = 16, max_queue: int = 64, prefix_cache_entries: int = 8):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self._waiting: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
+        self._prefixes = PrefixStore(prefix_cache_entries)
+        self._ids = itertools.count(1)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._rows: list[_Row] = []
+        self._cache: KVCache | None = None
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+
+    # -- life cycle --------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="qwenvl-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._fail_all(EngineStoppedError("the engine stopped"))
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting.qsize()
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        images: Sequence = (),
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> RequestHandle:
+        """Queue a prompt; `images` are the PIL images of its image spans, in order."""
+        prompt = list(prompt)
+        spans = len(
+            image_span_starts(torch.as_tensor([prompt]), self.model.transformer.vision_config.image_start_id)
+        )
+        if spans != len(images):
+            raise ValueError(f"the prompt has {spans} image spans but {len(images)} images were given")
+        limit = self.model.config.max_position_embeddings
+        if not prompt or len(prompt) >= limit:
+            raise PromptTooLongError(
+                f"the prompt is {len(prompt)} tokens; the model's context window is {limit}"
+            )
+        handle = RequestHandle(next(self._ids), loop)
+        handle.prompt_tokens = len(prompt)
+        try:
+            self._waiting.put_nowait(_Request(handle, prompt, params, list(images)))
+        except queue.Full:
+            raise EngineBusyError(f"{self._waiting.maxsize} requests are already waiting") from None
+        return handle
+
+    # -- the worker --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    self._admit(block=not self._rows)
+                    self._retire_finished()
+                    if self._rows:
+                        self._step()
+                        self._retire_finished()
+                except Exception as error:  # keep serving: fail the requests in flight, not the engine
+                    logger.exception("engine step failed")
+                    self._fail_all(error)
+
+    def _admit(self, block: bool) -> None:
+        while len(self._rows) < self.max_batch_size:
+            try:
+                request = self._waiting.get(timeout=0.05) if block else self._waiting.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if request.handle.cancelled.is_set():
+                request.handle._publish(Event(finish_reason="cancelled"))
+                continue
+            try:
+                row, cache = self._prefill(request)
+            except Exception as error:
+                request.handle._publish(Event(error=error))
+                continue
+            self._rows.append(row)
+            self._cache = cache if self._cache is None else concat_caches([self._cache, cache])
+            self._emit_next(len(self._rows) - 1)
+
+    def _prefill(self, request: _Request) -> tuple[_Row, KVCache]:
+        """A batch-1 cache for the request (reusing a stored prefix when exact) and its first logits."""
+        model, prompt, params = self.model, request.prompt, request.params
+        max_new = min(params.max_new_tokens, model.config.max_position_embeddings - len(prompt))
+        llm = model.transformer.llm_config
+        cache = KVCache(llm, 1, len(prompt) + max(max_new, 1), self.dtype, self.device)
+        start = self._reuse_prefix(prompt, cache)
+        request.handle.reused_tokens = start
+        span_starts = [p for _, p in image_span_starts(torch.as_tensor([prompt]), llm_image_start(model))]
+        first_new_image = sum(1 for p in span_starts if p < start)
+        features = None
+        if request.images[first_new_image:]:
+            from .images import preprocess
+
+            pixels = preprocess(request.images[first_new_image:], model.transformer.vision_config.image_size)
+            features = model.transformer.visual(pixels.to(self.device))
+        suffix = torch.as_tensor([prompt[start:]], device=self.device)
+        hidden = model.transformer(model.transformer.embed(suffix, features), cache, [len(prompt) - start])
+        row = _Row(request, max_new, logits=model.lm_head(hidden[0, -1]))
+        if params.seed is not None:
+            row.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.repetition_penalty != 1.0:
+            row.seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=self.device)
+            row.seen[0, torch.as_tensor(prompt, device=self.device)] = True
+        return row, cache
+
+    def _reuse_prefix(self, prompt: list[int], cache: KVCache) -> int:
+        """Copy the longest stored prefix into `cache`; the number of prompt tokens it covers."""
+        shared, stored = self._prefixes.longest_prefix(prompt)
+        # keep one token to run, and never cut an image span in two
+        shared = min(shared, len(prompt) - 1)
+        starts = [p for _, p in image_span_starts(torch.as_tensor([prompt]), llm_image_start(self.model))]
+        span = self.model.transformer.vision_config.n_queries + 2
+        for p in starts:
+            if p < shared < p + span:
+                shared = p
+        alpha = ntk_alpha(len(prompt), self.model.transformer.llm_config)
+        # the stored keys were rotated with their own prefill's NTK alpha: reuse only when it matches
+        if stored is None or shared <= 0 or float(stored.ntk_alpha[0]) != alpha:
+            return 0
+        cache.keys[:, :, :, :shared] = stored.keys[:, :, :, :shared]
+        cache.values[:, :, :, :shared] = stored.values[:, :, :, :shared]
+        cache.lengths.fill_(shared)
+        cache.ntk_alpha.fill_(alpha)
+        return shared
+
+    def _step(self) -> None:
+        """Decode one token for every running row."""
+        tokens = torch.as_tensor([row.generated[-1] for row in self._rows], device=self.device)
+        logits = decode_step(self.model, tokens, self._cache)
+        for i, row in enumerate(self._rows):
+            row.logits = logits[i]
+            self._emit_next(i)
+
+    def _emit_next(self, index: int) -> None:
+        """Choose row `index`'s next token from its logits and publish it, with its end if it ends."""
+        row = self._rows[index]
+        handle, params = row.request.handle, row.request.params
+        if handle.cancelled.is_set() or row.max_new <= 0:
+            row.finish_reason = "cancelled" if handle.cancelled.is_set() else "length"
+            handle._publish(Event(finish_reason=row.finish_reason))
+            return
+        token = int(choose_tokens(row.logits[None], params, row.seen, row.generator)[0])
+        row.generated.append(token)
+        if row.seen is not None:
+            row.seen[0, token] = True
+        if is_finished(token, row.generated, params):
+            row.finish_reason = "stop"
+        elif len(row.generated) >= row.max_new:
+            row.finish_reason = "length"
+        handle._publish(Event(token=token, finish_reason=row.finish_reason))
+
+    def _retire_finished(self) -> None:
+        """Drop finished rows from the batch, remembering their sequences for prefix reuse."""
+        keep = [i for i, row in enumerate(self._rows) if row.finish_reason is None]
+        if len(keep) == len(self._rows):
+            return
+        for i, row in enumerate(self._rows):
+            if row.finish_reason in ("stop", "length") and row.generated:
+                self._remember(i, row)
+        self._rows = [self._rows[i] for i in keep]
+        self._cache = self._cache.select(keep) if keep else None
+
+    def _remember(self, index: int, row: _Row) -> None:
+        # the cache holds the prompt and every generated token but the last, which was never fed back
+        tokens = row.request.prompt + row.generated[:-1]
+        length = len(tokens)
+        stored = self._cache.select([index])
+        stored.keys = stored.keys[:, :, :, :length].clone()
+        stored.values = stored.values[:, :, :, :length].clone()
+        self._prefixes.add(tokens, stored)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for row in self._rows:
+            row.request.handle._publish(Event(error=error))
+        self._rows, self._cache = [], None
+        while True:
+            try:
+                self._waiting.get_nowait().handle._publish(Event(error=error))
+            except queue.Empty:
+                return
+
+
+def llm_image_start(model) -> int:
+    return model.transformer.vision_config.image_start_id
