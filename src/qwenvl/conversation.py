@@ -1,0 +1,71 @@
+"""Conversations whose images are already loaded: prompt ids plus the images they reference.
+
+Front ends (server, web demo, CLI) load images themselves under their own policy, then build the
+prompt here. Each image gets a placeholder reference in its span (the span's content is replaced
+by the image's features, so the name never reaches the model), and user text is always plain
+text: it can never open a file or become a control token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .chat_format import DEFAULT_SYSTEM, make_context
+from .tokenizer import IMAGE_SPAN, QwenVLTokenizer
+
+
+@dataclass
+class Message:
+    """One user message: its parts in order, each a text (str) or an image (a PIL image)."""
+
+    parts: list = field(default_factory=list)
+
+    @property
+    def images(self) -> list:
+        return [p for p in self.parts if not isinstance(p, str)]
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    images: list  # PIL images, one per image span of `ids`, in order
+    text: str
+
+
+def build_prompt(
+    tokenizer: QwenVLTokenizer,
+    query: Message,
+    history: Sequence[tuple[Message, str]] = (),
+    system: str = DEFAULT_SYSTEM,
+    max_window_size: int = 6144,
+    chat_format: str = "chatml",
+) -> Prompt:
+    """The prompt for `query` after `history`; old turns that do not fit the window are dropped
+    (with their images)."""
+    named: dict[str, object] = {}
+
+    def content(message: Message) -> list[dict]:
+        parts = []
+        for part in message.parts:
+            if isinstance(part, str):
+                parts.append({"text": part})
+            else:
+                name = f"image-{len(named) + 1}"
+                named[name] = part
+                parts.append({"image": name})
+        return parts
+
+    turns = [(content(m), reply) for m, reply in history]
+    text, ids = make_context(tokenizer, content(query), turns, system, max_window_size, chat_format)
+    return Prompt(ids, [named[name] for name in _span_references(tokenizer, ids)], text)
+
+
+def _span_references(tokenizer: QwenVLTokenizer, ids: list[int]) -> list[str]:
+    """The placeholder names in the prompt's image spans (plain user text never makes a span)."""
+    references = []
+    for i, token in enumerate(ids):
+        if token == tokenizer.img_start_id:
+            inner = ids[i + 1 : i + 1 + IMAGE_SPAN]
+            references.append(bytes(t for t in inner if t != tokenizer.img_pad_id).decode())
+    return references
