@@ -1,0 +1,88 @@
+"""What every front end (CLI, server, web demo) shares: model options and loading them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from typing import Any
+
+MODEL_ENV = "QWENVL_MODEL"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, precision and device flags."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=os.environ.get(MODEL_ENV),
+        help=f"model folder or hub id (default: ${MODEL_ENV}, else the bundled demo model)",
+    )
+    precision = group.add_mutually_exclusive_group()
+    for name in ("bf16", "fp16", "fp32"):
+        precision.add_argument(f"--{name}", action="store_true", help=f"compute in {name}")
+    group.add_argument("--device", default="auto", help='"cpu", "cuda", "cuda:N" or "auto" (default)')
+    group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    group.add_argument("--offline", action="store_true", help="only use files already on this machine")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument(
+        "--system", default=None, help="system prompt (default: 'You are a helpful assistant.')"
+    )
+    group.add_argument("--max-new-tokens", type=int, default=None)
+    group.add_argument("--temperature", type=float, default=None)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--repetition-penalty", type=float, default=None)
+    group.add_argument("--greedy", action="store_true", help="greedy decoding (no sampling)")
+    group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    tokenizer: Any
+    model: Any
+
+
+def model_name(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    from .demo import demo_checkpoint
+
+    return demo_checkpoint()
+
+
+def load_from_args(args: argparse.Namespace, show_progress: bool | None = None) -> LoadedModel:
+    from . import QwenVLForCausalLM, QwenVLTokenizer
+
+    name = model_name(args)
+    options = {"revision": args.revision, "local_files_only": args.offline}
+    tokenizer = QwenVLTokenizer.from_pretrained(name, **options)
+    model = QwenVLForCausalLM.from_pretrained(
+        name,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        fp32=args.fp32,
+        device_map=args.device,
+        show_progress=show_progress,
+        **options,
+    )
+    return LoadedModel(name, tokenizer, model)
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments for model.chat / SamplingParams.from_config; unset flags are left out."""
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+    }
+    if args.greedy:
+        options["do_sample"] = False
+    return {k: v for k, v in options.items() if v is not None}
