@@ -136,6 +136,7 @@ def choose_tokens(
 # -- model steps ------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def prefill(
     model, rows: Sequence[Sequence[int]], cache: KVCache, image_features: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -151,6 +152,7 @@ def prefill(
     return model.lm_head(last)
 
 
+@torch.no_grad()
 def decode_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Feed one token per row [B]; logits [B, V] of the next."""
     hidden = model.transformer(model.transformer.embed(tokens[:, None]), cache)

@@ -39,10 +39,20 @@ def resolve_model_folder(
     return _from_huggingface(name, revision, cache_dir, token, local_files_only, patterns)
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now; huggingface_hub reads it only at import."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return constants.HF_HUB_OFFLINE or value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def _from_huggingface(repo_id, revision, cache_dir, token, local_files_only, patterns) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
+    # also honours HF_HUB_OFFLINE set after huggingface_hub was imported (e.g. in a notebook)
+    local_files_only = local_files_only or hub_offline()
     try:
         return snapshot_download(
             repo_id,

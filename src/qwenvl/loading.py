@@ -202,6 +202,8 @@ def load_weights(
                     f"tensor {name!r} in {path} has shape {tuple(tensor.shape)}, "
                     f"the config implies {expected[name]}"
                 )
+            # copy even when dtype and device match: the source is a view of the mmap'd file, which
+            # must not back a parameter (the file may be overwritten); its pages are released with the shard
             part[name] = tensor.to(device=device, dtype=dtype, copy=True)
             seen[name] = path
         model.load_state_dict(part, strict=False, assign=True)

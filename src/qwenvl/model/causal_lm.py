@@ -62,6 +62,8 @@ class QwenVLForCausalLM(PreTrainedModel):
         super().__init__(config)
         self.transformer = QWenModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
         self.generation_config = GenerationConfig(**CHAT_GENERATION_DEFAULTS)
         self.image_policy = None  # images.ImagePolicy for references found in prompts; None: the default
         if self.lm_head.weight.device.type != "meta":
