@@ -83,3 +83,17 @@ def test_generate_raw(tiny_model, golden_cases):
         assert out.shape == (1, len(case["prompt_ids"]) + case["max_new_tokens"])
         assert out[0, : len(case["prompt_ids"])].tolist() == case["prompt_ids"]
         assert out[0, len(case["prompt_ids"]) :].tolist() == case["generated_ids"], case["name"]
+
+
+def test_raw_chat_format_for_the_base_model(tiny_model, tokenizer, golden_cases):
+    case = next(c for c in golden_cases["generate_raw"] if c["name"] == "caption")
+    response, history = tiny_model.chat(
+        tokenizer,
+        case["prompt"],
+        history=None,
+        chat_format="raw",
+        do_sample=False,
+        max_new_tokens=case["max_new_tokens"],
+    )
+    assert response == tokenizer.decode(case["generated_ids"]).strip()
+    assert history == [(case["prompt"], response)]

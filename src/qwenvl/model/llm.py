@@ -58,12 +58,16 @@ class Rotary:
         return cls(angles.cos(), angles.sin())
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate x [B, L, heads, d] (rotate-half form)."""
-        xf = x.float()
-        half = xf.shape[-1] // 2
+        """Rotate x [B, L, heads, d] (rotate-half form) over its first rotary_dim channels."""
+        rot_dim = self.cos.shape[-1]
+        xf = x[..., :rot_dim].float()
+        half = rot_dim // 2
         rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
         cos, sin = self.cos[:, :, None, :], self.sin[:, :, None, :]
-        return (xf * cos + rotated * sin).type_as(x)
+        out = (xf * cos + rotated * sin).type_as(x)
+        if rot_dim == x.shape[-1]:
+            return out
+        return torch.cat((out, x[..., rot_dim:]), dim=-1)
 
 
 def logn_scale(positions: torch.Tensor, cfg: LLMConfig) -> torch.Tensor | None:
