@@ -26,6 +26,8 @@ class KVCache:
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32, device=device)
+        # rotary inverse frequencies of each row's prefill [B, rotary_dim/2], set by the prefill
+        self.inv_freq = torch.zeros(batch_size, cfg.rotary_dim // 2, dtype=torch.float32, device=device)
 
     @property
     def batch_size(self) -> int:
@@ -55,4 +57,5 @@ class KVCache:
         rows = torch.as_tensor(rows, device=self.lengths.device)
         picked.keys, picked.values = self.keys[:, rows], self.values[:, rows]
         picked.lengths, picked.ntk_alpha = self.lengths[rows], self.ntk_alpha[rows]
+        picked.inv_freq = self.inv_freq[rows]
         return picked

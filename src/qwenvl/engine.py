@@ -160,6 +160,7 @@ def concat_caches(caches: Sequence[KVCache]) -> KVCache:
     merged.values = torch.cat([_widen(c.values, capacity) for c in caches], dim=1)
     merged.lengths = torch.cat([c.lengths for c in caches])
     merged.ntk_alpha = torch.cat([c.ntk_alpha for c in caches])
+    merged.inv_freq = torch.cat([c.inv_freq for c in caches])
     return merged
 
 
@@ -323,6 +324,7 @@ class Engine:
         cache.values[:, :, :, :shared] = stored.values[:, :, :, :shared]
         cache.lengths.fill_(shared)
         cache.ntk_alpha.fill_(alpha)
+        cache.inv_freq.copy_(stored.inv_freq)
         return shared
 
     def _step(self) -> None:

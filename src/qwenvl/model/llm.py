@@ -36,23 +36,27 @@ def ntk_alpha(length: int, cfg: LLMConfig) -> float:
     return float(max(2 ** math.ceil(math.log(length / cfg.seq_length, 2) + 1) - 1, 1))
 
 
+def rotary_inv_freq(alphas: list[float], cfg: LLMConfig, device=None) -> torch.Tensor:
+    """Per-row inverse frequencies [B, rotary_dim/2] for each row's NTK alpha.
+
+    The same float ops as the original (python double base, fp32 power) so fp32 logits match to
+    the last bits; computed once per prefill and kept in the cache for the decoding steps.
+    """
+    d = cfg.rotary_dim
+    exponent = torch.arange(0, d, 2, device=device).float() / d
+    rows = [1.0 / ((cfg.rotary_emb_base * a ** (d / (d - 2))) ** exponent) for a in alphas]
+    return torch.stack(rows)
+
+
 @dataclass
 class Rotary:
-    """cos/sin [B, L, d] for the positions of one forward, computed once and shared by all layers."""
+    """cos/sin [B, L, rotary_dim] for the positions of one forward, shared by all layers (fp32)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
 
     @classmethod
-    def build(cls, positions: torch.Tensor, alphas: list[float], cfg: LLMConfig) -> Rotary:
-        d = cfg.rotary_dim
-        exponent = torch.arange(0, d, 2, device=positions.device).float() / d
-        rows = []
-        # fp32 throughout, and the same float ops as the original so fp32 logits match to the last bits
-        for a in alphas:
-            base = cfg.rotary_emb_base * a ** (d / (d - 2))
-            rows.append(1.0 / (base**exponent))
-        inv_freq = torch.stack(rows)  # [B, d/2]
+    def build(cls, positions: torch.Tensor, inv_freq: torch.Tensor) -> Rotary:
         freqs = positions.float()[:, :, None] * inv_freq[:, None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
         return cls(angles.cos(), angles.sin())
@@ -71,8 +75,11 @@ class Rotary:
 
 
 def logn_scale(positions: torch.Tensor, cfg: LLMConfig) -> torch.Tensor | None:
-    """Per-position query scale log(p+1)/log(seq_length) beyond seq_length, else 1; None when unused."""
-    if not cfg.use_logn_attn or int(positions.max()) + 1 <= cfg.seq_length:
+    """Per-position query scale log(p+1)/log(seq_length) past seq_length, else exactly 1.
+
+    Always computed when enabled (no host sync to check whether any position needs it).
+    """
+    if not cfg.use_logn_attn:
         return None
     p1 = (positions + 1).double()
     scale = torch.where(p1 > cfg.seq_length, torch.log(p1) / math.log(cfg.seq_length), torch.ones_like(p1))
@@ -89,23 +96,40 @@ class Step:
     cache: KVCache | None
     # every row starts at position 0: plain causal attention over the new keys, no cache read
     fresh: bool
+    # keys to attend over when reading the cache: up to the furthest row, or the whole capacity
+    # (static shapes for CUDA graphs / compilation)
+    kv_length: int = 0
 
     @classmethod
     def build(
-        cls, cfg: LLMConfig, batch: int, length: int, cache: KVCache | None, lengths: list[int]
+        cls,
+        cfg: LLMConfig,
+        batch: int,
+        length: int,
+        cache: KVCache | None,
+        lengths: list[int],
+        device: torch.device | None = None,
     ) -> Step:
-        device = cache.lengths.device if cache is not None else None
         if cache is None:
             positions = torch.arange(length, device=device)[None].expand(batch, length)
+            inv_freq = rotary_inv_freq([ntk_alpha(n, cfg) for n in lengths], cfg, device)
+            return cls(positions, Rotary.build(positions, inv_freq), logn_scale(positions, cfg), None, True)
+        positions = cache.positions(length)
+        fresh = not bool(cache.lengths.any())
+        if fresh:  # a prefill: each row's alpha comes from its own prompt length, then stays
             alphas = [ntk_alpha(n, cfg) for n in lengths]
-            fresh = True
-        else:
-            positions = cache.positions(length)
-            fresh = not bool(cache.lengths.any())
-            if fresh:  # a prefill: each row's alpha comes from its own prompt length, then stays
-                cache.ntk_alpha = torch.tensor([ntk_alpha(n, cfg) for n in lengths], device=device)
-            alphas = cache.ntk_alpha.tolist()
-        return cls(positions, Rotary.build(positions, alphas, cfg), logn_scale(positions, cfg), cache, fresh)
+            cache.ntk_alpha = torch.tensor(alphas, device=positions.device)
+            cache.inv_freq = rotary_inv_freq(alphas, cfg, positions.device)
+        kv_length = 0 if fresh else int(positions.max()) + 1
+        rotary = Rotary.build(positions, cache.inv_freq)
+        return cls(positions, rotary, logn_scale(positions, cfg), cache, fresh, kv_length)
+
+    @classmethod
+    def static_decode(cls, cfg: LLMConfig, cache: KVCache) -> Step:
+        """One token per row over the whole cache: the same shapes at every step, no host sync."""
+        positions = cache.positions(1)
+        rotary = Rotary.build(positions, cache.inv_freq)
+        return cls(positions, rotary, logn_scale(positions, cfg), cache, False, cache.capacity)
 
 
 class QWenAttention(nn.Module):
@@ -127,11 +151,12 @@ class QWenAttention(nn.Module):
         if step.fresh:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            kv_length = int(step.positions.max()) + 1
-            keys, values = step.cache.view(layer, kv_length)
+            keys, values = step.cache.view(layer, step.kv_length)
             # a key is visible to a query at or after its position: causal, and it hides the stale
             # entries past a shorter row's length, in one mask
-            visible = torch.arange(kv_length, device=x.device)[None, None, :] <= step.positions[:, :, None]
+            visible = (
+                torch.arange(step.kv_length, device=x.device)[None, None, :] <= step.positions[:, :, None]
+            )
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None])
         return self.c_proj(out.transpose(1, 2).reshape(batch, length, -1))
 

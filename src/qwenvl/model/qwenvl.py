@@ -64,10 +64,15 @@ class QWenModel(nn.Module):
         """Hidden states [B, L, H] of `embeds`; rows hold `lengths` real tokens (right padding)."""
         batch, length, _ = embeds.shape
         lengths = lengths if lengths is not None else [length] * batch
-        step = Step.build(self.llm_config, batch, length, cache, lengths)
+        step = Step.build(self.llm_config, batch, length, cache, lengths, embeds.device)
+        hidden = self.run(embeds, step)
+        if cache is not None:
+            cache.lengths += torch.tensor(lengths, device=cache.lengths.device)
+        return hidden
+
+    def run(self, embeds: torch.Tensor, step: Step) -> torch.Tensor:
+        """The blocks and the final norm over a prepared step (the cache's lengths are the caller's)."""
         x = embeds
         for layer, block in enumerate(self.h):
             x = block(x, step, layer)
-        if cache is not None:
-            cache.lengths += torch.tensor(lengths, device=cache.lengths.device)
         return self.ln_f(x)

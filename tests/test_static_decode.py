@@ -1,0 +1,48 @@
+"""Shape-stable decode steps give the same logits as the plain decode step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qwenvl.cache import KVCache
+from qwenvl.generation import decode_step, prefill
+from qwenvl.static_decode import DecodeRunner
+
+pytestmark = pytest.mark.usefixtures("in_golden_dir")
+
+
+def decode_with(model, prompts, steps, advance):
+    cache = KVCache(model.transformer.llm_config, len(prompts), max(map(len, prompts)) + steps + 1)
+    logits = prefill(model, prompts, cache)
+    outputs = []
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens = logits.argmax(-1)
+            outputs.append(tokens)
+            logits = advance(cache)(tokens)
+    return torch.stack(outputs, 1), logits
+
+
+def test_static_steps_equal_plain_steps(tiny_model, tokenizer):
+    """Rows of different lengths, one past seq_length (64) so NTK and log-n are in play."""
+    prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("a b c d e f g h i j " * 7)]
+    plain_tokens, plain_logits = decode_with(
+        tiny_model, prompts, 8, lambda c: lambda t: decode_step(tiny_model, t, c)
+    )
+    runners = {}
+
+    def static(cache):
+        return runners.setdefault(id(cache), DecodeRunner(tiny_model, cache, "eager"))
+
+    static_tokens, static_logits = decode_with(tiny_model, prompts, 8, static)
+    assert torch.equal(static_tokens, plain_tokens)
+    torch.testing.assert_close(static_logits, plain_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_graph_mode_needs_cuda(tiny_model):
+    cache = KVCache(tiny_model.transformer.llm_config, 1, 8)
+    with pytest.raises(ValueError, match="CUDA"):
+        DecodeRunner(tiny_model, cache, "cuda_graph")
+    with pytest.raises(ValueError, match="'fast'"):
+        DecodeRunner(tiny_model, cache, "fast")
