@@ -20,7 +20,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..chat_format import DEFAULT_SYSTEM, decode_reply, get_stop_words_ids, make_context
 from ..config import QwenVLConfig
 from ..generation import SamplingParams, generate_tokens, stream_tokens
+from .llm import RMSNorm
 from .qwenvl import QWenModel, image_span_starts
+from .resampler import CrossAttention, Resampler
+from .vision import INIT_STD, VisionTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -71,24 +74,12 @@ class QwenVLForCausalLM(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         """Fresh weights for training from scratch (loading overwrites every tensor)."""
-        std = 0.02
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(module.weight, std=INIT_STD)
+            if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        for name, param in module.named_parameters(recurse=False):
-            if name == "weight" and type(module).__name__ == "RMSNorm":
-                nn.init.ones_(param)
-            elif not isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm)):
-                if name.endswith("bias"):
-                    nn.init.zeros_(param)
-                else:
-                    nn.init.normal_(param, std=std)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm, CrossAttention, Resampler, VisionTransformer)):
+            module.reset_parameters()
 
     # -- transformers surface ----------------------------------------------------------------------
 

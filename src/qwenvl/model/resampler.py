@@ -22,6 +22,24 @@ def resize_positions(table: torch.Tensor, count: int) -> torch.Tensor:
     return grid.permute(0, 2, 3, 1).flatten(0, 2).to(table.dtype)
 
 
+def sincos_positions(count: int, dim: int) -> torch.Tensor:
+    """The fixed 2-D sine-cosine table [count, dim] the original resampler starts from.
+
+    Half of the channels encode the grid row, half the column; each half is sin then cos of the
+    position times 1/10000^(2i/half). Used only for fresh models: checkpoints carry their table.
+    """
+    grid = math.isqrt(count)
+    half = dim // 2
+    omega = 1.0 / 10000 ** (torch.arange(half // 2, dtype=torch.float64) / (half / 2))
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def encode(position: torch.Tensor) -> torch.Tensor:
+        angles = position.reshape(-1, 1).double() * omega
+        return torch.cat((angles.sin(), angles.cos()), dim=1)
+
+    return torch.cat((encode(cols), encode(rows)), dim=1).float()
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention with torch.nn.MultiheadAttention's parameter names ([Q;K;V] in_proj blocks)."""
 
@@ -31,6 +49,10 @@ class CrossAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.in_proj_weight, std=0.02)
+        nn.init.zeros_(self.in_proj_bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
@@ -55,6 +77,11 @@ class Resampler(nn.Module):
         self.attn = CrossAttention(dim, heads)
         self.ln_q = nn.LayerNorm(dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(dim, eps=1e-6)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.query, std=0.02)
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_positions(*self.pos_embed.shape))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """[B, patches, kv_dim] -> [B, n_queries, dim]."""

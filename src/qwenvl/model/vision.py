@@ -11,6 +11,8 @@ from torch import nn
 from ..config import VisionConfig
 from .resampler import Resampler, resize_positions
 
+INIT_STD = 0.02  # fresh models only
+
 
 class VisualAttention(nn.Module):
     """Self-attention whose `in_proj` rows are grouped per head: [q_h; k_h; v_h] for each head h."""
@@ -79,6 +81,10 @@ class VisionTransformer(nn.Module):
         self.attn_pool = Resampler(cfg.n_queries, cfg.output_dim, cfg.resampler_heads, kv_dim=cfg.width)
         self.ln_post = nn.LayerNorm(cfg.output_dim, eps=1e-6)
         self.proj = nn.Parameter(torch.empty(cfg.output_dim, cfg.output_dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.positional_embedding, std=INIT_STD)
+        nn.init.normal_(self.proj, std=self.config.output_dim**-0.5)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.conv1(pixels.to(self.conv1.weight.dtype))
