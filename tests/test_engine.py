@@ -122,3 +122,12 @@ def test_async_streaming_from_many_threads(tiny_model, tokenizer):
             w.join()
     assert results == [expected] * 6
     assert threaded == [expected] * 3
+
+
+def test_a_closed_event_loop_does_not_kill_the_engine(tiny_model, tokenizer):
+    prompt = tokenizer.encode("The capital of France is")
+    loop = asyncio.new_event_loop()
+    with Engine(tiny_model) as engine:
+        engine.submit(prompt, SamplingParams(max_new_tokens=50), loop=loop)
+        loop.close()  # e.g. a server shut down with a request in flight
+        assert list(engine.submit(prompt, GREEDY)) == alone(tiny_model, prompt)

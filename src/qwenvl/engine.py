@@ -61,10 +61,13 @@ class RequestHandle:
         self.cancelled.set()
 
     def _publish(self, event: Event) -> None:
-        if self._async is not None:
-            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
-        else:
+        if self._async is None:
             self._sync.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+        except RuntimeError:  # the reader's event loop is closed: nobody is listening any more
+            self.cancelled.set()
 
     def _read(self, event: Event) -> int | None:
         if event.error is not None:
