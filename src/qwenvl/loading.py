@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from . import compact_vocabulary
 from .config import QwenVLConfig
 from .hub import resolve_model_folder
 
@@ -178,6 +179,19 @@ def _progress(files: list[str], show: bool | None) -> Iterator[str]:
     yield from tqdm(files, desc="Loading checkpoint shards", unit="shard")
 
 
+def _checked(name, tensor, expected, path, dtype, device) -> torch.Tensor:
+    """`tensor` in the target dtype and device, once its name and shape are known to fit the model."""
+    if name not in expected:
+        raise CheckpointError(f"unexpected tensor {name!r} in {path}: this model has no such parameter")
+    if tuple(tensor.shape) != expected[name]:
+        raise CheckpointError(
+            f"tensor {name!r} in {path} has shape {tuple(tensor.shape)}, the config implies {expected[name]}"
+        )
+    # copy even when dtype and device match: the source is a view of the mmap'd file, which
+    # must not back a parameter (the file may be overwritten); its pages are released with the shard
+    return tensor.to(device=device, dtype=dtype, copy=True)
+
+
 def load_weights(
     model: torch.nn.Module,
     files: list[str],
@@ -191,23 +205,21 @@ def load_weights(
     optional = {"lm_head.weight"} if tied else set()
     seen: dict[str, str] = {}
     for path in _progress(files, show_progress):
-        part = {}
+        part, vocabulary = {}, {}
         for name, tensor in read_shard(path):
-            if name not in expected:
-                raise CheckpointError(
-                    f"unexpected tensor {name!r} in {path}: this model has no such parameter"
-                )
-            if tuple(tensor.shape) != expected[name]:
-                raise CheckpointError(
-                    f"tensor {name!r} in {path} has shape {tuple(tensor.shape)}, "
-                    f"the config implies {expected[name]}"
-                )
-            # copy even when dtype and device match: the source is a view of the mmap'd file, which
-            # must not back a parameter (the file may be overwritten); its pages are released with the shard
-            part[name] = tensor.to(device=device, dtype=dtype, copy=True)
-            seen[name] = path
+            if name in compact_vocabulary.VOCABULARY_TENSORS or name == compact_vocabulary.KEPT_IDS:
+                vocabulary[name] = tensor  # a compact checkpoint's are expanded once all are read
+                continue
+            part[name] = _checked(name, tensor, expected, path, dtype, device)
+        try:
+            vocabulary = compact_vocabulary.expand(vocabulary, model.config.vocab_size)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        for name, tensor in vocabulary.items():
+            part[name] = _checked(name, tensor, expected, path, dtype, device)
+        seen.update(dict.fromkeys(part, path))
         model.load_state_dict(part, strict=False, assign=True)
-        del part
+        del part, vocabulary
     missing = sorted(set(expected) - set(seen) - optional)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
