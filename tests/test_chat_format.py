@@ -83,3 +83,13 @@ def test_list_content_text_never_becomes_a_control_token_or_image(tokenizer):
     assert typed in raw_text
     with pytest.raises(ValueError, match="video"):
         make_context(tokenizer, [{"video": "x.mp4"}])
+
+
+def test_streamable_prefix_never_shows_what_may_be_taken_back():
+    from qwenvl.chat_format import streamable_prefix
+
+    assert streamable_prefix("A cat.\nHum", "raw") == "A cat."
+    assert streamable_prefix("A cat. H", "raw") == "A cat."
+    assert streamable_prefix("A cat.", "raw") == "A cat."
+    assert streamable_prefix("A cat. Hum", "chatml") == "A cat. Hum"
+    assert streamable_prefix("猫\ufffd") == "猫"

@@ -126,3 +126,17 @@ def decode_reply(
     if chat_format == "raw" and "Human:" in text:
         text = text[: text.index("Human:")]
     return text.strip()
+
+
+def streamable_prefix(text: str, chat_format: str = "chatml") -> str:
+    """The part of a reply still being generated that can be shown without being taken back later.
+
+    Holds back a trailing partial character and, for the raw format, an ending that could grow
+    into the "Human:" stop word.
+    """
+    text = text.rstrip("\ufffd")
+    if chat_format == "raw":
+        for size in range(min(len("Human:"), len(text)), 0, -1):
+            if "Human:".startswith(text[-size:]):
+                return text[:-size].rstrip()
+    return text

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..chat_format import DEFAULT_SYSTEM, decode_reply, get_stop_words_ids, make_context
+from ..chat_format import DEFAULT_SYSTEM, decode_reply, get_stop_words_ids, make_context, streamable_prefix
 from ..config import QwenVLConfig
 from ..generation import SamplingParams, generate_tokens, stream_tokens
 from .llm import RMSNorm
@@ -261,8 +261,8 @@ class QwenVLForCausalLM(PreTrainedModel):
         shown = ""
         for step in stream_tokens(self, [prompt], params, features):
             new.append(step[0])
-            text = decode_reply(tokenizer, new, chat_format)
-            if text != shown and not text.endswith("\ufffd"):
+            text = streamable_prefix(decode_reply(tokenizer, new, chat_format), chat_format)
+            if len(text) > len(shown):
                 shown = text
                 yield text
         final = decode_reply(tokenizer, new, chat_format)
