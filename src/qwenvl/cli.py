@@ -79,13 +79,17 @@ class Extra:
     """A subcommand that lives in an optional module with its own dependencies."""
 
     module: str
-    extra: str
+    extra: str  # the install extra it needs; "" when it needs nothing beyond the core
     help: str
+    shared_options: bool = True  # the common model and sampling flags (else the module has its own)
 
 
 EXTRAS = {
     "serve": Extra("qwenvl.server", "server", "serve the model over HTTP (a chat completions API)"),
     "web": Extra("qwenvl.web", "web", "start the web demo (Gradio) in the browser"),
+    "finetune": Extra("qwenvl.finetune.cli", "finetune", "fine-tune on conversations (full or LoRA)", False),
+    "synthesize": Extra("qwenvl.synthetic", "", "write a synthetic shapes data set (train and eval)", False),
+    "eval": Extra("qwenvl.evaluate", "", "score a model on held-out synthetic scenes", False),
 }
 
 
@@ -140,11 +144,16 @@ def _add_image_option(parser: argparse.ArgumentParser, summary: str) -> None:
 
 def _add_extra_command(commands, name: str, load: bool) -> None:
     extra = EXTRAS[name]
-    epilog = (
-        f"example:\n  qwenvl {name} --model Qwen/Qwen-VL-Chat\n\n"
-        f"Needs the {extra.extra} extra: pip install 'qwenvl[{extra.extra}]'\n"
-    )
-    parser = _add_command(commands, name, extra.help, epilog)
+    epilog = f"Run 'qwenvl {name} --help' for its options.\n"
+    if extra.extra:
+        epilog += f"Needs the {extra.extra} extra: pip install 'qwenvl[{extra.extra}]'\n"
+    if extra.shared_options:
+        parser = _add_command(commands, name, extra.help, epilog)
+    else:
+        parser = commands.add_parser(
+            name, help=extra.help, description=extra.help[0].upper() + extra.help[1:] + ".", epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
     parser.set_defaults(run=_run_extra, missing=None)
     if not load:
         return  # its own options are only needed when this command is the one being run
@@ -173,7 +182,7 @@ def _extra_dependencies(name: str) -> Iterator[None]:
         yield
     except ModuleNotFoundError as error:
         extra, missing = EXTRAS[name], error.name or ""
-        if missing != extra.module and missing.split(".")[0] == "qwenvl":
+        if not extra.extra or (missing != extra.module and missing.split(".")[0] == "qwenvl"):
             raise
         raise MissingExtraError(
             f"qwenvl {name} needs the {extra.extra} extra (cannot import {missing or extra.module}): "

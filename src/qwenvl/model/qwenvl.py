@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..cache import KVCache
 from ..config import QwenVLConfig
@@ -35,6 +36,9 @@ class QWenModel(nn.Module):
         self.h = nn.ModuleList(QWenBlock(llm) for _ in range(llm.num_hidden_layers))
         self.ln_f = RMSNorm(llm.hidden_size, llm.layer_norm_epsilon)
         self.visual = VisionTransformer(vision)
+        # training only: recompute each block's activations in the backward pass (transformers'
+        # gradient_checkpointing_enable() finds and sets this flag)
+        self.gradient_checkpointing = False
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [B, L, H] with `image_features` [N, 256, H] written into the N image spans."""
@@ -48,6 +52,7 @@ class QWenModel(nn.Module):
                 f"{len(image_features)} image features for {len(starts)} image spans in the ids"
             )
         end_id = self.vision_config.image_start_id + 1
+        embeds = embeds.clone()  # written below; the embedding output may be a leaf that needs grad
         for (row, pos), features in zip(starts, image_features, strict=True):
             end = pos + span + 1
             if end >= input_ids.shape[1] or int(input_ids[row, end]) != end_id:
@@ -73,6 +78,10 @@ class QWenModel(nn.Module):
     def run(self, embeds: torch.Tensor, step: Step) -> torch.Tensor:
         """The blocks and the final norm over a prepared step (the cache's lengths are the caller's)."""
         x = embeds
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.h):
-            x = block(x, step, layer)
+            if recompute and step.cache is None:
+                x = checkpoint(block, x, step, layer, use_reentrant=False)
+            else:
+                x = block(x, step, layer)
         return self.ln_f(x)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
 from .resampler import Resampler, resize_positions
@@ -61,10 +62,12 @@ class VisualTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.resblocks = nn.ModuleList(VisualBlock(cfg) for _ in range(cfg.layers))
+        self.gradient_checkpointing = False  # training only, as in QWenModel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.resblocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return x
 
 

@@ -1,0 +1,154 @@
+"""`qwenvl finetune` / `python -m qwenvl.finetune`: arguments -> TrainingConfig -> `finetune`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..chat_format import DEFAULT_SYSTEM
+from .lora import DEFAULT_LORA_TARGETS
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `finetune` options, added to `parser` (a subcommand's parser or a fresh one)."""
+    parser.add_argument("--model", required=True, help="model folder or hub id to start from")
+    parser.add_argument("--data", required=True, help="training data: a JSON list in Qwen-VL's format")
+    parser.add_argument("--output", required=True, help="folder for checkpoints, log.jsonl and the result")
+    run = parser.add_argument_group("schedule")
+    run.add_argument("--epochs", type=int, default=1)
+    run.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    run.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
+    run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    run.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5, LoRA 1e-4)")
+    run.add_argument("--weight-decay", type=float, default=0.1)
+    run.add_argument("--warmup-ratio", type=float, default=0.01)
+    run.add_argument("--warmup-steps", type=int, default=None, help="overrides --warmup-ratio")
+    run.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default="cosine")
+    run.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    run.add_argument("--max-length", type=int, default=2048, help="tokens per sequence (longer: truncated)")
+    run.add_argument("--seed", type=int, default=42)
+    run.add_argument("--system", default=DEFAULT_SYSTEM, help="system message of every sequence")
+    run.add_argument("--num-workers", type=int, default=0, help="DataLoader processes reading images")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    precision = model.add_mutually_exclusive_group()
+    precision.add_argument(
+        "--bf16", dest="bf16", action="store_true", default=None, help="compute in bf16 (default on CUDA)"
+    )
+    precision.add_argument("--fp32", dest="bf16", action="store_false", help="compute in fp32")
+    model.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
+    vision = model.add_mutually_exclusive_group()
+    vision.add_argument(
+        "--freeze-vision",
+        dest="freeze_vision",
+        action="store_true",
+        default=True,
+        help="freeze the ViT, train the resampler (default)",
+    )
+    vision.add_argument(
+        "--train-vision", dest="freeze_vision", action="store_false", help="train the ViT too"
+    )
+
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    lora.add_argument("--lora-r", type=int, default=64)
+    lora.add_argument("--lora-alpha", type=float, default=16)
+    lora.add_argument("--lora-dropout", type=float, default=0.05)
+    lora.add_argument(
+        "--lora-target",
+        default=",".join(DEFAULT_LORA_TARGETS),
+        help="comma-separated LLM layer names (default: %(default)s)",
+    )
+    lora.add_argument(
+        "--merge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="save the adapter merged into the weights (default), or the adapter alone",
+    )
+
+    saving = parser.add_argument_group("checkpoints")
+    saving.add_argument("--save-steps", type=int, default=None, help="checkpoint every N optimizer steps")
+    saving.add_argument("--save-total-limit", type=int, default=None, help="keep the newest N checkpoints")
+    saving.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="CHECKPOINT",
+        help="continue from the newest checkpoint in --output (or from the given folder)",
+    )
+    saving.add_argument("--logging-steps", type=int, default=10, help="log to the console every N steps")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace):
+    from .train import TrainingConfig
+
+    targets = tuple(name.strip() for name in args.lora_target.split(",") if name.strip())
+    return TrainingConfig(
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_ratio=args.warmup_ratio,
+        warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule,
+        max_grad_norm=args.max_grad_norm or None,
+        max_length=args.max_length,
+        seed=args.seed,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        freeze_vision=args.freeze_vision,
+        lora=args.lora,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        lora_targets=targets,
+        merge=args.merge,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        resume=args.resume,
+        logging_steps=args.logging_steps,
+        num_workers=args.num_workers,
+        system=args.system,
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Load the model and tokenizer, train, save; returns the exit status."""
+    import torch
+
+    from .. import QwenVLForCausalLM, QwenVLTokenizer
+    from ..loading import resolve_device
+    from .train import finetune
+
+    config = config_from_args(args)
+    device = resolve_device(args.device)
+    bf16 = config.bf16
+    if bf16 is None:
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # trained weights stay fp32 under bf16 autocast; a LoRA base is frozen, so bf16 weights suffice
+    dtype = torch.bfloat16 if bf16 and config.lora else torch.float32
+    tokenizer = QwenVLTokenizer.from_pretrained(args.model)
+    model = QwenVLForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device))
+    finetune(model, tokenizer, args.data, config, args.output, progress=sys.stderr.isatty())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m qwenvl.finetune", description="Fine-tune Qwen-VL on conversations with images."
+    )
+    args = add_arguments(parser).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ..images import ImageError
+
+    try:
+        return run_from_args(args)
+    except (ImageError, OSError, ValueError) as e:  # DataError is a ValueError
+        print(f"qwenvl finetune: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,495 @@
+"""The fine-tuning loop: plain PyTorch, AdamW with warmup and decay, accumulation, checkpoints, resume.
+
+`finetune(model, tokenizer, items, TrainingConfig(...), output_dir)` trains in place and writes
+`output_dir/` loadable by `QwenVLForCausalLM.from_pretrained` (or a LoRA adapter, see `lora.py`),
+the tokenizer files, `log.jsonl` (one line per optimizer step) and, every `save_steps`,
+`checkpoint-STEP/` folders from which `resume=True` continues exactly where the run stopped.
+
+Exact resume rests on three things: the sample order of each epoch is a function of (seed, epoch)
+alone, the torch RNG state (LoRA dropout) is saved with each checkpoint, and the optimizer and
+scheduler states are saved whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..chat_format import DEFAULT_SYSTEM
+from ..loading import read_shard, weight_files
+from ..model import QwenVLForCausalLM
+from .checkpointing import set_gradient_checkpointing
+from .data import IGNORE_INDEX, Batch, ConversationDataset, collate, load_items
+from .lora import DEFAULT_LORA_TARGETS, add_lora, load_adapter_weights
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "log.jsonl"
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "training_config.json"
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainingConfig:
+    """Every setting of a run; `qwenvl finetune --help` describes the same options."""
+
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    batch_size: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float | None = None  # None: 1e-5 for full fine-tuning, 1e-4 for LoRA
+    weight_decay: float = 0.1  # on matrices only, not on norms and biases
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_ratio: float = 0.01
+    warmup_steps: int | None = None  # overrides warmup_ratio
+    lr_schedule: str = "cosine"  # after warmup: cosine or linear decay to 0, or constant
+    max_grad_norm: float | None = 1.0
+    max_length: int = 2048
+    seed: int = 42
+    shuffle: bool = True
+    bf16: bool | None = None  # autocast to bf16; None: on when CUDA supports bf16
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = (
+        True  # the ViT is frozen; the resampler (attn_pool) trains, as the original's fix_vit
+    )
+    lora: bool = False
+    lora_r: int = 64
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    merge: bool = True  # LoRA: save the merged model at the end (else the adapter alone)
+    save_steps: int | None = None  # checkpoint every N optimizer steps
+    save_total_limit: int | None = None  # keep only the newest N checkpoints
+    resume: bool | str | os.PathLike = False  # True: the newest checkpoint in the output folder; or a folder
+    logging_steps: int = 10  # log.jsonl gets every step; the logger every N
+    num_workers: int = 0  # DataLoader processes reading images
+    system: str = DEFAULT_SYSTEM
+
+    def __post_init__(self) -> None:
+        positive = ("epochs", "batch_size", "grad_accum", "max_length", "lora_r", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_steps", "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (or None), got {getattr(self, name)}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}: expected one of {SCHEDULES}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lora and not self.freeze_vision:
+            raise ValueError("with LoRA only the LLM's adapters train; train_vision is not supported")
+        self.betas, self.lora_targets = tuple(self.betas), tuple(self.lora_targets)
+        if not isinstance(self.resume, bool):
+            self.resume = os.fspath(self.resume)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.lora else 1e-5)
+
+
+@dataclass
+class LRSchedule:
+    """LambdaLR's factor for optimizer step `step` (0-based): linear warmup, then decay to 0."""
+
+    warmup: int
+    total: int
+    kind: str = "cosine"
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        if self.kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress if self.kind == "linear" else 1.0
+
+
+# -- loss --------------------------------------------------------------------------------------------
+
+
+def supervised_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions of `batch`.
+
+    The same numbers as `model(**batch.model_inputs()).loss` times the label count, but `lm_head`
+    runs only at the labelled positions: full logits are [B, L, 151936] floats, mostly for image
+    spans and prompts that the loss ignores.
+    """
+    core = model if isinstance(model, QwenVLForCausalLM) else model.get_base_model()  # a peft wrapper
+    transformer = core.transformer
+    features = transformer.visual(batch.pixel_values) if batch.pixel_values is not None else None
+    hidden = transformer(transformer.embed(batch.input_ids, features), None, batch.lengths)
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = core.lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def label_count(batch: Batch) -> int:
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# -- data order --------------------------------------------------------------------------------------
+
+
+def epoch_order(size: int, config: TrainingConfig, epoch: int) -> list[int]:
+    """The sample order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same."""
+    if not config.shuffle:
+        return list(range(size))
+    return torch.randperm(size, generator=torch.Generator().manual_seed(config.seed + epoch)).tolist()
+
+
+def micro_batches(size: int, config: TrainingConfig, start: int, stop: int) -> Iterator[list[int]]:
+    """Sample indices of the run's micro-batches start..stop-1 (epochs follow one another)."""
+    per_epoch = math.ceil(size / config.batch_size)
+    for epoch in range(start // per_epoch, math.ceil(stop / per_epoch)):
+        order = epoch_order(size, config, epoch)
+        for k in range(per_epoch):
+            if start <= epoch * per_epoch + k < stop:
+                yield order[k * config.batch_size : (k + 1) * config.batch_size]
+
+
+def total_steps(size: int, config: TrainingConfig) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    return math.ceil(config.epochs * math.ceil(size / config.batch_size) / config.grad_accum)
+
+
+# -- the model ---------------------------------------------------------------------------------------
+
+
+def prepare_model(model: nn.Module, config: TrainingConfig) -> nn.Module:
+    """Freeze what does not train, add LoRA adapters, switch on checkpointing; returns the model to train."""
+    model.train()
+    if config.lora:
+        model.requires_grad_(False)
+        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    else:
+        model.requires_grad_(True)
+        visual = model.transformer.visual
+        if config.freeze_vision:
+            visual.requires_grad_(False)
+            visual.attn_pool.requires_grad_(True)
+        visual.attn_pool.pos_embed.requires_grad_(False)  # a fixed sin-cos table in the original
+    if config.gradient_checkpointing:
+        set_gradient_checkpointing(model, True)
+    return model
+
+
+def make_optimizer(model: nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    # the fused kernel (CPU and CUDA) is several times faster than the per-tensor loop
+    fused = all(p.device.type in ("cpu", "cuda") for p in trainable)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas, fused=fused)
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """(step, folder) of the complete checkpoints in `output_dir`, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT.fullmatch(name)
+        folder = os.path.join(output_dir, name)
+        if match and os.path.exists(os.path.join(folder, STATE_FILE)):
+            found.append((int(match.group(1)), folder))
+    return sorted(found)
+
+
+def _rng_state() -> dict[str, object]:
+    state: dict[str, object] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """One fine-tuning run; `finetune` is the function to call."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        dataset: ConversationDataset,
+        config: TrainingConfig,
+        output_dir: str | os.PathLike,
+    ):
+        self.config, self.tokenizer, self.dataset = config, tokenizer, dataset
+        self.output_dir = os.fspath(output_dir)
+        self.device, self.core = model.device, model
+        torch.manual_seed(config.seed)  # LoRA's initial weights
+        self.model = prepare_model(model, config)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(self.model, config)
+        self.total = total_steps(len(dataset), config)
+        warmup = (
+            config.warmup_steps
+            if config.warmup_steps is not None
+            else round(config.warmup_ratio * self.total)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, LRSchedule(warmup, self.total, config.lr_schedule)
+        )
+        seq_length = self.core.config.seq_length
+        if config.max_length > seq_length:
+            # the original trains without dynamic NTK and log-n scaling; this model uses both past it
+            logger.warning("max_length %d exceeds the model's seq_length %d", config.max_length, seq_length)
+        self.bf16 = config.bf16
+        if self.bf16 is None:
+            self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.step = 0
+        self._rng: dict | None = None  # a checkpoint's RNG state, set right before the first step
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    # -- checkpoints
+
+    def save_weights(self, folder: str) -> None:
+        """The full model, or the LoRA adapter alone (peft's save_pretrained)."""
+        self.model.save_pretrained(folder)
+
+    def save_checkpoint(self) -> str:
+        folder = os.path.join(self.output_dir, f"checkpoint-{self.step}")
+        partial = folder + ".tmp"  # renamed when complete: resume never sees half a checkpoint
+        shutil.rmtree(partial, ignore_errors=True)
+        self.save_weights(partial)
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": _rng_state(),
+        }
+        torch.save(state, os.path.join(partial, STATE_FILE))
+        with open(os.path.join(partial, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(self.config), f, indent=2)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
+        if self.config.save_total_limit:
+            for _, old in list_checkpoints(self.output_dir)[: -self.config.save_total_limit]:
+                shutil.rmtree(old)
+        logger.info("saved %s", folder)
+        return folder
+
+    def load_checkpoint(self, folder: str) -> None:
+        """Weights, optimizer, scheduler, RNG and step of a checkpoint written by `save_checkpoint`."""
+        if self.config.lora:
+            load_adapter_weights(self.model, folder)
+        else:
+            state = dict(pair for path in weight_files(folder) for pair in read_shard(path))
+            result = self.model.load_state_dict(state, strict=False)
+            tied = {"lm_head.weight"} if self.core.config.tie_word_embeddings else set()
+            if result.unexpected_keys or set(result.missing_keys) - tied:
+                raise ValueError(f"the weights in {folder} do not fit this model: {result}")
+        state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self._rng = state["rng"]
+        self._check_resumed_config(folder)
+        logger.info("resuming from %s (step %d of %d)", folder, self.step, self.total)
+
+    def _check_resumed_config(self, folder: str) -> None:
+        path = os.path.join(folder, CONFIG_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        current = json.loads(json.dumps(dataclasses.asdict(self.config)))
+        changed = [
+            k for k, v in current.items() if k not in ("resume", "save_total_limit") and saved.get(k) != v
+        ]
+        if changed:
+            logger.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
+
+    def resume_folder(self) -> str | None:
+        resume = self.config.resume
+        if isinstance(resume, str):
+            if not os.path.exists(os.path.join(resume, STATE_FILE)):
+                raise ValueError(f"{resume} is not a checkpoint folder (it has no {STATE_FILE})")
+            return resume
+        found = list_checkpoints(self.output_dir)
+        if resume and not found:
+            logger.warning("no checkpoint in %s to resume from: starting from step 0", self.output_dir)
+        return found[-1][1] if resume and found else None
+
+    # -- the loop
+
+    def batches(self) -> Iterator[Batch]:
+        """Micro-batches from the current step on."""
+        accum = self.config.grad_accum
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=micro_batches(
+                len(self.dataset), self.config, self.step * accum, self.total * accum
+            ),
+            collate_fn=functools.partial(collate, pad_id=self.tokenizer.pad_token_id),
+            num_workers=self.config.num_workers,
+            # its own generator: creating the loader must not draw from the global RNG (exact resume)
+            generator=torch.Generator().manual_seed(self.config.seed),
+        )
+        return iter(loader)
+
+    def train_step(self, batches: Sequence[Batch]) -> tuple[float, float | None]:
+        """One optimizer step over `batches`: (mean loss per labelled token, gradient norm)."""
+        # the loss is averaged over all labelled tokens of the step, so accumulating k micro-batches
+        # gives the gradient of one k-times larger batch
+        labels = max(1, sum(label_count(batch) for batch in batches))
+        loss_sum = 0.0
+        for batch in batches:
+            with self.autocast():
+                loss = supervised_loss_sum(self.model, batch.to(self.device))
+            (loss / labels).backward()
+            loss_sum += loss.item()
+        grad_norm = None
+        if self.config.max_grad_norm:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / labels, grad_norm
+
+    def _open_log(self):
+        path = os.path.join(self.output_dir, LOG_FILE)
+        kept = []
+        if self.step and os.path.exists(path):  # drop lines past the checkpoint we resume from
+            with open(path, encoding="utf-8") as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+        log = open(path, "w", encoding="utf-8")  # closed at the end of train
+        log.writelines(kept)
+        return log
+
+    def train(self, progress: bool = False) -> list[dict]:
+        """Run to the last step; returns this run's log records. `progress`: a tqdm bar on stderr."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        folder = self.resume_folder()
+        if folder:
+            self.load_checkpoint(folder)
+        elif list_checkpoints(self.output_dir):
+            logger.warning(
+                "%s holds checkpoints of an earlier run; pass resume to continue it", self.output_dir
+            )
+        batches = self.batches()
+        if self._rng is not None:
+            _set_rng_state(self._rng)
+        records = []
+        with self._open_log() as log, self._progress(progress) as bar:
+            while self.step < self.total:
+                started = time.perf_counter()  # tokens/s counts reading the data too
+                record = self._run_step([next(batches) for _ in range(self.config.grad_accum)], started)
+                records.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                if self.step % self.config.logging_steps == 0 or self.step == self.total:
+                    logger.info(
+                        "step %d/%d loss %.4f lr %.3g", self.step, self.total, record["loss"], record["lr"]
+                    )
+                save_steps = self.config.save_steps
+                if save_steps and self.step % save_steps == 0 and self.step < self.total:
+                    self.save_checkpoint()
+        return records
+
+    def _run_step(self, batches: list[Batch], started: float) -> dict:
+        lr = self.scheduler.get_last_lr()[0]
+        loss, grad_norm = self.train_step(batches)
+        self.step += 1
+        tokens = sum(int(batch.attention_mask.sum()) for batch in batches)
+        per_epoch = math.ceil(len(self.dataset) / self.config.batch_size)
+        return {
+            "step": self.step,
+            "epoch": round(self.step * self.config.grad_accum / per_epoch, 4),
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": round(tokens / (time.perf_counter() - started), 1),
+        }
+
+    @contextlib.contextmanager
+    def _progress(self, show: bool) -> Iterator:
+        if not show:
+            yield None
+            return
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(), tqdm(total=self.total, initial=self.step, unit="step") as bar:
+            yield bar
+
+    def save_final(self) -> nn.Module:
+        """Write the final folder; returns the trained model (merged when LoRA is merged)."""
+        set_gradient_checkpointing(self.model, False)
+        model = self.model
+        if self.config.lora and self.config.merge:
+            model = model.merge_and_unload()
+        model.save_pretrained(self.output_dir)
+        self.tokenizer.save_pretrained(self.output_dir)
+        logger.info("saved the result to %s", self.output_dir)
+        return model.eval()
+
+
+def finetune(
+    model: nn.Module,
+    tokenizer,
+    train_items: Sequence[dict] | ConversationDataset | str | os.PathLike,
+    config: TrainingConfig | None = None,
+    output_dir: str | os.PathLike = "finetuned",
+    *,
+    base_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Fine-tune `model` (a QwenVLForCausalLM) on conversations and save it to `output_dir`.
+
+    `train_items`: samples in Qwen-VL's format, a ConversationDataset, or the path of a JSON file.
+    Relative image paths are resolved against `base_dir` (default: the data file's folder, else the
+    working directory). Returns the trained model: merged for LoRA with `merge`, else the PeftModel.
+    """
+    config = config or TrainingConfig()
+    if isinstance(train_items, (str, os.PathLike)):
+        base_dir = base_dir or os.path.dirname(os.path.abspath(train_items))
+        train_items = load_items(train_items)
+    dataset = train_items
+    if not isinstance(dataset, ConversationDataset):
+        image_size = model.config.vision.image_size
+        dataset = ConversationDataset(
+            train_items, tokenizer, base_dir or ".", config.max_length, image_size, config.system
+        )
+    trainer = Trainer(model, tokenizer, dataset, config, output_dir)
+    trainer.train(progress)
+    return trainer.save_final()
