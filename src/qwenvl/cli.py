@@ -81,16 +81,31 @@ class Extra:
     module: str
     extra: str  # the install extra it needs; "" when it needs nothing beyond the core
     help: str
+    example: str
     shared_options: bool = True  # the common model and sampling flags (else the module has its own)
 
 
 EXTRAS = {
-    "serve": Extra("qwenvl.server", "server", "serve the model over HTTP (a chat completions API)"),
-    "web": Extra("qwenvl.web", "web", "start the web demo (Gradio) in the browser"),
-    "finetune": Extra("qwenvl.finetune.cli", "finetune", "fine-tune on conversations (full or LoRA)", False),
-    "synthesize": Extra("qwenvl.synthetic", "", "write a synthetic shapes data set (train and eval)", False),
-    "eval": Extra("qwenvl.evaluate", "", "score a model on held-out synthetic scenes", False),
-}
+    "serve": Extra(
+        "qwenvl.server", "server", "serve the model over HTTP (a chat completions API)",
+        "qwenvl serve --model Qwen/Qwen-VL-Chat --port 8000",
+    ),
+    "web": Extra(
+        "qwenvl.web", "web", "start the web demo (Gradio) in the browser", "qwenvl web --model Qwen/Qwen-VL-Chat"
+    ),
+    "finetune": Extra(
+        "qwenvl.finetune.cli", "finetune", "fine-tune on conversations (full or LoRA)",
+        "qwenvl finetune --model Qwen/Qwen-VL-Chat --data train.json --output out --lora", shared_options=False,
+    ),
+    "synthesize": Extra(
+        "qwenvl.synthetic", "", "write a synthetic shapes data set (train and eval)",
+        "qwenvl synthesize --out data --scenes 2000 --eval-scenes 100", shared_options=False,
+    ),
+    "eval": Extra(
+        "qwenvl.evaluate", "", "score a model on held-out synthetic scenes",
+        "qwenvl eval --model out --scenes 50", shared_options=False,
+    ),
+}  # fmt: skip
 
 
 class MissingExtraError(Exception):
@@ -144,7 +159,7 @@ def _add_image_option(parser: argparse.ArgumentParser, summary: str) -> None:
 
 def _add_extra_command(commands, name: str, load: bool) -> None:
     extra = EXTRAS[name]
-    epilog = f"Run 'qwenvl {name} --help' for its options.\n"
+    epilog = f"example:\n  {extra.example}\n\n"
     if extra.extra:
         epilog += f"Needs the {extra.extra} extra: pip install 'qwenvl[{extra.extra}]'\n"
     if extra.shared_options:
