@@ -91,11 +91,13 @@ EXTRAS = {
         "qwenvl serve --model Qwen/Qwen-VL-Chat --port 8000",
     ),
     "web": Extra(
-        "qwenvl.web", "web", "start the web demo (Gradio) in the browser", "qwenvl web --model Qwen/Qwen-VL-Chat"
+        "qwenvl.web", "web", "start the web demo (Gradio) in the browser",
+        "qwenvl web --model Qwen/Qwen-VL-Chat",
     ),
     "finetune": Extra(
         "qwenvl.finetune.cli", "finetune", "fine-tune on conversations (full or LoRA)",
-        "qwenvl finetune --model Qwen/Qwen-VL-Chat --data train.json --output out --lora", shared_options=False,
+        "qwenvl finetune --model Qwen/Qwen-VL-Chat --data train.json --output out --lora",
+        shared_options=False,
     ),
     "synthesize": Extra(
         "qwenvl.synthetic", "", "write a synthetic shapes data set (train and eval)",
