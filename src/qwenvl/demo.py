@@ -71,15 +71,33 @@ def demo_checkpoint() -> str:
     return str(folder)
 
 
-def main() -> None:
-    from .cli import main as cli_main
+def default_model() -> str:
+    """The bundled trained demo model when the package has one, else the random placeholder."""
+    from .demo_model import DEMO_MODEL, demo_available
 
-    print(json.dumps({"model": "tiny random-weight placeholder (answers are noise)", "image": DEMO_IMAGE}))
-    raise SystemExit(
-        cli_main(
-            ["ask", "--image", DEMO_IMAGE, "--max-new-tokens", "24", "--greedy", "Describe the picture."]
-        )
-    )
+    return DEMO_MODEL if demo_available() else demo_checkpoint()
+
+
+def main() -> None:
+    """`make run`: ask the default model about the bundled picture; boxes are drawn to a file."""
+    from .cli import main as cli_main
+    from .demo_model import demo_available
+
+    trained = demo_available()
+    question = "Box the red circle." if trained else "Describe the picture."
+    model = "bundled demo model" if trained else "tiny random-weight placeholder (answers are noise)"
+    print(json.dumps({"model": model, "image": DEMO_IMAGE, "question": question}))
+    argv = [
+        "ask",
+        "--image",
+        DEMO_IMAGE,
+        "--greedy",
+        "--max-new-tokens",
+        "48",
+        "--save-boxes",
+        "demo-boxes.png",
+    ]
+    raise SystemExit(cli_main([*argv, question]))
 
 
 if __name__ == "__main__":

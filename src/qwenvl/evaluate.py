@@ -259,9 +259,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace) -> int:
     from . import QwenVLForCausalLM, QwenVLTokenizer
-    from .demo import demo_checkpoint
+    from .demo import default_model
 
-    model_name = args.model or demo_checkpoint()
+    model_name = args.model or default_model()
     tokenizer = QwenVLTokenizer.from_pretrained(model_name)
     model = QwenVLForCausalLM.from_pretrained(model_name)
     with tempfile.TemporaryDirectory(prefix="qwenvl-eval-") as scratch:

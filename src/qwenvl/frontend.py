@@ -50,9 +50,9 @@ class LoadedModel:
 def model_name(args: argparse.Namespace) -> str:
     if args.model:
         return args.model
-    from .demo import demo_checkpoint
+    from .demo import default_model
 
-    return demo_checkpoint()
+    return default_model()
 
 
 def load_from_args(args: argparse.Namespace, show_progress: bool | None = None) -> LoadedModel:
