@@ -169,3 +169,10 @@ def test_label_glyphs_are_real_chinese_not_tofu():
 def test_no_picture_or_no_box_gives_none(tokenizer):
     assert tokenizer.draw_bbox_on_latest_picture("<box>(1,2),(3,4)</box>", [("no image", "x")]) is None
     assert tokenizer.draw_bbox_on_latest_picture("no box", [("Picture 1: <img>a.png</img>\n", "x")]) is None
+
+
+def test_ids_past_the_tokenizer_decode_to_nothing(tokenizer):
+    """The model's vocabulary is padded to 151,936; those ids have no text."""
+    ids = tokenizer.encode("a b") + [151900]
+    assert tokenizer.decode(ids) == "a b"
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a b"

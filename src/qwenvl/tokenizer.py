@@ -43,7 +43,14 @@ def packaged_vocab_file() -> str:
     return str(resources.files("qwenvl") / "assets" / VOCAB_FILE)
 
 
-def split_closed_tags(ids: Sequence[int], pairs: dict[int, int]) -> list[tuple[bool, list[int]]]:
+def _find(ids: Sequence[int], value: int, start: int) -> int:
+    try:
+        return ids.index(value, start)  # a C-level scan: texts run to hundreds of thousands of ids
+    except ValueError:
+        return -1
+
+
+def split_closed_tags(ids: list[int], pairs: dict[int, int]) -> list[tuple[bool, list[int]]]:
     """Split ids into (is_tagged, ids) runs; a tagged run goes from a start id to its end id inclusive.
 
     An opened tag without its closing id is an error, as in the original.
@@ -51,20 +58,24 @@ def split_closed_tags(ids: Sequence[int], pairs: dict[int, int]) -> list[tuple[b
     runs: list[tuple[bool, list[int]]] = []
     pos = 0
     n = len(ids)
+    upcoming = {tag: _find(ids, tag, 0) for tag in pairs}  # each tag's next position, -1 when none
     while pos < n:
-        start = next((i for i in range(pos, n) if ids[i] in pairs), -1)
-        if start < 0:
+        for tag, at in upcoming.items():
+            if 0 <= at < pos:
+                upcoming[tag] = _find(ids, tag, pos)
+        starts = [at for at in upcoming.values() if at >= 0]
+        if not starts:
             break
-        end_id = pairs[ids[start]]
-        end = next((i for i in range(start, n) if ids[i] == end_id), -1)
+        start = min(starts)
+        end = _find(ids, pairs[ids[start]], start)
         if end < 0:
             raise ValueError("Unclosed image token")
         if start > pos:
-            runs.append((False, list(ids[pos:start])))
-        runs.append((True, list(ids[start : end + 1])))
+            runs.append((False, ids[pos:start]))
+        runs.append((True, ids[start : end + 1]))
         pos = end + 1
     if pos < n:
-        runs.append((False, list(ids[pos:])))
+        runs.append((False, ids[pos:]))
     return runs
 
 
@@ -309,7 +320,10 @@ class QwenVLTokenizer:
                 continue
             if skip_special_tokens:
                 run = [i for i in run if i < self.eod_id or i in keep]
-            pieces.append(self.tokenizer.decode_bytes([i for i in run if i in self._decoder]))
+            elif run and max(run) >= self.tokenizer.n_vocab:
+                # the model's vocabulary is padded past the tokenizer's: such ids have no text
+                run = [i for i in run if i < self.tokenizer.n_vocab]
+            pieces.append(self.tokenizer.decode_bytes(run))
         return b"".join(pieces).decode("utf-8", errors=errors or self.errors)
 
     def _image_runs(self, ids: list[int]) -> list[tuple[bool, list[int]]]:
