@@ -1,0 +1,172 @@
+"""What every benchmark shares: run metadata, a timing helper, Markdown tables, JSON records.
+
+A record is `{"benchmark": name, "environment": {...}, "results": {...}}`; `results` holds the raw
+figures (every timed sample, not only the medians) so later runs can be compared honestly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+VERSIONED_PACKAGES = ("qwenvl", "torch", "transformers", "tiktoken", "numpy")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo; platform.processor() is often empty on Linux."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Where and how a benchmark ran, for the JSON record."""
+    return {
+        "device": device,
+        "cpu_model": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "versions": {name: package_version(name) for name in VERSIONED_PACKAGES},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # other processes on a 2-core machine slow every figure; the 5-minute load covers the run
+        # (this benchmark itself accounts for about 1 to 2 of it)
+        "load_average_1_5_15m": [round(x, 2) for x in os.getloadavg()],
+        # sys.orig_argv keeps "-m benchmarks.NAME", which sys.argv has already rewritten
+        "command": shlex.join(sys.orig_argv),
+    }
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of each timed repeat (warm-up runs excluded)."""
+
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"median_s": self.median, "samples_s": self.samples}
+
+
+def time_call(
+    fn: Callable[..., Any],
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    setup: Callable[[], Any] | None = None,
+) -> Timing:
+    """Time `fn` `repeats` times after `warmup` untimed calls; the median resists one-off stalls.
+
+    With `setup`, each call is `fn(setup())` and only `fn` is timed (e.g. a fresh KV cache per run).
+    """
+    samples = []
+    for i in range(warmup + repeats):
+        args = (setup(),) if setup is not None else ()
+        start = time.perf_counter()
+        fn(*args)
+        elapsed = time.perf_counter() - start
+        if i >= warmup:
+            samples.append(elapsed)
+    return Timing(samples)
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class OtherLoad:
+    """How many cores other processes kept busy since creation, from /proc/stat minus our own CPU time.
+
+    On a small shared machine this is the first thing to check when a figure looks off: at 0.5 or
+    more, threads wait for a core and times can double.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        """(wall seconds, CPU seconds busy on the whole machine, CPU seconds used by this process)."""
+        with open("/proc/stat", encoding="ascii") as f:
+            jiffies = [int(x) for x in f.readline().split()[1:]]
+        idle = jiffies[3] + jiffies[4]  # idle and iowait
+        busy = (sum(jiffies[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return time.monotonic(), busy, own.ru_utime + own.ru_stime
+
+    def cores(self) -> float:
+        wall, busy, own = (end - start for start, end in zip(self._start, self._sample(), strict=True))
+        return max(busy - own, 0.0) / wall
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a fresh interpreter, so its peak RSS is its own and not an earlier run's.
+
+    `fn` must be importable (a module-level function) and its result picklable.
+    """
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if not isinstance(value, float):
+            return str(value)
+        # thousands separators for big figures, three significant digits for small ones
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def add_json_option(parser: argparse.ArgumentParser, default_name: str) -> None:
+    """`--json PATH`; `default_name` (in results/) may name other options, e.g. "x_{config}.json"."""
+    parser.add_argument(
+        "--json", type=Path, default=None, help=f"where to save the record (default: results/{default_name})"
+    )
+
+
+def json_path(args: argparse.Namespace, default_name: str) -> Path:
+    return args.json if args.json is not None else RESULTS_DIR / default_name.format(**vars(args))
+
+
+def save_record(path: Path, benchmark: str, results: dict[str, Any], device: str = "cpu") -> None:
+    record = {"benchmark": benchmark, "environment": environment(device), "results": results}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
