@@ -188,3 +188,16 @@ def test_generate_drives_a_transformers_streamer(tiny_model, tokenizer):
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     out = tiny_model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=6, streamer=streamer)
     assert "".join(streamer) == tokenizer.decode(out[0, len(prompt) :])
+
+
+def test_forward_scores_right_padded_rows_like_single_rows(tiny_model, tokenizer):
+    short, long = tokenizer.encode("Hello"), tokenizer.encode("The capital of France is")
+    pad = [tokenizer.pad_token_id] * (len(long) - len(short))
+    ids = torch.tensor([short + pad, long])
+    mask = torch.tensor([[1] * len(short) + [0] * len(pad), [1] * len(long)])
+    with torch.no_grad():
+        batch = tiny_model(ids, attention_mask=mask).logits
+        alone = tiny_model(torch.tensor([short])).logits
+    torch.testing.assert_close(batch[0, : len(short)], alone[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="right-padded"):
+        tiny_model(ids.flip(1), attention_mask=mask.flip(1))

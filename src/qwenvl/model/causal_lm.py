@@ -151,6 +151,11 @@ class QwenVLForCausalLM(PreTrainedModel):
             inputs_embeds = self.transformer.embed(input_ids, image_features)
         lengths = None
         if attention_mask is not None:  # right padding: real tokens never attend to the pads after them
+            if bool((attention_mask[:, 0] == 0).any()):
+                raise ValueError(
+                    "forward() takes right-padded rows (attention_mask starting with 1); "
+                    "generate() accepts either side"
+                )
             lengths = attention_mask.sum(-1).tolist()
         hidden = self.transformer(inputs_embeds, None, lengths)
         logits = self.lm_head(hidden)
