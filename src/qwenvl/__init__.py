@@ -2,7 +2,6 @@
 
 from .chat_format import decode_reply, get_stop_words_ids, make_context
 from .config import QwenVLConfig
-from .demo_model import DEMO_MODEL
 from .model import QwenVLForCausalLM
 from .tokenizer import QWenTokenizer, QwenVLTokenizer
 from .transformers_registration import register
@@ -19,3 +18,13 @@ __all__ = [
     "get_stop_words_ids",
     "make_context",
 ]
+
+
+def __getattr__(name: str):
+    # `qwenvl.DEMO_MODEL` without importing the recipe module at package import (it is runnable
+    # with python -m, which warns when the package has already imported it)
+    if name == "DEMO_MODEL":
+        from .demo_model import DEMO_MODEL
+
+        return DEMO_MODEL
+    raise AttributeError(f"module 'qwenvl' has no attribute {name!r}")

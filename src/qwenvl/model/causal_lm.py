@@ -23,7 +23,7 @@ from ..generation import SamplingParams, generate_tokens, stream_tokens
 from .llm import RMSNorm
 from .qwenvl import QWenModel, image_span_starts
 from .resampler import CrossAttention, Resampler
-from .vision import INIT_STD, VisionTransformer
+from .vision import INIT_STD, VisionTransformer, VisualAttention
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ class QwenVLForCausalLM(PreTrainedModel):
             nn.init.normal_(module.weight, std=INIT_STD)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, RMSNorm, CrossAttention, Resampler, VisionTransformer)):
+        elif isinstance(
+            module, (nn.LayerNorm, RMSNorm, CrossAttention, Resampler, VisionTransformer, VisualAttention)
+        ):
             module.reset_parameters()
 
     # -- transformers surface ----------------------------------------------------------------------

@@ -51,7 +51,9 @@ class CrossAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.in_proj_weight, std=0.02)
+        # as torch's MultiheadAttention: with tiny projections every query attends uniformly, all
+        # 256 outputs start identical and a fresh model cannot tell images apart
+        nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.in_proj_bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,10 @@ class VisualAttention(nn.Module):
         self.in_proj = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
 
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.in_proj.weight)  # fresh models: non-uniform attention from the start
+        nn.init.zeros_(self.in_proj.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         qkv = self.in_proj(x).view(batch, length, self.heads, 3, width // self.heads)
