@@ -170,3 +170,27 @@ def save_record(path: Path, benchmark: str, results: dict[str, Any], device: str
     record = {"benchmark": benchmark, "environment": environment(device), "results": results}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# The "mid" model of the CPU benchmarks: ~490M parameters (155M in the LM head), shaped like Qwen-VL.
+MID_CONFIG: dict[str, Any] = {
+    "model_type": "qwen",
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "num_attention_heads": 16,
+    "kv_channels": 64,
+    "num_hidden_layers": 8,
+    "intermediate_size": 11008,  # both SwiGLU branches: 5504 each
+    "seq_length": 2048,
+    "max_position_embeddings": 8192,
+    "visual": {
+        "image_size": 448,
+        "patch_size": 14,
+        "width": 256,
+        "heads": 8,
+        "layers": 4,
+        "mlp_ratio": 4.9231,
+        "output_dim": 1024,
+        "image_start_id": 151857,
+    },
+}

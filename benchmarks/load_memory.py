@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the `benchmarks` package 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import (  # noqa: E402
+    MID_CONFIG,
     add_json_option,
     json_path,
     markdown_table,
@@ -38,38 +39,6 @@ from benchmarks.common import (  # noqa: E402
     save_record,
 )
 
-MID_SIZE_CONFIG: dict[str, Any] = {
-    "architectures": ["QWenLMHeadModel"],
-    "model_type": "qwen",
-    "bf16": False,
-    "fp16": False,
-    "fp32": False,
-    "hidden_size": 1024,
-    "num_attention_heads": 16,
-    "kv_channels": 64,
-    "num_hidden_layers": 8,
-    "intermediate_size": 11008,  # both SwiGLU branches: each is 5504 wide
-    "vocab_size": 151936,
-    "seq_length": 2048,
-    "max_position_embeddings": 8192,
-    "layer_norm_epsilon": 1e-6,
-    "rotary_emb_base": 10000,
-    "rotary_pct": 1.0,
-    "use_dynamic_ntk": True,
-    "use_logn_attn": True,
-    "no_bias": True,
-    "tie_word_embeddings": False,
-    "visual": {
-        "image_size": 448,
-        "patch_size": 14,
-        "width": 256,
-        "layers": 4,
-        "heads": 8,
-        "mlp_ratio": 4.9231,
-        "output_dim": 1024,
-        "image_start_id": 151857,
-    },
-}
 RESULT_NAME = "load_memory.json"
 TARGET_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -98,10 +67,10 @@ def write_checkpoint(folder: str, shards: int, seed: int = 0) -> int:
     from qwenvl.random_checkpoint import GENERATION_CONFIG, save_weights
 
     os.makedirs(folder, exist_ok=True)
-    for name, data in (("config.json", MID_SIZE_CONFIG), ("generation_config.json", GENERATION_CONFIG)):
+    for name, data in (("config.json", MID_CONFIG), ("generation_config.json", GENERATION_CONFIG)):
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
-    files = save_weights(fast_random_state(MID_SIZE_CONFIG, seed), folder, shards=shards, fmt="bin")
+    files = save_weights(fast_random_state(MID_CONFIG, seed), folder, shards=shards, fmt="bin")
     return sum(os.path.getsize(path) for path in files)
 
 
@@ -211,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(report(rows, checkpoint_bytes))
     results = {
-        "config": MID_SIZE_CONFIG,
+        "config": MID_CONFIG,
         "checkpoint": {
             "format": "bin",
             "dtype": "bfloat16",

@@ -24,6 +24,7 @@ from qwenvl.chat_format import DEFAULT_SYSTEM
 from qwenvl.generation import SamplingParams, choose_tokens, decode_step, prefill
 
 from .common import (
+    MID_CONFIG,
     OtherLoad,
     Timing,
     add_json_option,
@@ -38,26 +39,6 @@ from .common import (
 GOLDEN_CONFIG = Path(__file__).parent.parent / "tests" / "data" / "golden" / "config.json"
 # 490M parameters, 311M of them in the embedding and LM head (152k vocabulary, as the real model):
 # small enough for this machine, shaped like Qwen-VL.
-MID_CONFIG = {
-    "vocab_size": 151936,
-    "hidden_size": 1024,
-    "num_attention_heads": 16,
-    "kv_channels": 64,
-    "num_hidden_layers": 8,
-    "intermediate_size": 11008,  # both SwiGLU branches: 5504 each
-    "seq_length": 2048,
-    "max_position_embeddings": 8192,
-    "visual": {
-        "image_size": 448,
-        "patch_size": 14,
-        "width": 256,
-        "heads": 8,
-        "layers": 4,
-        "mlp_ratio": 4.9231,
-        "output_dim": 1024,
-        "image_start_id": 151857,
-    },
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUESTION = "What is in this picture? Describe the main objects, their colours and where they are."
 GREEDY = SamplingParams(do_sample=False)
