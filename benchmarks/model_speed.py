@@ -37,8 +37,6 @@ from .common import (
 )
 
 GOLDEN_CONFIG = Path(__file__).parent.parent / "tests" / "data" / "golden" / "config.json"
-# 490M parameters, 311M of them in the embedding and LM head (152k vocabulary, as the real model):
-# small enough for this machine, shaped like Qwen-VL.
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUESTION = "What is in this picture? Describe the main objects, their colours and where they are."
 GREEDY = SamplingParams(do_sample=False)

@@ -1,6 +1,6 @@
 """Tokenizer speed: `QwenVLTokenizer.encode`/`decode` against the original Qwen tokenizer's algorithm.
 
-Run: .venv/bin/python -m benchmarks.tokenizer_speed [--megabytes 1.0] [--repeats 5] [--json PATH]
+Run: .venv/bin/python -m benchmarks.tokenizer_speed [--megabytes 1.0] [--repeats 10] [--json PATH]
 
 The text is ~1 MB of generated, deterministic mixed Chinese/English prose with numbers, code,
 grounding tags and a few `<img>` spans. The baseline is `OriginalAlgorithm` below, a
