@@ -15,35 +15,6 @@ from pathlib import Path
 
 DEMO_IMAGE = str(resources.files("qwenvl") / "assets" / "demo.png")
 DEMO_SEED = 1000
-# the golden tiny shapes: hidden 128, 2 layers, a 2-layer 64-wide ViT, the real vocabulary
-DEMO_CONFIG = {
-    "model_type": "qwen",
-    "architectures": ["QWenLMHeadModel"],
-    "hidden_size": 128,
-    "num_attention_heads": 4,
-    "kv_channels": 32,
-    "num_hidden_layers": 2,
-    "intermediate_size": 512,
-    "vocab_size": 151936,
-    "seq_length": 2048,
-    "max_position_embeddings": 8192,
-    "layer_norm_epsilon": 1e-6,
-    "rotary_emb_base": 10000,
-    "rotary_pct": 1.0,
-    "use_dynamic_ntk": True,
-    "use_logn_attn": True,
-    "no_bias": True,
-    "visual": {
-        "heads": 4,
-        "image_size": 448,
-        "image_start_id": 151857,
-        "layers": 2,
-        "mlp_ratio": 4.9231,
-        "output_dim": 128,
-        "patch_size": 14,
-        "width": 64,
-    },
-}
 
 
 def cache_root() -> Path:
@@ -51,10 +22,12 @@ def cache_root() -> Path:
 
 
 def demo_checkpoint() -> str:
-    """The demo model's folder, built once (about 160 MB) and reused."""
+    """The placeholder model's folder, built once (about 80 MB) and reused."""
+    from .demo_model import DEMO_CONFIG
     from .random_checkpoint import build_checkpoint
 
-    folder = cache_root() / "tiny-random-v1"
+    # the trained demo model's shapes, with random weights (same code path, nothing to download)
+    folder = cache_root() / "demo-random-v2"
     if (folder / "config.json").exists():
         return str(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
