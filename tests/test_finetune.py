@@ -27,6 +27,7 @@ from qwenvl.finetune import (
 from qwenvl.finetune.checkpointing import set_gradient_checkpointing
 from qwenvl.finetune.data import IGNORE_INDEX, build_example
 from qwenvl.finetune.train import Trainer, label_count, list_checkpoints, micro_batches, prepare_model
+from qwenvl.finetune.vocabulary import CutVocabulary, data_ids
 
 from .conftest import DATA, small_config
 
@@ -229,6 +230,56 @@ def test_full_finetuning_lowers_the_loss(tok, base_folder, tmp_path):
         torch.testing.assert_close(
             reloaded(**batch.model_inputs()).logits, trained(**batch.model_inputs()).logits
         )
+
+
+def cut_vocabulary_of(tok, data: ConversationDataset, model) -> CutVocabulary:
+    return CutVocabulary(data_ids(data.examples, tok.special_tokens.values()), model.config.vocab_size)
+
+
+def test_a_cut_vocabulary_gives_the_full_loss_of_the_tied_model(tok, base_folder):
+    model, data = load(base_folder), dataset(tok)
+    vocabulary = cut_vocabulary_of(tok, data, model)
+    assert vocabulary.size < 1000
+    vocabulary.tie_others(model)
+    weight = model.lm_head.weight
+    others = [i for i in range(weight.shape[0]) if i not in set(vocabulary.rows.tolist())]
+    assert torch.equal(weight[others[0]], weight[vocabulary.shared_id])
+    assert torch.equal(weight[others[-1]], weight[vocabulary.shared_id])
+    batch = collate([data[i] for i in range(3)])
+    with torch.no_grad():
+        full = supervised_loss_sum(model, batch)
+        cut = supervised_loss_sum(model, batch, vocabulary)
+    torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="not in the cut vocabulary"):
+        vocabulary.targets(torch.tensor([others[5]]))
+
+
+def test_training_on_a_cut_vocabulary_saves_a_consistent_full_model(tok, base_folder, tmp_path):
+    model = load(base_folder)
+    config = TrainingConfig(max_steps=10, batch_size=3, lr=1e-2, warmup_steps=0, cut_vocabulary=True)
+    trained = finetune(model, tok, ITEMS, config, tmp_path / "out", base_dir=IMAGES)
+    log = read_log(tmp_path / "out")
+    assert log[-1]["loss"] < 0.6 * log[0]["loss"]
+    reloaded, data = load(tmp_path / "out"), dataset(tok)
+    vocabulary = cut_vocabulary_of(tok, data, reloaded)
+    weight = reloaded.lm_head.weight
+    # every id outside the data has the shared row, so the full softmax is the trained one
+    assert torch.equal(
+        weight[vocabulary.others], weight[vocabulary.shared_id].expand(int(vocabulary.others.sum()), -1)
+    )
+    batch = collate([data[i] for i in range(3)])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            supervised_loss_sum(reloaded, batch, vocabulary),
+            supervised_loss_sum(reloaded, batch),
+            rtol=1e-5,
+            atol=1e-4,
+        )
+        torch.testing.assert_close(
+            reloaded(**batch.model_inputs()).logits, trained(**batch.model_inputs()).logits
+        )
+    with pytest.raises(ValueError, match="LoRA"):
+        TrainingConfig(lora=True, cut_vocabulary=True)
 
 
 def test_the_data_order_can_restart_at_any_micro_batch():

@@ -251,6 +251,18 @@ def test_some_conversations_are_multi_turn(records):
     assert [r["conversations"][0]["from"] for r in records] == ["user"] * len(records)
 
 
+def test_max_turns_allows_one_turn_per_task(tmp_path):
+    path = generate_dataset(tmp_path, 30, seed=5, questions_per_scene=2, multi_turn=1.0, max_turns=5)
+    records = json.loads(path.read_text(encoding="utf-8"))
+    turns = [len(record["conversations"]) // 2 for record in records]
+    assert set(turns) <= {2, 3, 4, 5} and max(turns) >= 4
+    for record in records:  # later turns ask about other tasks, never the same one twice
+        answers = [turn["value"] for turn in record["conversations"][1::2]]
+        assert sum("<box>" in answer for answer in answers) <= 1
+    with pytest.raises(ValueError, match="max_turns"):
+        generate_dataset(tmp_path / "bad", 1, max_turns=1)
+
+
 # -- files -----------------------------------------------------------------------------------------
 
 

@@ -39,6 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     precision.add_argument("--fp32", dest="bf16", action="store_false", help="compute in fp32")
     model.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations")
+    model.add_argument(
+        "--cut-vocabulary",
+        action="store_true",
+        help="small models from scratch: only the ids the data uses keep their own embedding rows, "
+        "all others share one (the same loss, a much cheaper LM head)",
+    )
     vision = model.add_mutually_exclusive_group()
     vision.add_argument(
         "--freeze-vision",
@@ -115,6 +121,7 @@ def config_from_args(args: argparse.Namespace):
         logging_steps=args.logging_steps,
         num_workers=args.num_workers,
         system=args.system,
+        cut_vocabulary=args.cut_vocabulary,
     )
 
 

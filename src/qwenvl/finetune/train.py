@@ -36,6 +36,7 @@ from ..model import QwenVLForCausalLM
 from .checkpointing import set_gradient_checkpointing
 from .data import IGNORE_INDEX, Batch, ConversationDataset, collate, load_items
 from .lora import DEFAULT_LORA_TARGETS, add_lora, load_adapter_weights
+from .vocabulary import CutVocabulary, data_ids
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class TrainingConfig:
     resume: bool | str | os.PathLike = False  # True: the newest checkpoint in the output folder; or a folder
     logging_steps: int = 10  # log.jsonl gets every step; the logger every N
     num_workers: int = 0  # DataLoader processes reading images
+    # small models from scratch: only the data's ids keep their own rows (see vocabulary.py)
+    cut_vocabulary: bool = False
     system: str = DEFAULT_SYSTEM
 
     def __post_init__(self) -> None:
@@ -96,6 +99,10 @@ class TrainingConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.lora and not self.freeze_vision:
             raise ValueError("with LoRA only the LLM's adapters train; train_vision is not supported")
+        if self.lora and self.cut_vocabulary:
+            raise ValueError(
+                "cut_vocabulary rewrites the embedding rows: it needs full fine-tuning, not LoRA"
+            )
         self.betas, self.lora_targets = tuple(self.betas), tuple(self.lora_targets)
         if not isinstance(self.resume, bool):
             self.resume = os.fspath(self.resume)
@@ -125,21 +132,27 @@ class LRSchedule:
 # -- loss --------------------------------------------------------------------------------------------
 
 
-def supervised_loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
+def supervised_loss_sum(
+    model: nn.Module, batch: Batch, vocabulary: CutVocabulary | None = None
+) -> torch.Tensor:
     """Summed next-token cross-entropy over the labelled positions of `batch`.
 
     The same numbers as `model(**batch.model_inputs()).loss` times the label count, but `lm_head`
     runs only at the labelled positions: full logits are [B, L, 151936] floats, mostly for image
-    spans and prompts that the loss ignores.
+    spans and prompts that the loss ignores. With a cut `vocabulary` (whose other rows the model
+    keeps tied) the numbers are still the same, and the head only reads the kept rows.
     """
     core = model if isinstance(model, QwenVLForCausalLM) else model.get_base_model()  # a peft wrapper
     transformer = core.transformer
+    input_ids = batch.input_ids if vocabulary is None else vocabulary.input_ids(batch.input_ids)
     features = transformer.visual(batch.pixel_values) if batch.pixel_values is not None else None
-    hidden = transformer(transformer.embed(batch.input_ids, features), None, batch.lengths)
+    hidden = transformer(transformer.embed(input_ids, features), None, batch.lengths)
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = core.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    if vocabulary is None:
+        return F.cross_entropy(core.lm_head(hidden[:, :-1][keep]).float(), targets[keep], reduction="sum")
+    logits = vocabulary.logits(core.lm_head.weight, hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), vocabulary.targets(targets[keep]), reduction="sum")
 
 
 def label_count(batch: Batch) -> int:
@@ -250,6 +263,12 @@ class Trainer:
         self.output_dir = os.fspath(output_dir)
         self.device, self.core = model.device, model
         torch.manual_seed(config.seed)  # LoRA's initial weights
+        self.vocabulary = None
+        if config.cut_vocabulary:
+            ids = data_ids(dataset.examples, tokenizer.special_tokens.values())
+            self.vocabulary = CutVocabulary(ids, model.config.vocab_size).to(self.device)
+            self.vocabulary.tie_others(model)
+            logger.info("cut vocabulary: %d ids keep their own rows", self.vocabulary.size - 1)
         self.model = prepare_model(model, config)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, config)
@@ -281,6 +300,8 @@ class Trainer:
 
     def save_weights(self, folder: str) -> None:
         """The full model, or the LoRA adapter alone (peft's save_pretrained)."""
+        if self.vocabulary is not None:  # the other rows drift under weight decay; the saved model
+            self.vocabulary.tie_others(self.core)  # must be the one whose softmax was trained
         self.model.save_pretrained(folder)
 
     def save_checkpoint(self) -> str:
@@ -372,7 +393,7 @@ class Trainer:
         loss_sum = 0.0
         for batch in batches:
             with self.autocast():
-                loss = supervised_loss_sum(self.model, batch.to(self.device))
+                loss = supervised_loss_sum(self.model, batch.to(self.device), self.vocabulary)
             (loss / labels).backward()
             loss_sum += loss.item()
         grad_norm = None
@@ -458,6 +479,8 @@ class Trainer:
         model = self.model
         if self.config.lora and self.config.merge:
             model = model.merge_and_unload()
+        if self.vocabulary is not None:
+            self.vocabulary.tie_others(self.core)
         model.save_pretrained(self.output_dir)
         self.tokenizer.save_pretrained(self.output_dir)
         logger.info("saved the result to %s", self.output_dir)

@@ -56,7 +56,7 @@ def scene_rng(split: str, seed: int, index: int) -> random.Random:
 
 def _write_scene(out: Path, split: str, index: int, scene: Scene) -> str:
     relative = f"{IMAGE_DIR}/{split}_{index:06d}.png"
-    render(scene).save(out / relative, format="PNG")
+    render(scene).save(out / relative, format="PNG", compress_level=1)  # fast to write; a little larger
     return relative
 
 
@@ -87,14 +87,18 @@ def generate_dataset(
     *,
     task_weights: Mapping[str, float] | None = None,
     multi_turn: float = 0.15,
+    max_turns: int = 3,
     size: tuple[int, int] | None = None,
 ) -> Path:
     """Write ``n_scenes`` pictures and ``questions_per_scene`` conversations each; return train.json.
 
     Each conversation is in one language (drawn per conversation from ``languages``). With
-    probability ``multi_turn`` it has 2 or 3 turns on different tasks; later user turns carry the
-    question only, as in Qwen-VL's fine-tuning data. Image paths are relative to ``out_dir``.
+    probability ``multi_turn`` it has 2 to ``max_turns`` turns on different tasks (a picture takes
+    at most one turn per task); later user turns carry the question only, as in Qwen-VL's
+    fine-tuning data. Image paths are relative to ``out_dir``.
     """
+    if max_turns < 2:
+        raise ValueError(f"max_turns must be at least 2, got {max_turns}")
     weights = dict(DEFAULT_TASK_WEIGHTS if task_weights is None else task_weights)
     _check_options(languages, [task for task, weight in weights.items() if weight > 0])
     out = Path(out_dir)
@@ -106,7 +110,7 @@ def generate_dataset(
         image = _write_scene(out, "train", index, scene)
         for number in range(questions_per_scene):
             language = rng.choice(tuple(languages))
-            turns = rng.randint(2, 3) if rng.random() < multi_turn else 1
+            turns = rng.randint(2, max_turns) if rng.random() < multi_turn else 1
             conversation = []
             for task in _pick_tasks(rng, scene, turns, weights):
                 qa = ask(scene, task, language, rng)
@@ -228,6 +232,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--questions-per-scene", type=int, default=3, help="conversations per picture")
     parser.add_argument("--languages", type=_languages, default=LANGUAGES, help="comma-separated: zh,en")
     parser.add_argument("--multi-turn", type=float, default=0.15, help="share of multi-turn conversations")
+    parser.add_argument(
+        "--max-turns", type=int, default=3, help="most turns of a multi-turn conversation (default 3)"
+    )
     parser.add_argument("--eval-scenes", type=int, default=0, help="also write a held-out eval.json")
     parser.add_argument("--size", type=_size, default=None, help="fixed WIDTHxHEIGHT (default: varied)")
 
@@ -240,6 +247,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         args.languages,
         args.questions_per_scene,
         multi_turn=args.multi_turn,
+        max_turns=args.max_turns,
         size=args.size,
     )
     print(f"wrote {train} ({args.scenes} pictures)")
