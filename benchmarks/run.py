@@ -179,7 +179,7 @@ def decode_run(
 def fast_mode(device: torch.device, compile_: bool) -> str:
     if device.type == "cuda":
         return "cuda_graph"
-    return "compile" if compile_ else "eager"
+    return "compile" if compile_ else "static"
 
 
 def greedy_tokens_equal(

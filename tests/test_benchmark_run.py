@@ -39,11 +39,11 @@ def test_growing_cache_baseline_equals_static_fast_path(tiny_model, tokenizer):
         size = tiny_model.transformer.vision_config.image_size
         pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         features = tiny_model.transformer.visual(pixels)
-    equal, baseline, fast = greedy_tokens_equal(tiny_model, prompt, features, "eager", steps=16)
+    equal, baseline, fast = greedy_tokens_equal(tiny_model, prompt, features, "static", steps=16)
     assert equal and len(baseline) == 17 and baseline == fast
     # batch 2 through the timed path: both rows of both paths agree with the batch-1 tokens
     _, baseline_rows = decode_run(tiny_model, prompt, features, 2, None, warmup=1, steps=2)
-    _, fast_rows = decode_run(tiny_model, prompt, features, 2, "eager", warmup=1, steps=2)
+    _, fast_rows = decode_run(tiny_model, prompt, features, 2, "static", warmup=1, steps=2)
     assert baseline_rows == fast_rows == [baseline[:4]] * 2
 
 

@@ -106,6 +106,22 @@ def test_chat_stream_grows_to_the_chat_reply(tiny_model, tokenizer):
     assert all(later.startswith(earlier) for earlier, later in zip(replies, replies[1:], strict=False))
 
 
+def test_every_decode_mode_gives_the_plain_greedy_tokens(tiny_model, tokenizer):
+    """Rows of different lengths, one past seq_length (64) so NTK and log-n are in play; "compile"
+    runs inductor's CPU kernels, "cuda_graph" needs a GPU (tested there by the benchmarks)."""
+    prompts = [prompt_of(tokenizer, "The capital of France is"), prompt_of(tokenizer, "a b c d e f ", 70)]
+    outputs = {}
+    for mode in ("plain", "static", "compile"):
+        params = SamplingParams(max_new_tokens=12, decode_mode=mode)
+        outputs[mode] = generate_tokens(tiny_model, prompts, params)
+    assert outputs["static"] == outputs["plain"] and outputs["compile"] == outputs["plain"]
+    assert all(len(row) == 12 for row in outputs["plain"])
+    reply, _ = tiny_model.chat(
+        tokenizer, "What is 2+2?", do_sample=False, max_new_tokens=8, decode_mode="plain"
+    )
+    assert tiny_model.chat(tokenizer, "What is 2+2?", do_sample=False, max_new_tokens=8)[0] == reply
+
+
 def test_prompt_longer_than_the_context_is_refused(tiny_model, tokenizer):
     too_long = [tokenizer.encode("x")[0]] * (tiny_model.config.max_position_embeddings + 1)
     with pytest.raises(PromptTooLongError, match="8193 tokens"):
@@ -118,6 +134,7 @@ def test_prompt_longer_than_the_context_is_refused(tiny_model, tokenizer):
         ({"top_p": 0.0}, "top_p"),
         ({"do_sample": True, "temperature": 0}, "temperature"),
         ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"decode_mode": "fastest"}, "decode_mode"),
     ],
 )
 def test_bad_sampling_parameters(kwargs, message):

@@ -33,7 +33,7 @@ def test_static_steps_equal_plain_steps(tiny_model, tokenizer):
     runners = {}
 
     def static(cache):
-        return runners.setdefault(id(cache), DecodeRunner(tiny_model, cache, "eager"))
+        return runners.setdefault(id(cache), DecodeRunner(tiny_model, cache, "static"))
 
     static_tokens, static_logits = decode_with(tiny_model, prompts, 8, static)
     assert torch.equal(static_tokens, plain_tokens)

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import KVCache
-from .generation import PromptTooLongError, SamplingParams, choose_tokens, decode_step, is_finished
+from .generation import PromptTooLongError, SamplingParams, choose_tokens, is_finished
 from .model.llm import ntk_alpha
 from .model.qwenvl import image_span_starts
+from .static_decode import static_decode_step
 
 logger = logging.getLogger(__name__)
 
@@ -333,7 +334,8 @@ class Engine:
     def _step(self) -> None:
         """Decode one token for every running row."""
         tokens = torch.as_tensor([row.generated[-1] for row in self._rows], device=self.device)
-        logits = decode_step(self.model, tokens, self._cache)
+        # the batch changes as rows join and leave, so no graph to keep; static shapes spare the syncs
+        logits = static_decode_step(self.model, tokens, self._cache)
         for i, row in enumerate(self._rows):
             row.logits = logits[i]
             self._emit_next(i)

@@ -38,6 +38,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, default=None)
     group.add_argument("--greedy", action="store_true", help="greedy decoding (no sampling)")
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    group.add_argument(
+        "--decode-mode",
+        choices=("plain", "static", "compile", "cuda_graph"),
+        default=None,
+        help="decode steps: static shapes (default), torch.compile, CUDA graphs (GPU), or plain",
+    )
 
 
 @dataclass
@@ -82,6 +88,7 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
         "top_k": args.top_k,
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
+        "decode_mode": getattr(args, "decode_mode", None),
     }
     if args.greedy:
         options["do_sample"] = False

@@ -7,13 +7,18 @@ batch produces what it would produce alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 
 from .cache import KVCache
+from .static_decode import MODES, DecodeRunner
+
+# "plain": decode_step, reading the cache up to its longest row (the length comes from the host);
+# the others run the same step with static shapes and no host sync (static_decode.py)
+DECODE_MODES = ("plain", *MODES)
 
 
 class PromptTooLongError(ValueError):
@@ -31,6 +36,7 @@ class SamplingParams:
     stop_words_ids: tuple[tuple[int, ...], ...] = ()
     eos_token_id: int | None = None
     seed: int | None = None
+    decode_mode: str = "static"  # one of DECODE_MODES; "cuda_graph" needs a CUDA model
     extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -60,6 +66,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
         if params.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {params.repetition_penalty}")
+        if params.decode_mode not in DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {params.decode_mode!r}")
         return params
 
     def with_stop_words(self, stop_words_ids: Sequence[Sequence[int]]) -> SamplingParams:
@@ -159,6 +167,13 @@ def decode_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     return model.lm_head(hidden[:, -1])
 
 
+def make_decoder(model, cache: KVCache, mode: str = "static") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function feeding one token per row [B] into `cache` and returning the next logits [B, V]."""
+    if mode == "plain":
+        return lambda tokens: decode_step(model, tokens, cache)
+    return DecodeRunner(model, cache, mode)
+
+
 # -- the loop ---------------------------------------------------------------------------------------
 
 
@@ -206,6 +221,7 @@ def stream_tokens(
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     logits = prefill(model, prompts, cache, image_features)
+    advance = make_decoder(model, cache, params.decode_mode)
     for step in range(max_new):
         tokens = choose_tokens(logits, params, seen, generator)
         out: list[int | None] = []
@@ -222,7 +238,7 @@ def stream_tokens(
             return
         if seen is not None:
             seen[torch.arange(len(prompts), device=param.device), tokens] = True
-        logits = decode_step(model, tokens, cache)
+        logits = advance(tokens)
 
 
 def generate_tokens(

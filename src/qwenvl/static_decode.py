@@ -16,7 +16,7 @@ import torch
 from .cache import KVCache
 from .model.llm import Step
 
-MODES = ("eager", "compile", "cuda_graph")
+MODES = ("static", "compile", "cuda_graph")
 
 
 def static_decode_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -29,12 +29,12 @@ def static_decode_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Ten
 
 
 class DecodeRunner:
-    """Decode steps for one batch and cache: eager, compiled, or captured once as a CUDA graph.
+    """Decode steps for one batch and cache: static eager, compiled, or captured once as a CUDA graph.
 
     The cache must not be replaced while the runner lives (its tensors are the graph's memory).
     """
 
-    def __init__(self, model, cache: KVCache, mode: str = "eager"):
+    def __init__(self, model, cache: KVCache, mode: str = "static"):
         if mode not in MODES:
             raise ValueError(f"unknown decode mode {mode!r}; expected one of {MODES}")
         if mode == "cuda_graph" and cache.keys.device.type != "cuda":
