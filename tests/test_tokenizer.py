@@ -45,6 +45,17 @@ def test_image_span_is_always_258_ids(tokenizer):
     assert tokenizer.decode(ids) == "<img>a.png</img>"
 
 
+def test_image_references_read_back_every_span(tokenizer):
+    ids = tokenizer.encode("Picture 1: <img>a.png</img>\nPicture 2: <img>https://x/图.jpg</img>\nhi")
+    assert tokenizer.image_references(ids) == ["a.png", "https://x/图.jpg"]
+    full = tokenizer.encode("<img>" + "x" * 256 + "</img>")  # no pad: the span ends at </img>
+    assert tokenizer.image_references(full) == ["x" * 256]
+    broken = list(ids)
+    broken[ids.index(tokenizer.img_start_id) + 1] = tokenizer.im_start_id
+    with pytest.raises(ValueError, match="does not hold a reference"):
+        tokenizer.image_references(broken)
+
+
 def test_unclosed_image_tag_raises(tokenizer):
     with pytest.raises(ValueError, match="Unclosed image token"):
         tokenizer.encode("<img>unclosed image tag and text")

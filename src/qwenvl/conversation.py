@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .chat_format import DEFAULT_SYSTEM, make_context
-from .tokenizer import IMAGE_SPAN, QwenVLTokenizer
+from .tokenizer import QwenVLTokenizer
 
 
 @dataclass
@@ -58,14 +58,4 @@ def build_prompt(
 
     turns = [(content(m), reply) for m, reply in history]
     text, ids = make_context(tokenizer, content(query), turns, system, max_window_size, chat_format)
-    return Prompt(ids, [named[name] for name in _span_references(tokenizer, ids)], text)
-
-
-def _span_references(tokenizer: QwenVLTokenizer, ids: list[int]) -> list[str]:
-    """The placeholder names in the prompt's image spans (plain user text never makes a span)."""
-    references = []
-    for i, token in enumerate(ids):
-        if token == tokenizer.img_start_id:
-            inner = ids[i + 1 : i + 1 + IMAGE_SPAN]
-            references.append(bytes(t for t in inner if t != tokenizer.img_pad_id).decode())
-    return references
+    return Prompt(ids, [named[name] for name in tokenizer.image_references(ids)], text)

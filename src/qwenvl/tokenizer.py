@@ -79,6 +79,31 @@ def split_closed_tags(ids: list[int], pairs: dict[int, int]) -> list[tuple[bool,
     return runs
 
 
+def image_references(ids: Sequence[int], img_start_id: int) -> list[str]:
+    """The references (paths, URLs) that the image spans of `ids` hold, in order.
+
+    A span is `<img>`, the reference's bytes as ids 0..255, `<imgpad>`s, `</img>` (the two
+    ids after `<img>`). Raises ValueError for a span that holds anything else.
+    """
+    end_id, pad_id = img_start_id + 1, img_start_id + 2
+    references = []
+    for pos, token in enumerate(ids):
+        if token != img_start_id:
+            continue
+        inner = []
+        for t in ids[pos + 1 : pos + 1 + IMAGE_SPAN]:
+            if t in (pad_id, end_id):
+                break
+            if not 0 <= t <= 255:
+                raise ValueError(f"the image span at position {pos} does not hold a reference")
+            inner.append(t)
+        try:
+            references.append(bytes(inner).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"the image span at position {pos} does not hold UTF-8 text") from None
+    return references
+
+
 class QwenVLTokenizer:
     """Byte-for-byte the original QWenTokenizer, without transformers' slow-tokenizer machinery."""
 
@@ -261,6 +286,10 @@ class QwenVLTokenizer:
                 )
             out += self.image_span_ids(self.tokenizer.decode_bytes(inner))
         return out
+
+    def image_references(self, ids: Sequence[int]) -> list[str]:
+        """The references in the image spans of `ids`, in order (see the module function)."""
+        return image_references(ids, self.img_start_id)
 
     def image_span_ids(self, reference: str | bytes) -> list[int]:
         """The 258 ids of an image span: `<img>`, the reference's bytes as ids, `<imgpad>`s, `</img>`."""

@@ -110,20 +110,6 @@ def resolve_image(reference: str, base_dir: str | os.PathLike) -> str:
 # -- token ids and labels ----------------------------------------------------------------------------
 
 
-def image_span_references(tokenizer: QwenVLTokenizer, ids: Sequence[int]) -> list[str]:
-    """The references encoded in the image spans of `ids`, in order (a span holds the reference's bytes)."""
-    references = []
-    for pos, token in enumerate(ids):
-        if token == tokenizer.img_start_id:
-            inner = []
-            for t in ids[pos + 1 :]:
-                if t in (tokenizer.img_pad_id, tokenizer.img_end_id):
-                    break
-                inner.append(t)
-            references.append(bytes(inner).decode("utf-8"))
-    return references
-
-
 def _mask_image_spans(tokenizer: QwenVLTokenizer, ids: list[int]) -> list[int]:
     """Labels for content ids: the ids themselves, -100 on image spans (their positions hold features)."""
     labels, inside = [], False
@@ -187,7 +173,7 @@ def build_example(
     except ValueError as e:  # an image reference over 256 bytes, an unclosed <img>
         raise DataError(f"sample {sample_id!r}: {e}") from e
     ids, labels = truncate(tokenizer, ids, labels, max_length)
-    images = [resolve_image(ref, base_dir) for ref in image_span_references(tokenizer, ids)]
+    images = [resolve_image(ref, base_dir) for ref in tokenizer.image_references(ids)]
     for ref in images:
         if not _URL_SCHEME.match(ref) and not os.path.isfile(ref):
             raise DataError(f"sample {sample_id!r}: image file {ref!r} not found")

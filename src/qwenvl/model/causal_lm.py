@@ -20,8 +20,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..chat_format import DEFAULT_SYSTEM, decode_reply, get_stop_words_ids, make_context, streamable_prefix
 from ..config import QwenVLConfig
 from ..generation import SamplingParams, generate_tokens, stream_tokens
+from ..tokenizer import image_references
 from .llm import RMSNorm
-from .qwenvl import QWenModel, image_span_starts
+from .qwenvl import QWenModel
 from .resampler import CrossAttention, Resampler
 from .vision import INIT_STD, VisionTransformer, VisualAttention
 
@@ -38,19 +39,6 @@ CHAT_GENERATION_DEFAULTS = dict(
     eos_token_id=151643,
     pad_token_id=151643,
 )
-
-
-def image_references(input_ids: torch.Tensor, cfg) -> list[str]:
-    """The references (paths, URLs) encoded in the image spans of `input_ids`, in order."""
-    pad_id = cfg.image_start_id + 2
-    references = []
-    for row, pos in image_span_starts(input_ids, cfg.image_start_id):
-        inner = input_ids[row, pos + 1 : pos + 1 + cfg.n_queries].tolist()
-        inner = inner[: inner.index(pad_id)] if pad_id in inner else inner
-        if any(i > 255 for i in inner):
-            raise ValueError(f"the image span at row {row}, position {pos} does not hold a reference")
-        references.append(bytes(inner).decode("utf-8"))
-    return references
 
 
 class QwenVLForCausalLM(PreTrainedModel):
@@ -122,7 +110,8 @@ class QwenVLForCausalLM(PreTrainedModel):
         return self.transformer.visual.encode(images, self.image_policy)
 
     def _features_for_ids(self, input_ids: torch.Tensor) -> torch.Tensor | None:
-        references = image_references(input_ids, self.transformer.vision_config)
+        start_id = self.transformer.vision_config.image_start_id
+        references = [ref for row in input_ids.tolist() for ref in image_references(row, start_id)]
         return self.encode_images(references) if references else None
 
     # -- forward -----------------------------------------------------------------------------------
