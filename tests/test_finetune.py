@@ -397,6 +397,15 @@ def test_resume_gives_the_uninterrupted_result(tok, base_folder, tmp_path, monke
     assert [r["loss"] for r in resumed_log] == pytest.approx([r["loss"] for r in straight_log], rel=1e-6)
 
 
+def test_resuming_with_more_steps_follows_the_new_schedule(tok, base_folder, tmp_path):
+    config = TrainingConfig(max_steps=2, save_steps=1, lr=1e-3, warmup_steps=0, lr_schedule="linear")
+    finetune(load(base_folder), tok, ITEMS[:1], config, tmp_path / "run", base_dir=IMAGES)
+    longer = TrainingConfig(**{**vars(config), "max_steps": 4, "resume": tmp_path / "run" / "checkpoint-1"})
+    finetune(load(base_folder), tok, ITEMS[:1], longer, tmp_path / "run", base_dir=IMAGES)
+    # linear decay over 4 steps: 1, 3/4, 1/2, 1/4 of the peak (not the 2-step run's 1, 1/2, 0, ...)
+    assert [r["lr"] for r in read_log(tmp_path / "run")] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+
+
 # -- gradient checkpointing --------------------------------------------------------------------------
 
 

@@ -263,6 +263,15 @@ def test_max_turns_allows_one_turn_per_task(tmp_path):
         generate_dataset(tmp_path / "bad", 1, max_turns=1)
 
 
+def test_task_repeats_let_a_task_recur(tmp_path):
+    path = generate_dataset(tmp_path, 30, seed=5, multi_turn=1.0, max_turns=7, task_repeats=3)
+    records = json.loads(path.read_text(encoding="utf-8"))
+    boxes = [sum("<box>" in t["value"] for t in r["conversations"][1::2]) for r in records]
+    assert max(boxes) >= 2 and max(boxes) <= 3
+    with pytest.raises(ValueError, match="task_repeats"):
+        generate_dataset(tmp_path / "bad", 1, task_repeats=0)
+
+
 # -- files -----------------------------------------------------------------------------------------
 
 

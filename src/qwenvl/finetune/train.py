@@ -5,9 +5,10 @@
 the tokenizer files, `log.jsonl` (one line per optimizer step) and, every `save_steps`,
 `checkpoint-STEP/` folders from which `resume=True` continues exactly where the run stopped.
 
-Exact resume rests on three things: the sample order of each epoch is a function of (seed, epoch)
-alone, the torch RNG state (LoRA dropout) is saved with each checkpoint, and the optimizer and
-scheduler states are saved whole.
+Exact resume rests on four things: the sample order of each epoch is a function of (seed, epoch)
+alone, the torch RNG state (LoRA dropout) is saved with each checkpoint, the optimizer state is
+saved whole, and the learning rate is a function of the step (so a resumed run may also extend
+max_steps: the rest of its schedule follows the new total).
 """
 
 from __future__ import annotations
@@ -278,9 +279,8 @@ class Trainer:
             if config.warmup_steps is not None
             else round(config.warmup_ratio * self.total)
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, LRSchedule(warmup, self.total, config.lr_schedule)
-        )
+        self.schedule = LRSchedule(warmup, self.total, config.lr_schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         seq_length = self.core.config.seq_length
         if config.max_length > seq_length:
             # the original trains without dynamic NTK and log-n scaling; this model uses both past it
@@ -312,7 +312,6 @@ class Trainer:
         state = {
             "step": self.step,
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(),
         }
         torch.save(state, os.path.join(partial, STATE_FILE))
@@ -327,7 +326,7 @@ class Trainer:
         return folder
 
     def load_checkpoint(self, folder: str) -> None:
-        """Weights, optimizer, scheduler, RNG and step of a checkpoint written by `save_checkpoint`."""
+        """Weights, optimizer, RNG and step of a checkpoint written by `save_checkpoint`."""
         if self.config.lora:
             load_adapter_weights(self.model, folder)
         else:
@@ -338,8 +337,11 @@ class Trainer:
                 raise ValueError(f"the weights in {folder} do not fit this model: {result}")
         state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        # the learning rate is a function of the step under this run's settings
+        self.scheduler.last_epoch = self.step
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
+            group["lr"] = base * self.schedule(self.step)
         self._rng = state["rng"]
         self._check_resumed_config(folder)
         logger.info("resuming from %s (step %d of %d)", folder, self.step, self.total)
@@ -448,7 +450,7 @@ class Trainer:
         return records
 
     def _run_step(self, batches: list[Batch], started: float) -> dict:
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.optimizer.param_groups[0]["lr"]
         loss, grad_norm = self.train_step(batches)
         self.step += 1
         tokens = sum(int(batch.attention_mask.sum()) for batch in batches)

@@ -60,14 +60,19 @@ def _write_scene(out: Path, split: str, index: int, scene: Scene) -> str:
     return relative
 
 
-def _pick_tasks(rng: random.Random, scene: Scene, count: int, weights: Mapping[str, float]) -> list[str]:
-    """``count`` different tasks (fewer if the scene allows fewer), drawn by weight."""
-    left = [task for task in possible_tasks(scene) if weights.get(task, 0) > 0]
+def _pick_tasks(
+    rng: random.Random, scene: Scene, count: int, weights: Mapping[str, float], repeats: int = 1
+) -> list[str]:
+    """``count`` tasks drawn by weight, each at most ``repeats`` times (fewer if the scene allows fewer)."""
+    left = {task: repeats for task in possible_tasks(scene) if weights.get(task, 0) > 0}
     picked = []
     while left and len(picked) < count:
-        task = rng.choices(left, weights=[weights[t] for t in left])[0]
+        tasks = list(left)
+        task = rng.choices(tasks, weights=[weights[t] for t in tasks])[0]
         picked.append(task)
-        left.remove(task)
+        left[task] -= 1
+        if not left[task]:
+            del left[task]
     return picked
 
 
@@ -88,17 +93,20 @@ def generate_dataset(
     task_weights: Mapping[str, float] | None = None,
     multi_turn: float = 0.15,
     max_turns: int = 3,
+    task_repeats: int = 1,
     size: tuple[int, int] | None = None,
 ) -> Path:
     """Write ``n_scenes`` pictures and ``questions_per_scene`` conversations each; return train.json.
 
     Each conversation is in one language (drawn per conversation from ``languages``). With
-    probability ``multi_turn`` it has 2 to ``max_turns`` turns on different tasks (a picture takes
-    at most one turn per task); later user turns carry the question only, as in Qwen-VL's
-    fine-tuning data. Image paths are relative to ``out_dir``.
+    probability ``multi_turn`` it has 2 to ``max_turns`` turns (each task
+    at most ``task_repeats`` times, on a shape drawn anew each time); later user turns carry
+    the question only, as in Qwen-VL's fine-tuning data. Image paths are relative to ``out_dir``.
     """
     if max_turns < 2:
         raise ValueError(f"max_turns must be at least 2, got {max_turns}")
+    if task_repeats < 1:
+        raise ValueError(f"task_repeats must be at least 1, got {task_repeats}")
     weights = dict(DEFAULT_TASK_WEIGHTS if task_weights is None else task_weights)
     _check_options(languages, [task for task, weight in weights.items() if weight > 0])
     out = Path(out_dir)
@@ -112,7 +120,7 @@ def generate_dataset(
             language = rng.choice(tuple(languages))
             turns = rng.randint(2, max_turns) if rng.random() < multi_turn else 1
             conversation = []
-            for task in _pick_tasks(rng, scene, turns, weights):
+            for task in _pick_tasks(rng, scene, turns, weights, task_repeats):
                 qa = ask(scene, task, language, rng)
                 question = user_turn(image, qa.question) if not conversation else qa.question
                 conversation += [
@@ -235,6 +243,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-turns", type=int, default=3, help="most turns of a multi-turn conversation (default 3)"
     )
+    parser.add_argument(
+        "--task-repeats", type=int, default=1, help="times a task may recur in one conversation (default 1)"
+    )
     parser.add_argument("--eval-scenes", type=int, default=0, help="also write a held-out eval.json")
     parser.add_argument("--size", type=_size, default=None, help="fixed WIDTHxHEIGHT (default: varied)")
 
@@ -248,6 +259,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         args.questions_per_scene,
         multi_turn=args.multi_turn,
         max_turns=args.max_turns,
+        task_repeats=args.task_repeats,
         size=args.size,
     )
     print(f"wrote {train} ({args.scenes} pictures)")
