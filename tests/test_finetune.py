@@ -397,6 +397,20 @@ def test_resume_gives_the_uninterrupted_result(tok, base_folder, tmp_path, monke
     assert [r["loss"] for r in resumed_log] == pytest.approx([r["loss"] for r in straight_log], rel=1e-6)
 
 
+def test_a_run_in_pieces_equals_the_run_in_one(tok, base_folder, tmp_path):
+    config = TrainingConfig(max_steps=3, lr=1e-3, warmup_steps=1, freeze_vision=False)
+    whole = finetune(load(base_folder), tok, ITEMS, config, tmp_path / "whole", base_dir=IMAGES)
+    first = TrainingConfig(**{**vars(config), "stop_at": 2})
+    finetune(load(base_folder), tok, ITEMS, first, tmp_path / "pieces", base_dir=IMAGES)
+    assert [step for step, _ in list_checkpoints(tmp_path / "pieces")] == [2]
+    rest = TrainingConfig(**{**vars(config), "resume": True})
+    pieces = finetune(load(base_folder), tok, ITEMS, rest, tmp_path / "pieces", base_dir=IMAGES)
+    expected = whole.state_dict()
+    for name, value in pieces.state_dict().items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6, msg=name)
+    assert [r["lr"] for r in read_log(tmp_path / "pieces")] == [r["lr"] for r in read_log(tmp_path / "whole")]
+
+
 def test_resuming_with_more_steps_follows_the_new_schedule(tok, base_folder, tmp_path):
     config = TrainingConfig(max_steps=2, save_steps=1, lr=1e-3, warmup_steps=0, lr_schedule="linear")
     finetune(load(base_folder), tok, ITEMS[:1], config, tmp_path / "run", base_dir=IMAGES)

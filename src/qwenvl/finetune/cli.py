@@ -18,6 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run = parser.add_argument_group("schedule")
     run.add_argument("--epochs", type=int, default=1)
     run.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    run.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="stop at this step with a checkpoint, to --resume later (the schedule spans --max-steps)",
+    )
     run.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
     run.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     run.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-5, LoRA 1e-4)")
@@ -96,6 +103,7 @@ def config_from_args(args: argparse.Namespace):
     return TrainingConfig(
         epochs=args.epochs,
         max_steps=args.max_steps,
+        stop_at=args.stop_at,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
         lr=args.lr,

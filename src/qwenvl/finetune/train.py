@@ -54,6 +54,9 @@ class TrainingConfig:
 
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; overrides epochs
+    # end this invocation at that step with a checkpoint (the schedule still runs to the last
+    # step): long runs in pieces, each resumed from the last
+    stop_at: int | None = None
     batch_size: int = 1
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float | None = None  # None: 1e-5 for full fine-tuning, 1e-4 for LoRA
@@ -91,7 +94,7 @@ class TrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_steps", "save_total_limit"):
+        for name in ("max_steps", "save_steps", "save_total_limit", "stop_at"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1 (or None), got {getattr(self, name)}")
         if self.lr_schedule not in SCHEDULES:
@@ -304,8 +307,11 @@ class Trainer:
             self.vocabulary.tie_others(self.core)  # must be the one whose softmax was trained
         self.model.save_pretrained(folder)
 
+    def checkpoint_folder(self) -> str:
+        return os.path.join(self.output_dir, f"checkpoint-{self.step}")
+
     def save_checkpoint(self) -> str:
-        folder = os.path.join(self.output_dir, f"checkpoint-{self.step}")
+        folder = self.checkpoint_folder()
         partial = folder + ".tmp"  # renamed when complete: resume never sees half a checkpoint
         shutil.rmtree(partial, ignore_errors=True)
         self.save_weights(partial)
@@ -354,7 +360,9 @@ class Trainer:
             saved = json.load(f)
         current = json.loads(json.dumps(dataclasses.asdict(self.config)))
         changed = [
-            k for k, v in current.items() if k not in ("resume", "save_total_limit") and saved.get(k) != v
+            k
+            for k, v in current.items()
+            if k not in ("resume", "save_total_limit", "stop_at") and saved.get(k) != v
         ]
         if changed:
             logger.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
@@ -430,8 +438,9 @@ class Trainer:
         if self._rng is not None:
             _set_rng_state(self._rng)
         records = []
+        last = self.total if self.config.stop_at is None else min(self.total, self.config.stop_at)
         with self._open_log() as log, self._progress(progress) as bar:
-            while self.step < self.total:
+            while self.step < last:
                 started = time.perf_counter()  # tokens/s counts reading the data too
                 record = self._run_step([next(batches) for _ in range(self.config.grad_accum)], started)
                 records.append(record)
@@ -447,6 +456,8 @@ class Trainer:
                 save_steps = self.config.save_steps
                 if save_steps and self.step % save_steps == 0 and self.step < self.total:
                     self.save_checkpoint()
+        if self.step < self.total and not os.path.isdir(self.checkpoint_folder()):
+            self.save_checkpoint()  # stopped early: where the next invocation resumes
         return records
 
     def _run_step(self, batches: list[Batch], started: float) -> dict:
