@@ -319,8 +319,9 @@ def test_gradient_accumulation_equals_a_bigger_batch(tok, base_folder, tmp_path)
     # the loss is a mean over the labelled tokens of the whole step, not a mean of micro-batch means
     assert logs[0]["loss"] == pytest.approx(logs[1]["loss"], rel=1e-6)
     assert logs[0]["grad_norm"] == pytest.approx(logs[1]["grad_norm"], rel=1e-5)
+    # Adam's first step is about lr * g / |g|: where g is near 0, rounding moves it (1e-4 at most)
     for name, value in weights[0].items():
-        torch.testing.assert_close(value, weights[1][name], rtol=0, atol=1e-6)
+        torch.testing.assert_close(value, weights[1][name], rtol=0, atol=1e-5)
 
 
 # -- LoRA --------------------------------------------------------------------------------------------

@@ -51,9 +51,12 @@ class CrossAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def reset_parameters(self) -> None:
-        # as torch's MultiheadAttention: with tiny projections every query attends uniformly, all
-        # 256 outputs start identical and a fresh model cannot tell images apart
-        nn.init.xavier_uniform_(self.in_proj_weight)
+        # identity projections: queries and keys both carry the 2-D position table, so query i
+        # starts out reading grid cell i (random projections would make every query attend to
+        # the whole picture, and a fresh model would see only its average colour)
+        dim = self.in_proj_weight.shape[1]
+        with torch.no_grad():
+            self.in_proj_weight.copy_(torch.eye(dim).repeat(3, 1))
         nn.init.zeros_(self.in_proj_bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -84,6 +87,8 @@ class Resampler(nn.Module):
         nn.init.normal_(self.query, std=0.02)
         with torch.no_grad():
             self.pos_embed.copy_(sincos_positions(*self.pos_embed.shape))
+        # the learned queries start silent (their norm would drown the positions), then grow
+        nn.init.zeros_(self.ln_q.weight)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         """[B, patches, kv_dim] -> [B, n_queries, dim]."""

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
-from .resampler import Resampler, resize_positions
+from .resampler import Resampler, resize_positions, sincos_positions
 
 INIT_STD = 0.02  # fresh models only
 
@@ -90,7 +90,10 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(torch.empty(cfg.output_dim, cfg.output_dim))
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.positional_embedding, std=INIT_STD)
+        # a 2-D sine-cosine table as large as the patch embeddings: the features a fresh model
+        # hands to the LLM say where each patch lies (what grounding needs) from the first step
+        with torch.no_grad():
+            self.positional_embedding.copy_(sincos_positions(*self.positional_embedding.shape))
         nn.init.normal_(self.proj, std=self.config.output_dim**-0.5)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
