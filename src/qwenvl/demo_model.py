@@ -1,13 +1,10 @@
 """The bundled demo model: how it is built, and where it lives.
 
 A small Qwen-VL (same code path as the real one, the real tokenizer) trained by `qwenvl finetune`
-on the synthetic shapes world. `make demo-model` reproduces it:
-
-    python -m qwenvl.demo_model init OUT/init           # a fresh model folder (DEMO_CONFIG)
-    qwenvl synthesize --out OUT/data --scenes N --eval-scenes 100
-    qwenvl finetune --model OUT/init --data OUT/data/train.json --output OUT/trained --train-vision ...
-    python -m qwenvl.demo_model pack OUT/trained OUT/data/train.json   # into the package
-    qwenvl eval --model src/qwenvl/assets/demo-model --data OUT/data/eval.json
+on the synthetic shapes world. `make demo-model` reproduces it: `python -m qwenvl.demo_model init`
+writes the fresh model (DEMO_CONFIG), `qwenvl synthesize` the data, `qwenvl finetune` trains it,
+`python -m qwenvl.demo_model pack` stores it in the package and `qwenvl eval` scores it; the
+Makefile holds the exact options.
 
 The package stores it compactly (see compact_vocabulary): only the embedding and LM-head rows of
 the ids its training data uses, plus one shared row for all others, in fp32.
@@ -62,10 +59,6 @@ DEMO_GENERATION = {
     "max_new_tokens": 64,
     "max_window_size": 6144,
 }
-
-
-def demo_available() -> bool:
-    return (Path(DEMO_MODEL) / "config.json").exists()
 
 
 def init_model(folder: str | os.PathLike, seed: int = 0) -> str:

@@ -79,7 +79,7 @@ def split_closed_tags(ids: list[int], pairs: dict[int, int]) -> list[tuple[bool,
     return runs
 
 
-def image_references(ids: Sequence[int], img_start_id: int) -> list[str]:
+def image_references(ids: list[int], img_start_id: int) -> list[str]:
     """The references (paths, URLs) that the image spans of `ids` hold, in order.
 
     A span is `<img>`, the reference's bytes as ids 0..255, `<imgpad>`s, `</img>` (the two
@@ -87,9 +87,8 @@ def image_references(ids: Sequence[int], img_start_id: int) -> list[str]:
     """
     end_id, pad_id = img_start_id + 1, img_start_id + 2
     references = []
-    for pos, token in enumerate(ids):
-        if token != img_start_id:
-            continue
+    pos = _find(ids, img_start_id, 0)
+    while pos >= 0:
         inner = []
         for t in ids[pos + 1 : pos + 1 + IMAGE_SPAN]:
             if t in (pad_id, end_id):
@@ -101,6 +100,7 @@ def image_references(ids: Sequence[int], img_start_id: int) -> list[str]:
             references.append(bytes(inner).decode("utf-8"))
         except UnicodeDecodeError:
             raise ValueError(f"the image span at position {pos} does not hold UTF-8 text") from None
+        pos = _find(ids, img_start_id, pos + 1)
     return references
 
 
@@ -287,7 +287,7 @@ class QwenVLTokenizer:
             out += self.image_span_ids(self.tokenizer.decode_bytes(inner))
         return out
 
-    def image_references(self, ids: Sequence[int]) -> list[str]:
+    def image_references(self, ids: list[int]) -> list[str]:
         """The references in the image spans of `ids`, in order (see the module function)."""
         return image_references(ids, self.img_start_id)
 

@@ -118,7 +118,7 @@ class TrainingConfig:
 
 @dataclass
 class LRSchedule:
-    """LambdaLR's factor for optimizer step `step` (0-based): linear warmup, then decay to 0."""
+    """The learning-rate factor of optimizer step `step` (0-based): linear warmup, then decay to 0."""
 
     warmup: int
     total: int
@@ -283,7 +283,6 @@ class Trainer:
             else round(config.warmup_ratio * self.total)
         )
         self.schedule = LRSchedule(warmup, self.total, config.lr_schedule)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
         seq_length = self.core.config.seq_length
         if config.max_length > seq_length:
             # the original trains without dynamic NTK and log-n scaling; this model uses both past it
@@ -293,6 +292,12 @@ class Trainer:
             self.bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.step = 0
         self._rng: dict | None = None  # a checkpoint's RNG state, set right before the first step
+        self._apply_lr()
+
+    def _apply_lr(self) -> None:
+        """The learning rate of the next step: a function of the step under this run's settings."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate * self.schedule(self.step)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if not self.bf16:
@@ -307,11 +312,8 @@ class Trainer:
             self.vocabulary.tie_others(self.core)  # must be the one whose softmax was trained
         self.model.save_pretrained(folder)
 
-    def checkpoint_folder(self) -> str:
-        return os.path.join(self.output_dir, f"checkpoint-{self.step}")
-
     def save_checkpoint(self) -> str:
-        folder = self.checkpoint_folder()
+        folder = os.path.join(self.output_dir, f"checkpoint-{self.step}")
         partial = folder + ".tmp"  # renamed when complete: resume never sees half a checkpoint
         shutil.rmtree(partial, ignore_errors=True)
         self.save_weights(partial)
@@ -344,10 +346,7 @@ class Trainer:
         state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        # the learning rate is a function of the step under this run's settings
-        self.scheduler.last_epoch = self.step
-        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
-            group["lr"] = base * self.schedule(self.step)
+        self._apply_lr()
         self._rng = state["rng"]
         self._check_resumed_config(folder)
         logger.info("resuming from %s (step %d of %d)", folder, self.step, self.total)
@@ -410,7 +409,6 @@ class Trainer:
         if self.config.max_grad_norm:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum / labels, grad_norm
 
@@ -454,16 +452,17 @@ class Trainer:
                         "step %d/%d loss %.4f lr %.3g", self.step, self.total, record["loss"], record["lr"]
                     )
                 save_steps = self.config.save_steps
-                if save_steps and self.step % save_steps == 0 and self.step < self.total:
+                on_schedule = bool(save_steps) and self.step % save_steps == 0
+                # an invocation that stops early leaves the checkpoint the next one resumes from
+                if self.step < self.total and (on_schedule or self.step == last):
                     self.save_checkpoint()
-        if self.step < self.total and not os.path.isdir(self.checkpoint_folder()):
-            self.save_checkpoint()  # stopped early: where the next invocation resumes
         return records
 
     def _run_step(self, batches: list[Batch], started: float) -> dict:
         lr = self.optimizer.param_groups[0]["lr"]
         loss, grad_norm = self.train_step(batches)
         self.step += 1
+        self._apply_lr()
         tokens = sum(int(batch.attention_mask.sum()) for batch in batches)
         per_epoch = math.ceil(len(self.dataset) / self.config.batch_size)
         return {

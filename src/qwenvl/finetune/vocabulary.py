@@ -31,14 +31,15 @@ class CutVocabulary:
         if len(kept) >= vocab_size:
             raise ValueError("the cut vocabulary keeps every id: train without it")
         kept_set = set(kept)
-        self.vocab_size = vocab_size
         self.shared_id = next(i for i in range(vocab_size) if i not in kept_set)
         self.rows = torch.tensor([*kept, self.shared_id])  # the rows the head reads, shared last
         self.index = torch.full((vocab_size,), len(kept), dtype=torch.long)  # id -> column
         self.index[torch.tensor(kept)] = torch.arange(len(kept))
         self.others = torch.ones(vocab_size, dtype=torch.bool)
         self.others[self.rows] = False  # every other id but the shared one
-        self.log_others = math.log(vocab_size - len(kept))
+        # added to the shared column: it stands for all other ids, whose logits it shares
+        self.bias = torch.zeros(len(self.rows))
+        self.bias[-1] = math.log(vocab_size - len(kept))
 
     @property
     def size(self) -> int:
@@ -46,7 +47,8 @@ class CutVocabulary:
         return len(self.rows)
 
     def to(self, device: torch.device | str) -> CutVocabulary:
-        self.rows, self.index, self.others = (t.to(device) for t in (self.rows, self.index, self.others))
+        tensors = (self.rows, self.index, self.others, self.bias)
+        self.rows, self.index, self.others, self.bias = (t.to(device) for t in tensors)
         return self
 
     def input_ids(self, ids: torch.Tensor) -> torch.Tensor:
@@ -55,10 +57,7 @@ class CutVocabulary:
 
     def logits(self, head_weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """[N, kept + 1]: the kept ids' logits, then all other ids together (log-summed)."""
-        logits = hidden @ head_weight[self.rows].T
-        bias = torch.zeros(self.size, dtype=logits.dtype, device=logits.device)
-        bias[-1] = self.log_others
-        return logits + bias
+        return hidden @ head_weight[self.rows].T + self.bias
 
     def targets(self, ids: torch.Tensor) -> torch.Tensor:
         """Columns of target ids, which must all be kept ids."""

@@ -99,9 +99,9 @@ def generate_dataset(
     """Write ``n_scenes`` pictures and ``questions_per_scene`` conversations each; return train.json.
 
     Each conversation is in one language (drawn per conversation from ``languages``). With
-    probability ``multi_turn`` it has 2 to ``max_turns`` turns (each task
-    at most ``task_repeats`` times, on a shape drawn anew each time); later user turns carry
-    the question only, as in Qwen-VL's fine-tuning data. Image paths are relative to ``out_dir``.
+    probability ``multi_turn`` it has 2 to ``max_turns`` turns (each task at most ``task_repeats``
+    times, on a shape drawn anew each time); later user turns carry the question only, as in
+    Qwen-VL's fine-tuning data. Image paths are relative to ``out_dir``.
     """
     if max_turns < 2:
         raise ValueError(f"max_turns must be at least 2, got {max_turns}")
