@@ -34,7 +34,7 @@ DEMO_CONFIG = {
     "max_position_embeddings": 8192,
     "layer_norm_epsilon": 1e-6,
     "rotary_emb_base": 10000,
-    "rotary_pct": 1.0,
+    "rotary_pct": 0.5,  # half the channels match content at any distance (grounding learns sooner)
     "use_dynamic_ntk": True,
     "use_logn_attn": True,
     "no_bias": True,

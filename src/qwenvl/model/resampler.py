@@ -40,6 +40,31 @@ def sincos_positions(count: int, dim: int) -> torch.Tensor:
     return torch.cat((encode(cols), encode(rows)), dim=1).float()
 
 
+def head_grid_positions(count: int, dim: int, heads: int) -> torch.Tensor:
+    """A 2-D sine-cosine table [count, dim] in which every head's channels hold the row and the column.
+
+    For fresh resamplers: with `sincos_positions` each attention head would see one coordinate
+    only, so a query would pool a whole row or column. Frequencies 1/100^(i/f) suit a 16-cell grid.
+    """
+    grid = math.isqrt(count)
+    per_head = dim // heads
+    freqs = per_head // 4
+    omega = 1.0 / 100 ** (torch.arange(freqs, dtype=torch.float64) / freqs)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def encode(position: torch.Tensor) -> torch.Tensor:
+        angles = position.reshape(-1, 1).double() * omega
+        return torch.cat((angles.sin(), angles.cos()), dim=1)
+
+    head = torch.cat((encode(cols), encode(rows)), dim=1)  # [count, 4 * freqs]
+    spare = torch.zeros(count, dim - heads * head.shape[1], dtype=head.dtype)  # when 4 does not divide
+    return torch.cat([head] * heads + [spare], dim=1).float()
+
+
+# fresh resamplers: how sharply a query prefers its own grid cell to its neighbours
+QUERY_SHARPNESS = 3.0
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention with torch.nn.MultiheadAttention's parameter names ([Q;K;V] in_proj blocks)."""
 
@@ -51,13 +76,17 @@ class CrossAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def reset_parameters(self) -> None:
-        # identity projections: queries and keys both carry the 2-D position table, so query i
-        # starts out reading grid cell i (random projections would make every query attend to
-        # the whole picture, and a fresh model would see only its average colour)
+        # identity projections (queries scaled up): queries and keys both carry the 2-D position
+        # table, so query i starts out reading grid cell i and passes it on unchanged (random
+        # projections would make every query attend to the whole picture, and a fresh model would
+        # see only its average colour)
         dim = self.in_proj_weight.shape[1]
         with torch.no_grad():
             self.in_proj_weight.copy_(torch.eye(dim).repeat(3, 1))
+            self.in_proj_weight[:dim].mul_(QUERY_SHARPNESS)
+            self.out_proj.weight.copy_(torch.eye(dim))
         nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
@@ -86,7 +115,7 @@ class Resampler(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.query, std=0.02)
         with torch.no_grad():
-            self.pos_embed.copy_(sincos_positions(*self.pos_embed.shape))
+            self.pos_embed.copy_(head_grid_positions(*self.pos_embed.shape, self.attn.heads))
         # the learned queries start silent (their norm would drown the positions), then grow
         nn.init.zeros_(self.ln_q.weight)
 
