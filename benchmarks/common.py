@@ -134,13 +134,13 @@ class OtherLoad:
         return max(busy - own, 0.0) / wall
 
 
-def run_isolated(fn: Callable[..., Any], *args: Any) -> Any:
-    """`fn(*args)` in a fresh interpreter, so its peak RSS is its own and not an earlier run's.
+def run_isolated(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` in a fresh interpreter, so its peak RSS is its own and not an earlier run's.
 
     `fn` must be importable (a module-level function) and its result picklable.
     """
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+        return pool.apply(fn, args, kwargs)
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

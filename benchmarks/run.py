@@ -1,21 +1,25 @@
 """One benchmark run: decode fast path vs a growing-cache eager baseline, dtypes, batching, prefix reuse.
 
-Run: .venv/bin/python -m benchmarks.run --config tiny|mid|real --device cpu|cuda [--compile] [--json PATH]
+Run: .venv/bin/python -m benchmarks.run --config tiny|mid|real --device cpu|cuda [--compile] [--no-fused]
+     [--dtypes fp32 bf16] [--batch-sizes 8 32 64] [--json PATH]
 
-The model has random weights (values do not change the speed). Every ratio compares figures
-measured in this same run, on this same machine:
+The model has random weights (values do not change the speed); each dtype is measured in a
+process of its own. Every ratio compares figures measured in this same run, on this same machine:
 
 - decode_speedup_vs_eager: batch-1 greedy decode tokens/s of the fast path (a DecodeRunner over a
-  preallocated KVCache: CUDA graphs on CUDA, static eager steps on CPU, or torch.compile with
-  --compile) over the straightforward baseline (decode_step over a cache that grows by torch.cat);
-  both must produce the same greedy tokens. In the dtype models load in by default on the device
-  (fp32 on CPU, bf16 on CUDA); every dtype's in decode_speedup_vs_eager_per_dtype.
+  preallocated KVCache: on CUDA the step with fused_decode's kernels captured as a CUDA graph, on
+  CPU the static eager step; torch.compile with --compile) over the straightforward baseline
+  (decode_step over a cache that grows by torch.cat); both must choose the same greedy tokens. In
+  the dtype models load in by default on the device (fp32 on CPU, bf16 on CUDA); every dtype's in
+  decode_speedup_vs_eager_per_dtype.
 - bf16_over_fp32_decode: batch-1 fast-path decode tokens/s, bf16 over fp32.
-- batch8_over_batch1_throughput: fast-path decode tokens/s of 8 rows over 1 row, bf16.
+- batchN_over_batch1_throughput (N of --batch-sizes): fast-path decode tokens/s of N rows over
+  1 row, bf16.
 - second_turn_speedup: time to first token of a conversation's second turn about the same image,
   without prefix reuse over with it (Engine with prefix_cache_entries=0 vs > 0), bf16.
 - decode_roofline_fraction: bytes of LLM weights read per decode step x tokens/s over the memory
-  bandwidth measured by a large tensor copy, bf16 (per dtype in decode_roofline_fraction_per_dtype).
+  bandwidth of a large tensor copy (the higher of a reading before the models and one after),
+  bf16 (per dtype in decode_roofline_fraction_per_dtype).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +43,16 @@ from qwenvl.engine import Engine
 from qwenvl.generation import SamplingParams, choose_tokens, decode_step, prefill
 from qwenvl.static_decode import DecodeRunner
 
-from .common import Timing, add_json_option, json_path, markdown_table, peak_rss_bytes, save_record, time_call
+from .common import (
+    Timing,
+    add_json_option,
+    json_path,
+    markdown_table,
+    peak_rss_bytes,
+    run_isolated,
+    save_record,
+    time_call,
+)
 from .model_speed import DTYPES, GREEDY, MIB, default_dtype, load_config, prompt_ids, tensor_bytes
 
 REAL_CONFIG = Path(__file__).parent.parent / "tests" / "data" / "real-qwen-vl-chat" / "config.json"
@@ -138,32 +152,45 @@ def memory_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 
 # -- decoding ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """The decode runner a run measures against the eager baseline."""
+
+    mode: str  # a DecodeRunner mode
+    fused: bool | None = None  # fused_decode's kernels; None: wherever they run (CUDA with Triton)
+
+    def runner(self, model: QwenVLForCausalLM, cache: KVCache) -> DecodeRunner:
+        return DecodeRunner(model, cache, self.mode, self.fused)
+
+
 def decode_run(
     model: QwenVLForCausalLM,
     prompt: list[int],
     features: torch.Tensor | None,
     batch: int,
-    mode: str | None,
+    fast: FastPath | None,
     *,
     warmup: int,
     steps: int,
+    capacity: int,
 ) -> tuple[Timing, list[list[int]]]:
     """Per-step timing of greedy decoding `batch` copies of the prompt, and every row's tokens.
 
-    mode None: the eager baseline (decode_step over a GrowingCache); otherwise a DecodeRunner mode.
-    The prefill is not timed.
+    fast None: the eager baseline (decode_step over a GrowingCache); otherwise its runner over a
+    KVCache of `capacity` (the same in every call, so a compiled step compiles once per batch
+    size). The prefill is not timed.
     """
     param = next(model.parameters())
     llm = model.transformer.llm_config
-    if mode is None:
+    if fast is None:
         cache = GrowingCache(llm, batch, param.device)
 
         def advance(tokens: torch.Tensor) -> torch.Tensor:
             return decode_step(model, tokens, cache)
 
     else:
-        cache = KVCache(llm, batch, len(prompt) + warmup + steps + 1, param.dtype, param.device)
-        advance = DecodeRunner(model, cache, mode)
+        cache = KVCache(llm, batch, capacity, param.dtype, param.device)
+        advance = fast.runner(model, cache)
     with torch.inference_mode():
         rows_features = None if features is None else features.repeat(batch, 1, 1)
         logits = prefill(model, [prompt] * batch, cache, rows_features)
@@ -177,23 +204,25 @@ def decode_run(
     return timing, torch.stack(generated, 1).tolist()
 
 
-def fast_mode(device: torch.device, compile_: bool) -> str:
-    if device.type == "cuda":
-        return "cuda_graph"
-    return "compile" if compile_ else "static"
+def fast_path(device: torch.device, compile_: bool, fused: bool | None) -> FastPath:
+    """--compile: inductor's kernels (captured as a CUDA graph on a GPU); else the static step."""
+    if compile_:
+        return FastPath("compile", fused)
+    return FastPath("cuda_graph" if device.type == "cuda" else "static", fused)
 
 
 def greedy_tokens_equal(
     model: QwenVLForCausalLM,
     prompt: list[int],
     features: torch.Tensor | None,
-    mode: str,
-    steps: int = EQUAL_STEPS,
+    fast: FastPath,
+    steps: int,
+    capacity: int,
 ) -> tuple[bool, list[int], list[int]]:
     """Whether the baseline and the fast path choose the same `steps` greedy tokens after the prompt."""
-    _, baseline = decode_run(model, prompt, features, 1, None, warmup=0, steps=steps)
-    _, fast = decode_run(model, prompt, features, 1, mode, warmup=0, steps=steps)
-    return baseline == fast, baseline[0], fast[0]
+    _, baseline = decode_run(model, prompt, features, 1, None, warmup=0, steps=steps, capacity=capacity)
+    _, tokens = decode_run(model, prompt, features, 1, fast, warmup=0, steps=steps, capacity=capacity)
+    return baseline == tokens, baseline[0], tokens[0]
 
 
 # -- a conversation's second turn -------------------------------------------------------------------
@@ -246,15 +275,20 @@ def measure_dtype(
     config: dict,
     dtype_name: str,
     device: torch.device,
-    tokenizer: QwenVLTokenizer,
     *,
+    threads: int,
     steps: int,
     warmup: int,
     repeats: int,
-    mode: str,
+    fast: FastPath,
     with_second_turn: bool,
+    batch_sizes: Sequence[int],
     equal_steps: int = EQUAL_STEPS,
 ) -> dict:
+    """Every figure of one dtype; run in a process of its own (`run_isolated`): on CPU a process
+    that had held the other dtype's model decoded 30% slower."""
+    torch.set_num_threads(threads)
+    tokenizer = QwenVLTokenizer()
     model = build_model(config, DTYPES[dtype_name], device)
     prompt = prompt_ids(tokenizer)
     visual = model.transformer.visual
@@ -272,11 +306,16 @@ def measure_dtype(
 
         ttft = timed(first_token, device, warmup=1, repeats=repeats)
 
-    equal, baseline_tokens, fast_tokens = greedy_tokens_equal(model, prompt, features, mode, equal_steps)
-    eager_1, _ = decode_run(model, prompt, features, 1, None, warmup=warmup, steps=steps)
-    fast_1, _ = decode_run(model, prompt, features, 1, mode, warmup=warmup, steps=steps)
-    fast_8, _ = decode_run(model, prompt, features, 8, mode, warmup=warmup, steps=steps)
+    capacity = len(prompt) + max(warmup + steps, equal_steps) + 1
+    equal, baseline_tokens, fast_tokens = greedy_tokens_equal(
+        model, prompt, features, fast, equal_steps, capacity
+    )
+    timing = {"warmup": warmup, "steps": steps, "capacity": capacity}
+    eager_1, _ = decode_run(model, prompt, features, 1, None, **timing)
+    per_batch = {b: decode_run(model, prompt, features, b, fast, **timing)[0] for b in (1, *batch_sizes)}
+    probe = KVCache(model.transformer.llm_config, 1, 1, model.dtype, device)
     result = {
+        "fused_kernels": fast.runner(model, probe).fused,
         "prompt_tokens": len(prompt),
         "parameters": sum(p.numel() for p in model.parameters()),
         "llm_weight_bytes_per_step": llm_weight_bytes(model),
@@ -286,17 +325,15 @@ def measure_dtype(
         "greedy_tokens_baseline": baseline_tokens,
         "greedy_tokens_fast": fast_tokens,
         "decode_step_eager_batch1": eager_1.as_dict(),
-        "decode_step_fast_batch1": fast_1.as_dict(),
-        "decode_step_fast_batch8": fast_8.as_dict(),
+        **{f"decode_step_fast_batch{b}": t.as_dict() for b, t in per_batch.items()},
         "decode_tokens_per_s_eager_batch1": 1 / eager_1.median,
-        "decode_tokens_per_s_fast_batch1": 1 / fast_1.median,
-        "decode_tokens_per_s_fast_batch8": 8 / fast_8.median,
+        **{f"decode_tokens_per_s_fast_batch{b}": b / t.median for b, t in per_batch.items()},
     }
     if with_second_turn:
         result["second_turn_time_to_first_token"] = second_turn_timings(model, tokenizer, repeats)
     if device.type == "cuda":
         result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    result["peak_rss_bytes"] = peak_rss_bytes()
     return result
 
 
@@ -308,70 +345,88 @@ def measure(
     config_name: str,
     device_name: str = "cpu",
     *,
+    dtype_names: Sequence[str] = ("fp32", "bf16"),
+    batch_sizes: Sequence[int] = (8, 32, 64),
     steps: int = 16,
     warmup: int = 2,
     repeats: int = 3,
     compile_: bool = False,
-    bandwidth_mb: int = 256,
+    fused: bool | None = None,
+    bandwidth_mb: int | None = None,
     equal_steps: int = EQUAL_STEPS,
 ) -> dict:
-    """Every figure of a run, with the five plain-number ratios at the top level."""
+    """Every figure of a run, with the plain-number ratios at the top level.
+
+    A ratio whose figures the run did not measure (bf16 over fp32 without both dtypes, the second
+    turn without bf16) is None.
+    """
     if config_name == "real" and device_name != "cuda":
         raise ValueError("config 'real' (9.6B parameters) is only meaningful on a GPU: use --device cuda")
     device = torch.device(device_name)
     config = model_config(config_name)
-    tokenizer = QwenVLTokenizer()
-    mode = fast_mode(device, compile_)
+    fast = fast_path(device, compile_, fused)
+    if bandwidth_mb is None:  # well past the last-level cache: 60 MB of L2 on an H200
+        bandwidth_mb = 2048 if device.type == "cuda" else 256
+    # before the models and after them: one reading came out 12% lower after the real model's
+    # runs on an H200; the higher is what the memory can do
+    bandwidth_samples = [memory_bandwidth(device, bandwidth_mb)]
     dtypes = {}
-    for name in ("fp32", "bf16"):
-        dtypes[name] = measure_dtype(
+    for name in dtype_names:
+        dtypes[name] = run_isolated(
+            measure_dtype,
             config,
             name,
             device,
-            tokenizer,
+            threads=torch.get_num_threads(),
             steps=steps,
             warmup=warmup,
             repeats=repeats,
-            mode=mode,
+            fast=fast,
             with_second_turn=name == "bf16",
+            batch_sizes=batch_sizes,
             equal_steps=equal_steps,
         )
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    peak_rss = peak_rss_bytes()  # before the bandwidth test's buffers
-    bandwidth = memory_bandwidth(device, bandwidth_mb)
-    fp32, bf16 = dtypes["fp32"], dtypes["bf16"]
-    roofline = {
-        name: r["llm_weight_bytes_per_step"] * r["decode_tokens_per_s_fast_batch1"] / bandwidth
-        for name, r in dtypes.items()
-    }
-    turn = bf16["second_turn_time_to_first_token"]
-    speedups = {
-        name: r["decode_tokens_per_s_fast_batch1"] / r["decode_tokens_per_s_eager_batch1"]
-        for name, r in dtypes.items()
-    }
+    peak_rss = max(r["peak_rss_bytes"] for r in dtypes.values())
+    bandwidth_samples.append(memory_bandwidth(device, bandwidth_mb))
+    bandwidth = max(bandwidth_samples)
+    fast_1 = {name: r["decode_tokens_per_s_fast_batch1"] for name, r in dtypes.items()}
+    speedups = {name: fast_1[name] / r["decode_tokens_per_s_eager_batch1"] for name, r in dtypes.items()}
+    roofline = {name: r["llm_weight_bytes_per_step"] * fast_1[name] / bandwidth for name, r in dtypes.items()}
+    # batching and the second turn are judged in bf16, the serving dtype
+    serving = dtypes.get("bf16") or next(iter(dtypes.values()))
+    turn = serving.get("second_turn_time_to_first_token")
+    headline = default_dtype_name(device) if default_dtype_name(device) in dtypes else next(iter(dtypes))
     return {
         "config": config_name,
         "model_config": config,
         "device": device_name,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "fast_path_mode": mode,
+        "fast_path_mode": fast.mode,
+        "fused_kernels": all(r["fused_kernels"] for r in dtypes.values()),
         "decode_steps": steps,
         "decode_warmup_steps": warmup,
+        "batch_sizes": [1, *batch_sizes],
         "greedy_tokens_compared": equal_steps,
-        "greedy_tokens_equal": fp32["greedy_tokens_equal"] and bf16["greedy_tokens_equal"],
+        "greedy_tokens_equal": all(r["greedy_tokens_equal"] for r in dtypes.values()),
         # in the dtype a model loads in by default on this device (SPEC 6): fp32 on CPU, bf16 on a GPU
-        "decode_speedup_vs_eager": speedups[default_dtype_name(device)],
-        "decode_speedup_vs_eager_dtype": default_dtype_name(device),
+        "decode_speedup_vs_eager": speedups[headline],
+        "decode_speedup_vs_eager_dtype": headline,
         "decode_speedup_vs_eager_per_dtype": speedups,
-        "bf16_over_fp32_decode": bf16["decode_tokens_per_s_fast_batch1"]
-        / fp32["decode_tokens_per_s_fast_batch1"],
-        "batch8_over_batch1_throughput": bf16["decode_tokens_per_s_fast_batch8"]
-        / bf16["decode_tokens_per_s_fast_batch1"],
-        "second_turn_speedup": turn["no_reuse"]["median_s"] / turn["reuse"]["median_s"],
-        "decode_roofline_fraction": roofline["bf16"],
+        "bf16_over_fp32_decode": (
+            fast_1["bf16"] / fast_1["fp32"] if {"bf16", "fp32"} <= fast_1.keys() else None
+        ),
+        **{
+            f"batch{b}_over_batch1_throughput": serving[f"decode_tokens_per_s_fast_batch{b}"]
+            / serving["decode_tokens_per_s_fast_batch1"]
+            for b in batch_sizes
+        },
+        "second_turn_speedup": (
+            turn["no_reuse"]["median_s"] / turn["reuse"]["median_s"] if turn is not None else None
+        ),
+        "decode_roofline_fraction": roofline.get("bf16", roofline[headline]),
         "decode_roofline_fraction_per_dtype": roofline,
         "memory_bandwidth_bytes_per_s": bandwidth,
+        "memory_bandwidth_before_and_after_bytes_per_s": bandwidth_samples,
         "peak_rss_bytes": peak_rss,
         "dtypes": dtypes,
     }
@@ -380,8 +435,10 @@ def measure(
 # -- report -----------------------------------------------------------------------------------------
 
 
-def table_rows(r: dict, bandwidth: float) -> list[tuple[str, float]]:
+def table_rows(r: dict, bandwidth: float, batch_sizes: Sequence[int]) -> list[tuple[str, float]]:
     turn = r.get("second_turn_time_to_first_token")
+    weights = r["llm_weight_bytes_per_step"]
+    bound = bandwidth / weights
     rows = [
         ("image encode, per image (ms)", r["image_encode_per_image"]["median_s"] * 1e3),
         (
@@ -390,57 +447,70 @@ def table_rows(r: dict, bandwidth: float) -> list[tuple[str, float]]:
         ),
         ("decode batch 1, eager growing cache (tokens/s)", r["decode_tokens_per_s_eager_batch1"]),
         ("decode batch 1, fast path (tokens/s)", r["decode_tokens_per_s_fast_batch1"]),
-        ("decode batch 8, fast path (tokens/s, all rows)", r["decode_tokens_per_s_fast_batch8"]),
-        ("LLM weights read per step (MiB)", r["llm_weight_bytes_per_step"] / MIB),
-        (
-            "decode roofline fraction (batch 1, fast)",
-            r["llm_weight_bytes_per_step"] * r["decode_tokens_per_s_fast_batch1"] / bandwidth,
-        ),
+        *[
+            (f"decode batch {b}, fast path (tokens/s, all rows)", r[f"decode_tokens_per_s_fast_batch{b}"])
+            for b in batch_sizes
+            if b != 1
+        ],
+        ("LLM weights read per step (MiB)", weights / MIB),
+        ("decode bound = bandwidth / weights (tokens/s)", bound),
+        ("decode roofline fraction (batch 1, fast)", r["decode_tokens_per_s_fast_batch1"] / bound),
     ]
     if turn is not None:
         rows += [
             ("turn 2 first token, prefix reused (ms)", turn["reuse"]["median_s"] * 1e3),
             ("turn 2 first token, whole prompt (ms)", turn["no_reuse"]["median_s"] * 1e3),
         ]
+    if "peak_gpu_memory_bytes" in r:
+        rows.append(("peak GPU memory (MiB)", r["peak_gpu_memory_bytes"] / MIB))
+    if "peak_rss_bytes" in r:
+        rows.append(("peak RSS of its process (MiB)", r["peak_rss_bytes"] / MIB))
     return rows
+
+
+def ratio_rows(results: dict) -> list[list]:
+    speedups = results["decode_speedup_vs_eager_per_dtype"]
+    rows = [
+        [
+            f"decode_speedup_vs_eager ({results['decode_speedup_vs_eager_dtype']}, batch 1)",
+            results["decode_speedup_vs_eager"],
+        ],
+        *[[f"decode speedup vs eager, {n}", v] for n, v in speedups.items()],
+        ["bf16_over_fp32_decode (batch 1)", results["bf16_over_fp32_decode"]],
+        *[
+            [f"batch{b}_over_batch1_throughput (bf16)", results[f"batch{b}_over_batch1_throughput"]]
+            for b in results["batch_sizes"]
+            if b != 1
+        ],
+        ["second_turn_speedup (bf16)", results["second_turn_speedup"]],
+        ["decode_roofline_fraction (bf16)", results["decode_roofline_fraction"]],
+        ["memory bandwidth, tensor copy (GB/s)", results["memory_bandwidth_bytes_per_s"] / 1e9],
+        ["peak RSS, the larger process (MiB)", results["peak_rss_bytes"] / MIB],
+        [
+            f"greedy tokens equal ({results['greedy_tokens_compared']} steps, every dtype)",
+            str(results["greedy_tokens_equal"]),
+        ],
+    ]
+    return [[label, "not measured" if value is None else value] for label, value in rows]
 
 
 def report(results: dict) -> str:
     bandwidth = results["memory_bandwidth_bytes_per_s"]
-    columns = {name: dict(table_rows(r, bandwidth)) for name, r in results["dtypes"].items()}
+    columns = {
+        name: dict(table_rows(r, bandwidth, results["batch_sizes"])) for name, r in results["dtypes"].items()
+    }
     labels = list(dict.fromkeys(label for column in columns.values() for label in column))
     rows = [[label, *(column.get(label, "") for column in columns.values())] for label in labels]
-    parameters = results["dtypes"]["bf16"]["parameters"]
+    parameters = next(iter(results["dtypes"].values()))["parameters"]
     device = results["device_name"] or results["device"]
     lines = [
         f"Config {results['config']} on {device}: {parameters / 1e6:.1f}M parameters, "
-        f"fast path = DecodeRunner mode {results['fast_path_mode']!r}",
+        f"fast path = DecodeRunner mode {results['fast_path_mode']!r}, "
+        f"fused decode kernels {'on' if results['fused_kernels'] else 'off'}",
         "",
         markdown_table(["figure", *columns], rows),
         "",
-        markdown_table(
-            ["ratio", "value"],
-            [
-                [
-                    f"decode_speedup_vs_eager ({results['decode_speedup_vs_eager_dtype']}, batch 1)",
-                    results["decode_speedup_vs_eager"],
-                ],
-                *[
-                    [f"decode speedup vs eager, {name}", value]
-                    for name, value in results["decode_speedup_vs_eager_per_dtype"].items()
-                ],
-                ["bf16_over_fp32_decode (batch 1)", results["bf16_over_fp32_decode"]],
-                ["batch8_over_batch1_throughput (bf16)", results["batch8_over_batch1_throughput"]],
-                ["second_turn_speedup (bf16)", results["second_turn_speedup"]],
-                ["decode_roofline_fraction (bf16)", results["decode_roofline_fraction"]],
-                ["memory bandwidth, tensor copy (GB/s)", bandwidth / 1e9],
-                ["peak RSS (MiB)", results["peak_rss_bytes"] / MIB],
-                [
-                    f"greedy tokens equal ({results['greedy_tokens_compared']} steps, both dtypes)",
-                    str(results["greedy_tokens_equal"]),
-                ],
-            ],
-        ),
+        markdown_table(["ratio", "value"], ratio_rows(results)),
     ]
     return "\n".join(lines)
 
@@ -449,7 +519,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=("tiny", "mid", "real"), default="tiny")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--compile", action="store_true", help="CPU: fast path via torch.compile (~1 min)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="fast path through torch.compile (CPU: ~1 min; GPU: inductor's kernels in a CUDA graph)",
+    )
+    parser.add_argument(
+        "--no-fused", action="store_true", help="decode without fused_decode's kernels (default: on, on CUDA)"
+    )
+    parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument(
+        "--batch-sizes", nargs="+", type=int, default=[8, 32, 64], help="decode throughput rows, besides 1"
+    )
     parser.add_argument("--decode-steps", type=int, default=16, help="timed greedy steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of encode, first token, turn 2")
     parser.add_argument(
@@ -463,9 +544,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("config 'real' (the real Qwen-VL-Chat shapes, 9.6B parameters) needs --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if any(b < 2 for b in args.batch_sizes):
+        parser.error("--batch-sizes: each must be at least 2 (batch 1 is always measured)")
 
     results = measure(
-        args.config, args.device, steps=args.decode_steps, repeats=args.repeats, compile_=args.compile
+        args.config,
+        args.device,
+        dtype_names=args.dtypes,
+        batch_sizes=sorted(set(args.batch_sizes)),
+        steps=args.decode_steps,
+        repeats=args.repeats,
+        compile_=args.compile,
+        fused=False if args.no_fused else None,
     )
     print(report(results))
     path = json_path(args, "run_{config}_{device}.json")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from benchmarks.common import save_record
 from benchmarks.model_speed import prompt_ids
-from benchmarks.run import GrowingCache, decode_run, greedy_tokens_equal, measure
+from benchmarks.run import FastPath, GrowingCache, decode_run, greedy_tokens_equal, measure, report
 
 from qwenvl.generation import prefill
 
@@ -39,11 +39,14 @@ def test_growing_cache_baseline_equals_static_fast_path(tiny_model, tokenizer):
         size = tiny_model.transformer.vision_config.image_size
         pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
         features = tiny_model.transformer.visual(pixels)
-    equal, baseline, fast = greedy_tokens_equal(tiny_model, prompt, features, "static", steps=16)
+    capacity = len(prompt) + 20
+    static = FastPath("static")
+    equal, baseline, fast = greedy_tokens_equal(tiny_model, prompt, features, static, 16, capacity)
     assert equal and len(baseline) == 17 and baseline == fast
     # batch 2 through the timed path: both rows of both paths agree with the batch-1 tokens
-    _, baseline_rows = decode_run(tiny_model, prompt, features, 2, None, warmup=1, steps=2)
-    _, fast_rows = decode_run(tiny_model, prompt, features, 2, "static", warmup=1, steps=2)
+    timing = {"warmup": 1, "steps": 2, "capacity": capacity}
+    _, baseline_rows = decode_run(tiny_model, prompt, features, 2, None, **timing)
+    _, fast_rows = decode_run(tiny_model, prompt, features, 2, static, **timing)
     assert baseline_rows == fast_rows == [baseline[:4]] * 2
 
 
@@ -59,12 +62,32 @@ def test_growing_cache_grows_by_concatenation(tiny_model, tokenizer):
 
 def test_tiny_record_has_the_five_ratios_as_numbers(tmp_path):
     # greedy equality over 16 steps is the first test's; here 2 steps keep the run short
-    results = measure("tiny", "cpu", steps=1, warmup=0, repeats=1, bandwidth_mb=8, equal_steps=2)
+    results = measure(
+        "tiny", "cpu", batch_sizes=(3, 8), steps=1, warmup=0, repeats=1, bandwidth_mb=8, equal_steps=2
+    )
     path = tmp_path / "run.json"
     save_record(path, "run_tiny_cpu", results)
     record = json.loads(path.read_text())["results"]
     for key in RATIOS:
         value = record[key]
         assert isinstance(value, float) and value > 0, key
+    assert record["batch3_over_batch1_throughput"] > 0 and record["batch_sizes"] == [1, 3, 8]
     assert record["greedy_tokens_equal"] is True
     assert record["dtypes"]["bf16"]["second_turn_time_to_first_token"]["reuse"]["reused_tokens"] > 0
+
+
+def test_one_dtype_leaves_the_cross_dtype_ratio_unmeasured():
+    results = measure(
+        "tiny",
+        "cpu",
+        dtype_names=("fp32",),
+        batch_sizes=(2,),
+        steps=1,
+        warmup=0,
+        repeats=1,
+        bandwidth_mb=8,
+        equal_steps=1,
+    )
+    assert results["bf16_over_fp32_decode"] is None and results["second_turn_speedup"] is None
+    assert results["decode_speedup_vs_eager_dtype"] == "fp32" and results["decode_roofline_fraction"] > 0
+    assert "not measured" in report(results)

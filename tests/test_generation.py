@@ -108,13 +108,15 @@ def test_chat_stream_grows_to_the_chat_reply(tiny_model, tokenizer):
 
 def test_every_decode_mode_gives_the_plain_greedy_tokens(tiny_model, tokenizer):
     """Rows of different lengths, one past seq_length (64) so NTK and log-n are in play; "compile"
-    runs inductor's CPU kernels, "cuda_graph" needs a GPU (tested there by the benchmarks)."""
+    runs inductor's CPU kernels, "cuda_graph" needs a GPU (tested there by the benchmarks), "auto"
+    is "static" on CPU."""
     prompts = [prompt_of(tokenizer, "The capital of France is"), prompt_of(tokenizer, "a b c d e f ", 70)]
     outputs = {}
-    for mode in ("plain", "static", "compile"):
+    for mode in ("plain", "static", "compile", "auto"):
         params = SamplingParams(max_new_tokens=12, decode_mode=mode)
         outputs[mode] = generate_tokens(tiny_model, prompts, params)
     assert outputs["static"] == outputs["plain"] and outputs["compile"] == outputs["plain"]
+    assert outputs["auto"] == outputs["plain"]
     assert all(len(row) == 12 for row in outputs["plain"])
     reply, _ = tiny_model.chat(
         tokenizer, "What is 2+2?", do_sample=False, max_new_tokens=8, decode_mode="plain"

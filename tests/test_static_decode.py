@@ -7,6 +7,7 @@ import torch
 
 from qwenvl.cache import KVCache
 from qwenvl.generation import decode_step, prefill
+from qwenvl.model.llm import attention_kernels
 from qwenvl.static_decode import DecodeRunner, decode_head
 
 pytestmark = pytest.mark.usefixtures("in_golden_dir")
@@ -62,3 +63,10 @@ def test_the_cpu_decode_head_follows_the_weight(tiny_model):
     finally:
         with torch.no_grad():
             weight.copy_(original)
+
+
+def test_attention_never_uses_cudnn():
+    """cuDNN would build a plan for every new prompt length (tens of ms before a first token)."""
+    with attention_kernels():
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()

@@ -40,9 +40,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     group.add_argument(
         "--decode-mode",
-        choices=("plain", "static", "compile", "cuda_graph"),
+        choices=("auto", "plain", "static", "compile", "cuda_graph"),
         default=None,
-        help="decode steps: static shapes (default), torch.compile, CUDA graphs (GPU), or plain",
+        help="decode steps: auto (default: CUDA graphs on a GPU, static shapes on CPU), static, "
+        "torch.compile, CUDA graphs, or plain",
     )
 
 

@@ -9,11 +9,13 @@ the weights, not Python's time to launch a few hundred kernels.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable
 
 import torch
 
+from . import fused_decode
 from .cache import KVCache
 from .model.llm import Step
 
@@ -48,45 +50,63 @@ def decode_head(model) -> torch.Tensor | None:
 
 
 def static_decode_step(
-    model, tokens: torch.Tensor, cache: KVCache, head: torch.Tensor | None = None
+    model, tokens: torch.Tensor, cache: KVCache, head: torch.Tensor | None = None, fused: bool | None = None
 ) -> torch.Tensor:
     """Feed one token per row [B]; logits [B, V] of the next. No host synchronisation.
 
-    `head`: `decode_head(model)` (looked up here when not given).
+    `head`: `decode_head(model)` (looked up here when not given). `fused`: the layers' small work
+    in fused_decode's Triton kernels; None: wherever they can run (CUDA with Triton installed).
     """
     transformer = model.transformer
     step = Step.static_decode(transformer.llm_config, cache)
-    hidden = transformer.run(transformer.wte(tokens[:, None]), step)[:, -1]
+    embeds = transformer.wte(tokens[:, None])
+    if fused is None:
+        fused = fused_decode.available(embeds)
+    run = fused_decode.run if fused else type(transformer).run
+    hidden = run(transformer, embeds, step)[:, -1]
     cache.lengths.add_(1)
     head = decode_head(model) if head is None else head
     return model.lm_head(hidden) if head is None else hidden @ head
 
 
 class DecodeRunner:
-    """Decode steps for one batch and cache: static eager, compiled, or captured once as a CUDA graph.
+    """Decode steps for one batch and cache, in one of three modes.
 
+    - "static": the shape-stable step, eager.
+    - "compile": the step through torch.compile (inductor fuses the small element-wise kernels).
+    - "cuda_graph": the eager step, captured once as a CUDA graph and replayed.
+
+    `fused` (static and cuda_graph modes): fused_decode's kernels for the layers' small work;
+    None: wherever they can run. The compiled mode leaves fusion to inductor.
+
+    On CUDA, "compile" is captured as a graph too: the runner records inductor's kernels itself
+    (as serving engines do) rather than through torch.compile's "reduce-overhead" mode, whose
+    graphs refuse steps that write into their inputs, and the step writes into the caller's cache.
     The cache must not be replaced while the runner lives (its tensors are the graph's memory).
     """
 
-    def __init__(self, model, cache: KVCache, mode: str = "static"):
+    def __init__(self, model, cache: KVCache, mode: str = "static", fused: bool | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown decode mode {mode!r}; expected one of {MODES}")
-        if mode == "cuda_graph" and cache.keys.device.type != "cuda":
+        on_cuda = cache.keys.device.type == "cuda"
+        if mode == "cuda_graph" and not on_cuda:
             raise ValueError("mode 'cuda_graph' needs the model and cache on a CUDA device")
         self.model, self.cache, self.mode = model, cache, mode
+        self.graphed = on_cuda and mode in ("cuda_graph", "compile")
         self._graph: torch.cuda.CUDAGraph | None = None
         self._tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.keys.device)
         self._logits: torch.Tensor | None = None
         self._head = decode_head(model)  # resolved once: the compiled step sees a plain tensor
-        self._step: Callable = static_decode_step
+        if fused is None:
+            fused = mode != "compile" and fused_decode.available(cache.keys)
+        self.fused = fused
+        self._step: Callable = functools.partial(static_decode_step, fused=fused)
         if mode == "compile":
-            # CUDA: compiled kernels replayed through CUDA graphs; CPU: fused C++ kernels
-            graph_mode = "reduce-overhead" if cache.keys.device.type == "cuda" else "default"
-            self._step = torch.compile(static_decode_step, mode=graph_mode, dynamic=False)
+            self._step = torch.compile(self._step, dynamic=False)
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.mode != "cuda_graph":
+        if not self.graphed:
             return self._step(self.model, tokens, self.cache, self._head)
         self._tokens.copy_(tokens)
         if self._graph is None:
@@ -95,17 +115,17 @@ class DecodeRunner:
         return self._logits.clone()
 
     def _capture(self) -> None:
-        # Warm up on a side stream (allocator and kernels), undoing the steps' length advances,
-        # then record one step; replays run it with whatever `_tokens` holds.
+        # Warm up on a side stream (compilation, allocator, kernels), undoing the steps' length
+        # advances, then record one step; replays run it with whatever `_tokens` holds.
         lengths = self.cache.lengths.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                static_decode_step(self.model, self._tokens, self.cache)
+                self._step(self.model, self._tokens, self.cache, self._head)
                 self.cache.lengths.copy_(lengths)
         torch.cuda.current_stream().wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._logits = static_decode_step(self.model, self._tokens, self.cache)
+            self._logits = self._step(self.model, self._tokens, self.cache, self._head)
         self.cache.lengths.copy_(lengths)  # capture records the step; it must not count as one

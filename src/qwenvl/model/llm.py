@@ -11,9 +11,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..cache import KVCache
 from ..config import LLMConfig
+
+# cuDNN's attention builds an execution plan for every new shape (tens of milliseconds, up to
+# hundreds), and PyTorch keeps the plans per thread: every new prompt length, and every new
+# serving thread, would pay for one before its first token (70 ms for a second turn that takes
+# 20 without it on an H100). Flash and memory-efficient attention need no plan. (Inside a CUDA
+# graph cuDNN's decode attention would be faster, 8 us per layer against 19 on an H200, but then
+# the graph's attention would round differently from the eager path's.)
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def attention_kernels():
+    """The context every forward runs its attention in: SDPA without cuDNN's kernels."""
+    return sdpa_kernel(ATTENTION_BACKENDS)
 
 
 class RMSNorm(nn.Module):
@@ -26,9 +40,10 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalized in fp32, as the original, then scaled in the model's dtype
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # normalized in fp32, as the original, then scaled in the model's dtype; F.rms_norm is one
+        # fused kernel on a GPU where the spelled-out formula is five (decoding is kernel-bound)
+        normalized = F.rms_norm(x.float(), self.weight.shape, eps=self.eps)
+        return normalized.type_as(x) * self.weight
 
 
 def ntk_alpha(length: int, cfg: LLMConfig) -> float:
@@ -53,40 +68,50 @@ def rotary_inv_freq(alphas: list[float], cfg: LLMConfig, device=None) -> torch.T
 
 @dataclass
 class Rotary:
-    """cos/sin [B, L, rotary_dim] for the positions of one forward, shared by all layers (fp32)."""
+    """cos/sin [B, L, rotary_dim] for the positions of one forward, shared by all layers (fp32).
+
+    `signed_sin` is the sine with its first half negated: rotate-half's cat(-x2, x1) * sin equals
+    cat(x2, x1) * signed_sin exactly, one kernel fewer per layer.
+    """
 
     cos: torch.Tensor
-    sin: torch.Tensor
+    signed_sin: torch.Tensor
 
     @classmethod
     def build(cls, positions: torch.Tensor, inv_freq: torch.Tensor) -> Rotary:
         freqs = positions.float()[:, :, None] * inv_freq[:, None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return cls(angles.cos(), angles.sin())
+        sin = freqs.sin()
+        return cls(torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-sin, sin), dim=-1))
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate x [B, L, heads, d] (rotate-half form) over its first rotary_dim channels."""
+        """Rotate x [B, L, ..., d] (rotate-half form) over its first rotary_dim channels.
+
+        Any dims between L and d (heads; queries-or-keys and heads) share each position's angles,
+        so queries and keys can turn in one pass: fewer kernels per layer, the same numbers.
+        """
         rot_dim = self.cos.shape[-1]
         xf = x[..., :rot_dim].float()
         half = rot_dim // 2
-        rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-        cos, sin = self.cos[:, :, None, :], self.sin[:, :, None, :]
-        out = (xf * cos + rotated * sin).type_as(x)
+        swapped = torch.cat((xf[..., half:], xf[..., :half]), dim=-1)
+        shape = (*self.cos.shape[:2], *[1] * (x.dim() - 3), rot_dim)
+        cos, sin = self.cos.view(shape), self.signed_sin.view(shape)
+        out = (xf * cos + swapped * sin).type_as(x)
         if rot_dim == x.shape[-1]:
             return out
         return torch.cat((out, x[..., rot_dim:]), dim=-1)
 
 
-def logn_scale(positions: torch.Tensor, cfg: LLMConfig) -> torch.Tensor | None:
+def logn_scale(positions: torch.Tensor, cfg: LLMConfig, dtype: torch.dtype) -> torch.Tensor | None:
     """Per-position query scale log(p+1)/log(seq_length) past seq_length, else exactly 1.
 
-    Always computed when enabled (no host sync to check whether any position needs it).
+    Always computed when enabled (no host sync to check whether any position needs it). In fp32,
+    then in the queries' `dtype` as the original casts it: once here rather than in every layer.
     """
     if not cfg.use_logn_attn:
         return None
     p1 = (positions + 1).double()
     scale = torch.where(p1 > cfg.seq_length, torch.log(p1) / math.log(cfg.seq_length), torch.ones_like(p1))
-    return scale.float()
+    return scale.float().to(dtype)
 
 
 @dataclass
@@ -102,6 +127,8 @@ class Step:
     # keys to attend over when reading the cache: up to the furthest row, or the whole capacity
     # (static shapes for CUDA graphs / compilation)
     kv_length: int = 0
+    # when reading the cache, `visible_keys` of the positions: built once per forward, not per layer
+    visible: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -112,11 +139,14 @@ class Step:
         cache: KVCache | None,
         lengths: list[int],
         device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> Step:
+        """`dtype`: the attention's (the hidden states'), for the log-n scale and the cache's mask."""
         if cache is None:
             positions = torch.arange(length, device=device)[None].expand(batch, length)
             inv_freq = rotary_inv_freq([ntk_alpha(n, cfg) for n in lengths], cfg, device)
-            return cls(positions, Rotary.build(positions, inv_freq), logn_scale(positions, cfg), None, True)
+            rotary = Rotary.build(positions, inv_freq)
+            return cls(positions, rotary, logn_scale(positions, cfg, dtype), None, True)
         positions = cache.positions(length)
         fresh = not bool(cache.lengths.any())
         if fresh:  # a prefill: each row's alpha comes from its own prompt length, then stays
@@ -125,14 +155,32 @@ class Step:
             cache.inv_freq = rotary_inv_freq(alphas, cfg, positions.device)
         kv_length = 0 if fresh else int(positions.max()) + 1
         rotary = Rotary.build(positions, cache.inv_freq)
-        return cls(positions, rotary, logn_scale(positions, cfg), cache, fresh, kv_length)
+        visible = None if fresh else visible_keys(positions, kv_length, dtype)
+        return cls(positions, rotary, logn_scale(positions, cfg, dtype), cache, fresh, kv_length, visible)
 
     @classmethod
     def static_decode(cls, cfg: LLMConfig, cache: KVCache) -> Step:
         """One token per row over the whole cache: the same shapes at every step, no host sync."""
         positions = cache.positions(1)
         rotary = Rotary.build(positions, cache.inv_freq)
-        return cls(positions, rotary, logn_scale(positions, cfg), cache, False, cache.capacity)
+        dtype, capacity = cache.keys.dtype, cache.capacity
+        visible = visible_keys(positions, capacity, dtype)
+        return cls(positions, rotary, logn_scale(positions, cfg, dtype), cache, False, capacity, visible)
+
+
+def visible_keys(positions: torch.Tensor, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask [B, 1, L, kv_length]: 0 where a key is visible to a query, else -inf.
+
+    A key is visible at or after its position: causal, and it hides the stale entries past a
+    shorter row's length, in one mask. Built in the attention's dtype, as SDPA would turn a
+    boolean mask into, so no layer converts it again; its rows start 16-element aligned, as the
+    memory-efficient kernel needs (it would copy the mask in every layer otherwise).
+    """
+    keys = torch.arange(kv_length, device=positions.device)
+    hidden = keys[None, None, :] > positions[:, :, None]
+    aligned = -(-kv_length // 16) * 16
+    mask = torch.zeros(*hidden.shape[:2], aligned, dtype=dtype, device=positions.device)[..., :kv_length]
+    return mask.masked_fill_(hidden, float("-inf"))[:, None]
 
 
 class QWenAttention(nn.Module):
@@ -144,10 +192,11 @@ class QWenAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.c_attn(x).view(batch, length, 3, self.heads, self.head_dim).unbind(2)
-        q, k = step.rotary.apply(q), step.rotary.apply(k)
+        qkv = self.c_attn(x).view(batch, length, 3, self.heads, self.head_dim)
+        q, k = step.rotary.apply(qkv[:, :, :2]).unbind(2)
+        v = qkv[:, :, 2]
         if step.logn is not None:
-            q = q * step.logn[:, :, None, None].to(q.dtype)
+            q = q * step.logn[:, :, None, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, d]
         if step.cache is not None:
             step.cache.write(layer, step.positions, k, v)
@@ -155,12 +204,7 @@ class QWenAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             keys, values = step.cache.view(layer, step.kv_length)
-            # a key is visible to a query at or after its position: causal, and it hides the stale
-            # entries past a shorter row's length, in one mask
-            visible = (
-                torch.arange(step.kv_length, device=x.device)[None, None, :] <= step.positions[:, :, None]
-            )
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None])
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.visible)
         return self.c_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 

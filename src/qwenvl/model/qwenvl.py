@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..cache import KVCache
 from ..config import QwenVLConfig
-from .llm import QWenBlock, RMSNorm, Step
+from .llm import QWenBlock, RMSNorm, Step, attention_kernels
 from .vision import VisionTransformer
 
 
@@ -69,7 +69,7 @@ class QWenModel(nn.Module):
         """Hidden states [B, L, H] of `embeds`; rows hold `lengths` real tokens (right padding)."""
         batch, length, _ = embeds.shape
         lengths = lengths if lengths is not None else [length] * batch
-        step = Step.build(self.llm_config, batch, length, cache, lengths, embeds.device)
+        step = Step.build(self.llm_config, batch, length, cache, lengths, embeds.device, embeds.dtype)
         hidden = self.run(embeds, step)
         if cache is not None:
             cache.lengths += torch.tensor(lengths, device=cache.lengths.device)
@@ -79,9 +79,10 @@ class QWenModel(nn.Module):
         """The blocks and the final norm over a prepared step (the cache's lengths are the caller's)."""
         x = embeds
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer, block in enumerate(self.h):
-            if recompute and step.cache is None:
-                x = checkpoint(block, x, step, layer, use_reentrant=False)
-            else:
-                x = block(x, step, layer)
+        with attention_kernels():
+            for layer, block in enumerate(self.h):
+                if recompute and step.cache is None:
+                    x = checkpoint(block, x, step, layer, use_reentrant=False)
+                else:
+                    x = block(x, step, layer)
         return self.ln_f(x)

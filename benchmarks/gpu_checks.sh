@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 6's GPU figures in one call of a few minutes, from the repository root on a CUDA machine:
+#
+#   bash benchmarks/gpu_checks.sh [OUTDIR]      (default: $OUT, else benchmarks/results)
+#
+# 1. `real` (the Qwen-VL-Chat shapes, random weights), fp32 and bf16: the fast path is the decode
+#    step with fused_decode's kernels, captured as a CUDA graph;
+# 2. `real`, bf16, the same without the fused kernels (the eager layers in the graph);
+# 3. gpu_profile: matrix-vector bandwidth and kernel breakdowns of encode, prefill and decode;
+# 4. `tiny` (small shapes: Python and launch overheads dominate).
+# Tables go to the output, records (JSON) to OUTDIR. Each step has its own time limit and goes on when an earlier one fails, so one call brings back
+# every figure it can. Needs torch with CUDA, tiktoken, pillow, safetensors, transformers; the
+# package is used from src/ (no install).
+set -u -o pipefail
+out=${1:-${OUT:-benchmarks/results}}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS ARGS...: one benchmarks.run; its record goes to $out/NAME.json
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    timeout "$limit" "$python" -m benchmarks.run "$@" --json "$out/$name.json" 2>&1
+    echo "== $name: exit $?"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv \
+    | tee "$out/gpu.txt"
+"$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$out/gpu.txt"
+
+step run_real_cuda 200 --config real --device cuda
+step run_real_cuda_no_fused 100 --config real --device cuda --no-fused --dtypes bf16 --batch-sizes 32
+echo "== gpu_profile_real"
+timeout 120 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
+step run_tiny_cuda 60 --config tiny --device cuda --batch-sizes 8

@@ -1,0 +1,267 @@
+"""Where a GPU's time goes in the model's steps: matrix-vector bandwidth and kernel breakdowns.
+
+Run (on a CUDA machine): python -m benchmarks.gpu_profile [--config real] [--json PATH]
+
+- gemv: each LLM weight shape at batch 1 (F.linear of x [1, in] with the weight [out, in]),
+  recorded 20 times in one CUDA graph and replayed: microseconds and GB/s of weight bytes per
+  product (cuBLAS). Summed over a decode step's products (every layer and the LM head) it is the
+  floor a step reaches with these kernels, next to the bound that the copy bandwidth sets.
+- decode_step (eager layers without a graph; replayed as a CUDA graph with the eager layers and
+  with fused_decode's kernels), prefill, image_encode: one call each under
+  torch.profiler: the kernel count, the kernels' summed GPU time, the share of matrix products,
+  the span from the first kernel's start to the last one's end, and the top kernels.
+
+Random weights in bf16 (values do not change the speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from qwenvl import QwenVLTokenizer
+from qwenvl.cache import KVCache
+from qwenvl.generation import prefill
+from qwenvl.static_decode import DecodeRunner, static_decode_step
+
+from .common import add_json_option, json_path, markdown_table, save_record
+from .model_speed import MIB, prompt_ids
+from .run import build_model, memory_bandwidth, model_config
+
+# cuBLAS's Hopper kernels are "nvjet_*"
+MATRIX_KERNELS = ("gemm", "gemv", "xmma", "cutlass", "cublas", "splitk", "nvjet")
+
+
+def is_matrix_product(kernel: str) -> bool:
+    return any(k in kernel.lower() for k in MATRIX_KERNELS)
+
+
+def graph_time(fn: Callable[[], object], calls: int = 20, replays: int = 5) -> float:
+    """Seconds per call of `fn`, recorded `calls` times in one CUDA graph (no launch overhead)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * calls)
+
+
+def gemv_rows(model, bandwidth: float) -> tuple[list[dict], dict]:
+    block = model.transformer.h[0]
+    layers = len(model.transformer.h)
+    linears = {
+        "attn.c_attn": block.attn.c_attn,
+        "attn.c_proj": block.attn.c_proj,
+        "mlp.w1": block.mlp.w1,
+        "mlp.w2": block.mlp.w2,
+        "mlp.c_proj": block.mlp.c_proj,
+        "lm_head": model.lm_head,
+    }
+    rows = []
+    step_seconds = 0.0
+    step_bytes = 0
+    with torch.inference_mode():
+        for name, linear in linears.items():
+            x = torch.randn(1, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
+            weight_bytes = linear.weight.numel() * linear.weight.element_size()
+
+            seconds = graph_time(lambda linear=linear, x=x: F.linear(x, linear.weight, linear.bias))
+            row = {
+                "weight": name,
+                "shape": list(linear.weight.shape),
+                "bias": linear.bias is not None,
+                "us": seconds * 1e6,
+                "gb_per_s": weight_bytes / seconds / 1e9,
+            }
+            if linear.bias is not None:
+                bare = graph_time(lambda linear=linear, x=x: F.linear(x, linear.weight))
+                row["us_without_bias"] = bare * 1e6
+            # the same product as a matrix-vector call (cuBLAS may pick another kernel)
+            row["us_mv"] = graph_time(lambda linear=linear, x=x: torch.mv(linear.weight, x[0])) * 1e6
+            rows.append(row)
+            count = 1 if name == "lm_head" else layers
+            step_seconds += count * seconds
+            step_bytes += count * weight_bytes
+    summary = {
+        "products_per_step_s": step_seconds,
+        "weight_bytes_per_step": step_bytes,
+        "products_gb_per_s": step_bytes / step_seconds / 1e9,
+        "copy_bound_step_s": step_bytes / bandwidth,
+    }
+    return rows, summary
+
+
+def kernel_breakdown(fn: Callable[[], object], top: int = 12) -> dict:
+    """One call of `fn` (after a warm-up call) under the profiler: its GPU kernels."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower()
+    ]
+    if not kernels:
+        return {"kernels": 0}
+    spans = [(e.time_range.start, e.time_range.end) for e in kernels]
+    busy = sum(end - start for start, end in spans)
+    matrix = sum(e.time_range.elapsed_us() for e in kernels if is_matrix_product(e.name))
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for e in kernels:
+        by_name[e.name[:90]].append(e.time_range.elapsed_us())
+    ranked = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:top]
+    return {
+        "kernels": len(kernels),
+        "kernel_time_us": busy,
+        "matrix_kernel_time_us": matrix,
+        "span_us": max(end for _, end in spans) - min(start for start, _ in spans),
+        "top": [{"name": name, "count": len(t), "total_us": sum(t)} for name, t in ranked],
+    }
+
+
+def measure(config_name: str) -> dict:
+    device = torch.device("cuda")
+    model = build_model(model_config(config_name), torch.bfloat16, device)
+    tokenizer = QwenVLTokenizer()
+    prompt = prompt_ids(tokenizer)
+    visual = model.transformer.visual
+    size = visual.config.image_size
+    pixels = torch.randn(1, 3, size, size, device=device, dtype=torch.bfloat16)
+    bandwidth = memory_bandwidth(device, 2048)
+    gemv, gemv_summary = gemv_rows(model, bandwidth)
+    llm = model.transformer.llm_config
+    sections: dict[str, dict] = {}
+
+    with torch.inference_mode():
+        features = visual(pixels)
+
+        def run_prefill() -> KVCache:
+            cache = KVCache(llm, 1, len(prompt) + 64, model.dtype, device)
+            prefill(model, [prompt], cache, features)
+            return cache
+
+        cache = run_prefill()
+        tokens = torch.zeros(1, dtype=torch.long, device=device)
+        lengths = cache.lengths.clone()
+
+        def graph_step(fused: bool) -> Callable[[], None]:
+            runner = DecodeRunner(model, cache, "cuda_graph", fused=fused)
+
+            def step() -> None:
+                runner(tokens)
+                cache.lengths.copy_(lengths)
+
+            return step
+
+        def eager_step() -> None:
+            static_decode_step(model, tokens, cache, fused=False)
+            cache.lengths.copy_(lengths)
+
+        for name, fn in (
+            ("image_encode", lambda: visual(pixels)),
+            ("prefill", run_prefill),
+            ("decode_step_eager_layers_no_graph", eager_step),
+            ("decode_step_graph_eager_layers", graph_step(False)),
+            ("decode_step_graph_fused", graph_step(True)),
+        ):
+            try:
+                sections[name] = kernel_breakdown(fn)
+            except Exception as error:  # a profiler that cannot see one kind of call: keep the rest
+                sections[name] = {"error": repr(error)}
+        # the patch embedding both ways: the checkpoint's convolution and the product that replaced it
+        conv = visual.conv1
+        sections["patch_embedding_us"] = {
+            "conv2d": graph_time(lambda: conv(pixels)) * 1e6,
+            "matrix_product": graph_time(lambda: visual.embed_patches(pixels)) * 1e6,
+        }
+    return {
+        "config": config_name,
+        "device_name": torch.cuda.get_device_name(device),
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "gemv": gemv,
+        "gemv_step": gemv_summary,
+        "sections": sections,
+    }
+
+
+def shape(row: dict) -> str:
+    return "x".join(map(str, row["shape"]))
+
+
+def report(results: dict) -> str:
+    s, gemv = results["gemv_step"], results["gemv"]
+    lines = [
+        f"Config {results['config']} on {results['device_name']}, bf16; "
+        f"copy bandwidth {results['memory_bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s",
+        "",
+        markdown_table(
+            ["weight", "shape", "us", "GB/s", "us without bias", "us as torch.mv"],
+            [
+                [r["weight"], shape(r), r["us"], r["gb_per_s"], r.get("us_without_bias", "-"), r["us_mv"]]
+                for r in gemv
+            ],
+        ),
+        "",
+        f"decode step's products: {s['products_per_step_s'] * 1e3:.2f} ms for "
+        f"{s['weight_bytes_per_step'] / MIB:,.0f} MiB ({s['products_gb_per_s']:,.0f} GB/s); "
+        f"copy-bandwidth bound {s['copy_bound_step_s'] * 1e3:.2f} ms",
+        "",
+    ]
+    rows = []
+    for name, section in results["sections"].items():
+        if name == "patch_embedding_us":
+            continue
+        if "error" in section:
+            rows.append([name, section["error"][:80], "", "", ""])
+            continue
+        rows.append(
+            [
+                name,
+                section["kernels"],
+                section.get("kernel_time_us", 0) / 1e3,
+                section.get("matrix_kernel_time_us", 0) / 1e3,
+                section.get("span_us", 0) / 1e3,
+            ]
+        )
+    lines.append(markdown_table(["call", "kernels", "kernel ms", "matrix-product ms", "span ms"], rows))
+    for name, section in results["sections"].items():
+        if name == "patch_embedding_us":
+            lines.append("\npatch embedding: " + ", ".join(f"{k} {v:.1f} us" for k, v in section.items()))
+        elif section.get("top"):
+            lines.append(f"\n{name}, top kernels:")
+            top = [[t["name"], t["count"], t["total_us"]] for t in section["top"]]
+            lines.append(markdown_table(["kernel", "count", "total us"], top))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=("tiny", "mid", "real"), default="real")
+    add_json_option(parser, "gpu_profile_{config}.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    results = measure(args.config)
+    print(report(results))
+    path = json_path(args, "gpu_profile_{config}.json")
+    save_record(path, f"gpu_profile_{args.config}", results, "cuda")
+    print(f"\nsaved {path}")
+
+
+if __name__ == "__main__":
+    main()
