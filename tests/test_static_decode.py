@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from qwenvl import fused_decode
 from qwenvl.cache import KVCache
 from qwenvl.generation import decode_step, prefill
 from qwenvl.model.llm import attention_kernels
@@ -70,3 +73,27 @@ def test_attention_never_uses_cudnn():
     with attention_kernels():
         assert not torch.backends.cuda.cudnn_sdp_enabled()
         assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the benchmarks check it there too)")
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_graph_steps_equal_plain_steps(tiny_model, tokenizer, fused):
+    if fused and not fused_decode.available(torch.empty(0, device="cuda")):
+        pytest.skip("needs Triton")
+    model = copy.deepcopy(tiny_model).cuda()
+    prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("a b c d e f g h i j " * 7)]
+
+    def decode(make_advance) -> torch.Tensor:
+        capacity = max(map(len, prompts)) + 9
+        cache = KVCache(model.transformer.llm_config, len(prompts), capacity, device="cuda")
+        logits = prefill(model, prompts, cache)
+        advance, outputs = make_advance(cache), []
+        with torch.no_grad():
+            for _ in range(8):
+                outputs.append(logits.argmax(-1))
+                logits = advance(outputs[-1])
+        return torch.stack(outputs, 1)
+
+    plain = decode(lambda cache: lambda tokens: decode_step(model, tokens, cache))
+    graphed = decode(lambda cache: DecodeRunner(model, cache, "cuda_graph", fused=fused))
+    assert torch.equal(graphed, plain)
