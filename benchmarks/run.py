@@ -313,7 +313,7 @@ def measure_dtype(
     timing = {"warmup": warmup, "steps": steps, "capacity": capacity}
     eager_1, _ = decode_run(model, prompt, features, 1, None, **timing)
     per_batch = {b: decode_run(model, prompt, features, b, fast, **timing)[0] for b in (1, *batch_sizes)}
-    probe = KVCache(model.transformer.llm_config, 1, 1, model.dtype, device)
+    probe = KVCache(model.transformer.llm_config, 1, 1, model.dtype, device)  # what the runner resolves
     result = {
         "fused_kernels": fast.runner(model, probe).fused,
         "prompt_tokens": len(prompt),

@@ -62,8 +62,8 @@ def static_decode_step(
     embeds = transformer.wte(tokens[:, None])
     if fused is None:
         fused = fused_decode.available(embeds)
-    run = fused_decode.run if fused else type(transformer).run
-    hidden = run(transformer, embeds, step)[:, -1]
+    hidden = fused_decode.run(transformer, embeds, step) if fused else transformer.run(embeds, step)
+    hidden = hidden[:, -1]
     cache.lengths.add_(1)
     head = decode_head(model) if head is None else head
     return model.lm_head(hidden) if head is None else hidden @ head
