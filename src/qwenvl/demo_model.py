@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -76,23 +77,27 @@ def init_model(folder: str | os.PathLike, seed: int = 0) -> str:
     return os.fspath(folder)
 
 
-def used_token_ids(tokenizer, train_json: str | os.PathLike) -> set[int]:
+def used_token_ids(tokenizer, train_jsons: Sequence[str | os.PathLike]) -> set[int]:
     """Every id the training conversations use, plus the special tokens chat and grounding need."""
     from .chat_format import DEFAULT_SYSTEM, make_context
     from .finetune.data import load_items
 
     ids = set(tokenizer.special_tokens.values())
     ids.update(make_context(tokenizer, "", system=DEFAULT_SYSTEM)[1])
-    for item in load_items(train_json):
-        for turn in item["conversations"]:
-            ids.update(tokenizer.encode_chat(turn["value"]))
+    for train_json in train_jsons:
+        for item in load_items(train_json):
+            for turn in item["conversations"]:
+                ids.update(tokenizer.encode_chat(turn["value"]))
     return ids
 
 
 def pack(
-    trained: str | os.PathLike, train_json: str | os.PathLike, out: str | os.PathLike = DEMO_MODEL
+    trained: str | os.PathLike, train_jsons: Sequence[str | os.PathLike], out: str | os.PathLike = DEMO_MODEL
 ) -> str:
-    """Write the trained model into `out` with a compact vocabulary (config, weights, generation)."""
+    """Write the trained model into `out` with a compact vocabulary (config, weights, generation).
+
+    The vocabulary keeps the ids of every training set's conversations (`train_jsons`).
+    """
     from safetensors.torch import save_file
 
     from . import QwenVLForCausalLM, QwenVLTokenizer
@@ -105,7 +110,7 @@ def pack(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    save_file(compact(state, used_token_ids(tokenizer, train_json)), str(out / "model.safetensors"))
+    save_file(compact(state, used_token_ids(tokenizer, train_jsons)), str(out / "model.safetensors"))
     config = {k: v for k, v in json.loads((Path(trained) / "config.json").read_text()).items()}
     config.pop("auto_map", None)
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--seed", type=int, default=0)
     packer = commands.add_parser("pack", help="store a trained model in the package, compactly")
     packer.add_argument("trained")
-    packer.add_argument("train_json")
+    packer.add_argument("train_json", nargs="+", help="every training set the model saw")
     packer.add_argument("--out", default=DEMO_MODEL)
     args = parser.parse_args(argv)
     if args.command == "init":
