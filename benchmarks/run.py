@@ -41,7 +41,7 @@ from qwenvl.chat_format import DEFAULT_SYSTEM
 from qwenvl.config import LLMConfig
 from qwenvl.engine import Engine
 from qwenvl.generation import SamplingParams, choose_tokens, decode_step, prefill
-from qwenvl.static_decode import DecodeRunner
+from qwenvl.static_decode import DecodeRunner, fuses_by_default
 
 from .common import (
     Timing,
@@ -161,6 +161,9 @@ class FastPath:
 
     def runner(self, model: QwenVLForCausalLM, cache: KVCache) -> DecodeRunner:
         return DecodeRunner(model, cache, self.mode, self.fused)
+
+    def fuses(self, device: torch.device) -> bool:
+        return fuses_by_default(self.mode, device) if self.fused is None else self.fused
 
 
 def decode_run(
@@ -313,9 +316,8 @@ def measure_dtype(
     timing = {"warmup": warmup, "steps": steps, "capacity": capacity}
     eager_1, _ = decode_run(model, prompt, features, 1, None, **timing)
     per_batch = {b: decode_run(model, prompt, features, b, fast, **timing)[0] for b in (1, *batch_sizes)}
-    probe = KVCache(model.transformer.llm_config, 1, 1, model.dtype, device)  # what the runner resolves
     result = {
-        "fused_kernels": fast.runner(model, probe).fused,
+        "fused_kernels": fast.fuses(device),
         "prompt_tokens": len(prompt),
         "parameters": sum(p.numel() for p in model.parameters()),
         "llm_weight_bytes_per_step": llm_weight_bytes(model),

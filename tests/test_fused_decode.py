@@ -94,6 +94,6 @@ def test_add_rms_norm_returns_the_sum_and_its_norm():
 
 def test_runner_uses_fused_kernels_only_where_they_run_by_default(tiny_model):
     cache = KVCache(tiny_model.transformer.llm_config, 1, 8)
-    assert DecodeRunner(tiny_model, cache).fused is fused_decode.available(cache.keys)
+    assert DecodeRunner(tiny_model, cache).fused is fused_decode.available(cache.keys.device)
     assert DecodeRunner(tiny_model, cache, fused=True).fused is True
     assert DecodeRunner(tiny_model, cache, "compile").fused is False

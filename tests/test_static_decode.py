@@ -78,7 +78,7 @@ def test_attention_never_uses_cudnn():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the benchmarks check it there too)")
 @pytest.mark.parametrize("fused", [False, True])
 def test_cuda_graph_steps_equal_plain_steps(tiny_model, tokenizer, fused):
-    if fused and not fused_decode.available(torch.empty(0, device="cuda")):
+    if fused and not fused_decode.available(torch.device("cuda")):
         pytest.skip("needs Triton")
     model = copy.deepcopy(tiny_model).cuda()
     prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("a b c d e f g h i j " * 7)]

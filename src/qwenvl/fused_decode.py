@@ -30,12 +30,12 @@ except ImportError:  # CPU-only installs: the eager layers do all the work
     triton = None
 
 
-def available(tensor: torch.Tensor) -> bool:
-    """Whether the kernels run by default for `tensor`: on CUDA, with Triton installed.
+def available(device: torch.device) -> bool:
+    """Whether the kernels run by default on `device`: CUDA, with Triton installed.
 
     (Under TRITON_INTERPRET=1 they also run on CPU tensors when asked for: the tests do.)
     """
-    return triton is not None and tensor.is_cuda
+    return triton is not None and device.type == "cuda"
 
 
 if triton is not None:

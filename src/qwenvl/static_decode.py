@@ -61,12 +61,18 @@ def static_decode_step(
     step = Step.static_decode(transformer.llm_config, cache)
     embeds = transformer.wte(tokens[:, None])
     if fused is None:
-        fused = fused_decode.available(embeds)
+        fused = fused_decode.available(embeds.device)
     hidden = fused_decode.run(transformer, embeds, step) if fused else transformer.run(embeds, step)
     hidden = hidden[:, -1]
     cache.lengths.add_(1)
     head = decode_head(model) if head is None else head
     return model.lm_head(hidden) if head is None else hidden @ head
+
+
+def fuses_by_default(mode: str, device: torch.device) -> bool:
+    """Whether a runner of `mode` uses fused_decode's kernels when not told: wherever they run,
+    except the compiled mode, which leaves fusion to inductor."""
+    return mode != "compile" and fused_decode.available(device)
 
 
 class DecodeRunner:
@@ -80,8 +86,9 @@ class DecodeRunner:
     None: wherever they can run. The compiled mode leaves fusion to inductor.
 
     On CUDA, "compile" is captured as a graph too: the runner records inductor's kernels itself
-    (as serving engines do) rather than through torch.compile's "reduce-overhead" mode, whose
-    graphs refuse steps that write into their inputs, and the step writes into the caller's cache.
+    (as serving engines do) rather than through torch.compile's "reduce-overhead" mode, which
+    keeps graphs for steps that leave their inputs alone, and the step writes into the caller's
+    cache.
     The cache must not be replaced while the runner lives (its tensors are the graph's memory).
     """
 
@@ -97,10 +104,8 @@ class DecodeRunner:
         self._tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.keys.device)
         self._logits: torch.Tensor | None = None
         self._head = decode_head(model)  # resolved once: the compiled step sees a plain tensor
-        if fused is None:
-            fused = mode != "compile" and fused_decode.available(cache.keys)
-        self.fused = fused
-        self._step: Callable = functools.partial(static_decode_step, fused=fused)
+        self.fused = fuses_by_default(mode, cache.keys.device) if fused is None else fused
+        self._step: Callable = functools.partial(static_decode_step, fused=self.fused)
         if mode == "compile":
             self._step = torch.compile(self._step, dynamic=False)
 
