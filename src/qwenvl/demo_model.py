@@ -3,8 +3,9 @@
 A small Qwen-VL (same code path as the real one, the real tokenizer) trained by `qwenvl finetune`
 on the synthetic shapes world. `make demo-model` reproduces it: `python -m qwenvl.demo_model init`
 writes the fresh model (DEMO_CONFIG), `qwenvl synthesize` the data, `qwenvl finetune` trains it,
-`python -m qwenvl.demo_model pack` stores it in the package and `qwenvl eval` scores it; the
-Makefile holds the exact options.
+`python -m qwenvl.demo_model pretrain-vision` teaches its ViT what lies under each patch (see
+finetune.vision_pretraining), `python -m qwenvl.demo_model pack` stores it in the package and
+`qwenvl eval` scores it; the Makefile holds the exact options and order.
 
 The package stores it compactly (see compact_vocabulary): only the embedding and LM-head rows of
 the ids its training data uses, plus one shared row for all others, in fp32.
@@ -119,6 +120,44 @@ def pack(
     return str(out)
 
 
+def pretrain_vision(
+    model_folder: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Copy `model_folder` to `out` with its ViT pretrained on the world's dense patch labels.
+
+    Returns the held-out patch metrics (see finetune.vision_pretraining); logs progress.
+    """
+    import torch
+
+    from . import QwenVLForCausalLM, QwenVLTokenizer
+    from .finetune.vision_pretraining import pretrain_vision as train_tower
+
+    model = QwenVLForCausalLM.from_pretrained(model_folder, fp32=True)
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        if step % 50 == 0 or step == steps:
+            shown = "  ".join(f"{name} {value:.3f}" for name, value in metrics.items())
+            print(f"step {step}/{steps}  {shown}", flush=True)
+
+    with torch.enable_grad():
+        held_out = train_tower(
+            model.transformer.visual, steps=steps, batch_size=batch_size, lr=lr, seed=seed, on_step=report
+        )
+    model.save_pretrained(out)
+    QwenVLTokenizer().save_pretrained(out)
+    for name in ("generation_config.json",):
+        if (Path(model_folder) / name).exists():
+            shutil.copy(Path(model_folder) / name, Path(out) / name)
+    (Path(out) / "vision_pretraining.json").write_text(json.dumps(held_out, indent=2))
+    return held_out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qwenvl.demo_model", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,9 +168,23 @@ def main(argv: list[str] | None = None) -> int:
     packer.add_argument("trained")
     packer.add_argument("train_json", nargs="+", help="every training set the model saw")
     packer.add_argument("--out", default=DEMO_MODEL)
+    vision = commands.add_parser(
+        "pretrain-vision", help="copy a model folder with its ViT trained on the world's patch labels"
+    )
+    vision.add_argument("model")
+    vision.add_argument("out")
+    vision.add_argument("--steps", type=int, default=2000)
+    vision.add_argument("--batch-size", type=int, default=32)
+    vision.add_argument("--lr", type=float, default=2e-3)
+    vision.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "init":
         print(init_model(args.folder, args.seed))
+    elif args.command == "pretrain-vision":
+        held_out = pretrain_vision(
+            args.model, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed
+        )
+        print(json.dumps(held_out, indent=2))
     else:
         print(pack(args.trained, args.train_json, args.out))
     return 0

@@ -135,11 +135,17 @@ class VisionTransformer(nn.Module):
             first.out_proj.weight[channel, channel] = -1.0
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_features(pixels)
+        with attention_kernels():
+            x = self.attn_pool(x)
+        return self.ln_post(x) @ self.proj
+
+    def patch_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels [N, 3, S, S] -> the ViT's output per patch [N, patches, width], before the resampler."""
         x = self.embed_patches(pixels.to(self.conv1.weight.dtype))  # [N, patches, width]
         x = x + resize_positions(self.positional_embedding, x.shape[1])
         with attention_kernels():
-            x = self.attn_pool(self.transformer(self.ln_pre(x)))
-        return self.ln_post(x) @ self.proj
+            return self.transformer(self.ln_pre(x))
 
     def embed_patches(self, pixels: torch.Tensor) -> torch.Tensor:
         """`conv1` (kernel = stride = patch) as one matrix product over the flattened patches.
