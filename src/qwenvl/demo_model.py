@@ -124,9 +124,9 @@ def pretrain_vision(
     model_folder: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    steps: int,
+    steps: int | None = None,
     batch_size: int = 32,
-    lr: float = 2e-3,
+    lr: float | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
     """Copy `model_folder` to `out` with its ViT pretrained on the world's dense patch labels.
@@ -136,8 +136,9 @@ def pretrain_vision(
     import torch
 
     from . import QwenVLForCausalLM, QwenVLTokenizer
-    from .finetune.vision_pretraining import pretrain_vision as train_tower
+    from .finetune import vision_pretraining
 
+    steps = steps or vision_pretraining.STEPS
     model = QwenVLForCausalLM.from_pretrained(model_folder, fp32=True)
 
     def report(step: int, metrics: dict[str, float]) -> None:
@@ -146,8 +147,13 @@ def pretrain_vision(
             print(f"step {step}/{steps}  {shown}", flush=True)
 
     with torch.enable_grad():
-        held_out = train_tower(
-            model.transformer.visual, steps=steps, batch_size=batch_size, lr=lr, seed=seed, on_step=report
+        held_out = vision_pretraining.pretrain_vision(
+            model.transformer.visual,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr or vision_pretraining.LR,
+            seed=seed,
+            on_step=report,
         )
     model.save_pretrained(out)
     QwenVLTokenizer().save_pretrained(out)
@@ -173,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     vision.add_argument("model")
     vision.add_argument("out")
-    vision.add_argument("--steps", type=int, default=2000)
+    vision.add_argument("--steps", type=int, help="default: vision_pretraining.STEPS")
     vision.add_argument("--batch-size", type=int, default=32)
-    vision.add_argument("--lr", type=float, default=2e-3)
+    vision.add_argument("--lr", type=float, help="default: vision_pretraining.LR")
     vision.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "init":

@@ -28,6 +28,10 @@ from ..synthetic.scene import COLOURS, KINDS, random_scene, render
 
 logger = logging.getLogger(__name__)
 
+# the demo model's run (`python -m qwenvl.demo_model pretrain-vision` defaults): kind accuracy
+# sits near chance for ~600 steps, then climbs to ~0.9 by step 800
+STEPS = 2000
+LR = 2e-3
 BOX_LOSS_WEIGHT = 4.0  # boxes are 0..1 fractions: their errors are small next to the class losses
 KIND_LOSS_WEIGHT = 2.0  # the kinds among themselves, on the patches shapes cover
 COVERED = 0.5  # a patch "belongs" to a shape (for accuracy and boxes) from half coverage on
@@ -128,9 +132,9 @@ def vision_parameters(visual: nn.Module) -> list[nn.Parameter]:
 def pretrain_vision(
     visual: nn.Module,
     *,
-    steps: int,
+    steps: int = STEPS,
     batch_size: int = 32,
-    lr: float = 1e-3,
+    lr: float = LR,
     warmup_steps: int = 100,
     seed: int = 0,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
