@@ -56,8 +56,7 @@ demo-model: venv
 	$(SYNTHESIZE) --out $(DEMO_WORK)/data4 --eval-scenes 0 --seed 15
 	$(FINETUNE) --model $(DEMO_WORK)/trained3 --data $(DEMO_WORK)/data4/train.json \
 		--output $(DEMO_WORK)/trained4 --lr 5e-4 --save-steps 1000 --max-steps 4000 --seed 15
-	.venv/bin/qwenvl synthesize --scenes 8000 --questions-per-scene 1 --multi-turn 0.9 --max-turns 7 \
-		--task-repeats 3 --out $(DEMO_WORK)/data5 --eval-scenes 0 --seed 16
+	$(SYNTHESIZE) --scenes 8000 --out $(DEMO_WORK)/data5 --eval-scenes 0 --seed 16
 	$(FINETUNE) --model $(DEMO_WORK)/trained4 --data $(DEMO_WORK)/data5/train.json \
 		--output $(DEMO_WORK)/trained5 --lr 2.5e-4 --save-steps 1000 --max-steps 2000 --seed 16
 	$(PY) -m qwenvl.demo_model pack $(DEMO_WORK)/trained5 $(DEMO_WORK)/data/train.json \

@@ -157,9 +157,8 @@ def pretrain_vision(
         )
     model.save_pretrained(out)
     QwenVLTokenizer().save_pretrained(out)
-    for name in ("generation_config.json",):
-        if (Path(model_folder) / name).exists():
-            shutil.copy(Path(model_folder) / name, Path(out) / name)
+    if (Path(model_folder) / "generation_config.json").exists():
+        shutil.copy(Path(model_folder) / "generation_config.json", Path(out) / "generation_config.json")
     (Path(out) / "vision_pretraining.json").write_text(json.dumps(held_out, indent=2))
     return held_out
 
