@@ -6,8 +6,10 @@
 # 1. `real` (the Qwen-VL-Chat shapes, random weights), fp32 and bf16: the fast path is the decode
 #    step with fused_decode's kernels, captured as a CUDA graph;
 # 2. `real`, bf16, the same without the fused kernels (the eager layers in the graph);
-# 3. gpu_profile: matrix-vector bandwidth and kernel breakdowns of encode, prefill and decode;
-# 4. `tiny` (small shapes: Python and launch overheads dominate).
+# 3. `real`, bf16, with every decode step's attention through SDPA instead of flash decoding;
+# 4. gpu_profile: matrix-vector bandwidth, decode attention (SDPA and flash decoding's share
+#    counts), and kernel breakdowns of encode, prefill and decode;
+# 5. `tiny` (small shapes: Python and launch overheads dominate).
 # Tables go to the output, records (JSON) to OUTDIR. Each step has its own time limit and goes on when an earlier one fails, so one call brings back
 # every figure it can. Needs torch with CUDA, tiktoken, pillow, safetensors, transformers; the
 # package is used from src/ (no install).
@@ -31,6 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max
 
 step run_real_cuda 200 --config real --device cuda
 step run_real_cuda_no_fused 100 --config real --device cuda --no-fused --dtypes bf16 --batch-sizes 32
+step run_real_cuda_sdpa_decode 100 --config real --device cuda --sdpa-decode --dtypes bf16 --batch-sizes 32
 echo "== gpu_profile_real"
 timeout 120 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
 step run_tiny_cuda 60 --config tiny --device cuda --batch-sizes 8

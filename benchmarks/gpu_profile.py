@@ -6,6 +6,10 @@ Run (on a CUDA machine): python -m benchmarks.gpu_profile [--config real] [--jso
   recorded 20 times in one CUDA graph and replayed: microseconds and GB/s of weight bytes per
   product (cuBLAS). Summed over a decode step's products (every layer and the LM head) it is the
   floor a step reaches with these kernels, next to the bound that the copy bandwidth sets.
+- decode_attention: one layer's attention of a decode step (the real heads, bf16) at a few batch
+  sizes and context lengths: SDPA under the static step's mask (memory-efficient kernel) against
+  fused_decode.decode_attention cut into 1 to 16 shares, in microseconds, with the largest gap
+  between their outputs.
 - decode_step (eager layers without a graph; replayed as a CUDA graph with the eager layers and
   with fused_decode's kernels), prefill, image_encode: one call each under
   torch.profiler: the kernel count, the kernels' summed GPU time, the share of matrix products,
@@ -18,15 +22,19 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
+import functools
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from qwenvl import QwenVLTokenizer
+from qwenvl import QwenVLTokenizer, fused_decode
 from qwenvl.cache import KVCache
 from qwenvl.generation import prefill
+from qwenvl.model.llm import attention_kernels, visible_keys
 from qwenvl.static_decode import DecodeRunner, static_decode_step
 
 from .common import add_json_option, json_path, markdown_table, save_record
@@ -134,6 +142,42 @@ def kernel_breakdown(fn: Callable[[], object], top: int = 12) -> dict:
     }
 
 
+ATTENTION_CASES = ((1, 320), (1, 2048), (8, 320), (32, 320))  # (batch, context)
+ATTENTION_SPLITS = (1, 2, 4, 8, 16)
+
+
+def attention_rows(llm, device: torch.device) -> list[dict]:
+    """One layer's decode attention, SDPA against decode_attention's share counts (see the docstring)."""
+    llm = dataclasses.replace(llm, num_hidden_layers=1)
+    return [attention_row(llm, device, batch, context) for batch, context in ATTENTION_CASES]
+
+
+def attention_row(llm, device: torch.device, batch: int, context: int) -> dict:
+    heads, head_dim = llm.num_attention_heads, llm.kv_channels
+    cache = KVCache(llm, batch, context, torch.bfloat16, device)
+    cache.keys.normal_()
+    cache.values.normal_()
+    query = torch.randn(batch, heads, 1, head_dim, device=device, dtype=torch.bfloat16)
+    positions = torch.full((batch, 1), context - 1, device=device)
+    step = SimpleNamespace(cache=cache, positions=positions)
+    visible = visible_keys(positions, context, torch.bfloat16)
+    keys, values = cache.view(0, context)
+
+    def sdpa() -> torch.Tensor:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible)[:, :, 0]
+
+    with attention_kernels():
+        row = {"batch": batch, "context": context, "sdpa_us": graph_time(sdpa) * 1e6}
+        expected = sdpa().float()
+    row["default_splits"] = fused_decode.attention_splits(batch * heads, device)
+    for splits in ATTENTION_SPLITS:
+        attend = functools.partial(fused_decode.decode_attention, query, step, 0, splits)
+        row[f"splits_{splits}_us"] = graph_time(attend) * 1e6
+    flash = fused_decode.decode_attention(query, step, 0).float()
+    row["max_abs_gap"] = (flash - expected).abs().max().item()
+    return row
+
+
 def measure(config_name: str) -> dict:
     device = torch.device("cuda")
     model = build_model(model_config(config_name), torch.bfloat16, device)
@@ -183,6 +227,10 @@ def measure(config_name: str) -> dict:
                 sections[name] = kernel_breakdown(fn)
             except Exception as error:  # a profiler that cannot see one kind of call: keep the rest
                 sections[name] = {"error": repr(error)}
+        try:
+            attention = attention_rows(llm, device)
+        except Exception as error:  # keep the rest of the profile
+            attention = [{"error": repr(error)}]
         # the patch embedding both ways: the checkpoint's convolution and the product that replaced it
         conv = visual.conv1
         sections["patch_embedding_us"] = {
@@ -195,6 +243,7 @@ def measure(config_name: str) -> dict:
         "memory_bandwidth_bytes_per_s": bandwidth,
         "gemv": gemv,
         "gemv_step": gemv_summary,
+        "decode_attention": attention,
         "sections": sections,
     }
 
@@ -222,6 +271,20 @@ def report(results: dict) -> str:
         f"copy-bandwidth bound {s['copy_bound_step_s'] * 1e3:.2f} ms",
         "",
     ]
+    attention = results.get("decode_attention", [])
+    if attention and "error" in attention[0]:
+        lines += [f"decode attention: {attention[0]['error'][:200]}", ""]
+    elif attention:
+        lines.append("one layer's decode attention (us): SDPA, and decode_attention in 1 to 16 shares")
+        lines.append("")
+        headers = ["batch", "context", "SDPA", *(f"{n} shares" for n in ATTENTION_SPLITS)]
+        rows = [
+            [r["batch"], r["context"], r["sdpa_us"], *(r[f"splits_{n}_us"] for n in ATTENTION_SPLITS)]
+            + [r["default_splits"], r["max_abs_gap"]]
+            for r in attention
+        ]
+        lines.append(markdown_table([*headers, "default shares", "largest gap"], rows))
+        lines.append("")
     rows = []
     for name, section in results["sections"].items():
         if name == "patch_embedding_us":

@@ -1,7 +1,7 @@
 """One benchmark run: decode fast path vs a growing-cache eager baseline, dtypes, batching, prefix reuse.
 
 Run: .venv/bin/python -m benchmarks.run --config tiny|mid|real --device cpu|cuda [--compile] [--no-fused]
-     [--dtypes fp32 bf16] [--batch-sizes 8 32 64] [--json PATH]
+     [--sdpa-decode] [--dtypes fp32 bf16] [--batch-sizes 8 32 64] [--json PATH]
 
 The model has random weights (values do not change the speed); each dtype is measured in a
 process of its own. Every ratio compares figures measured in this same run, on this same machine:
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from qwenvl import QwenVLConfig, QwenVLForCausalLM, QwenVLTokenizer, make_context
+from qwenvl import QwenVLConfig, QwenVLForCausalLM, QwenVLTokenizer, fused_decode, make_context
 from qwenvl.cache import KVCache
 from qwenvl.chat_format import DEFAULT_SYSTEM
 from qwenvl.config import LLMConfig
@@ -158,6 +158,8 @@ class FastPath:
 
     mode: str  # a DecodeRunner mode
     fused: bool | None = None  # fused_decode's kernels; None: wherever they run (CUDA with Triton)
+    # fused_decode.FLASH_DECODING for every decode step, the baseline's too; False: SDPA
+    flash_decoding: bool | None = None
 
     def runner(self, model: QwenVLForCausalLM, cache: KVCache) -> DecodeRunner:
         return DecodeRunner(model, cache, self.mode, self.fused)
@@ -207,11 +209,13 @@ def decode_run(
     return timing, torch.stack(generated, 1).tolist()
 
 
-def fast_path(device: torch.device, compile_: bool, fused: bool | None) -> FastPath:
+def fast_path(
+    device: torch.device, compile_: bool, fused: bool | None, flash_decoding: bool | None = None
+) -> FastPath:
     """--compile: inductor's kernels (captured as a CUDA graph on a GPU); else the static step."""
     if compile_:
-        return FastPath("compile", fused)
-    return FastPath("cuda_graph" if device.type == "cuda" else "static", fused)
+        return FastPath("compile", fused, flash_decoding)
+    return FastPath("cuda_graph" if device.type == "cuda" else "static", fused, flash_decoding)
 
 
 def greedy_tokens_equal(
@@ -291,6 +295,7 @@ def measure_dtype(
     """Every figure of one dtype; run in a process of its own (`run_isolated`): on CPU a process
     that had held the other dtype's model decoded 30% slower."""
     torch.set_num_threads(threads)
+    fused_decode.FLASH_DECODING = fast.flash_decoding  # this process's own setting
     tokenizer = QwenVLTokenizer()
     model = build_model(config, DTYPES[dtype_name], device)
     prompt = prompt_ids(tokenizer)
@@ -318,6 +323,7 @@ def measure_dtype(
     per_batch = {b: decode_run(model, prompt, features, b, fast, **timing)[0] for b in (1, *batch_sizes)}
     result = {
         "fused_kernels": fast.fuses(device),
+        "flash_decoding": fused_decode.flash_decoding(device),
         "prompt_tokens": len(prompt),
         "parameters": sum(p.numel() for p in model.parameters()),
         "llm_weight_bytes_per_step": llm_weight_bytes(model),
@@ -354,6 +360,7 @@ def measure(
     repeats: int = 3,
     compile_: bool = False,
     fused: bool | None = None,
+    flash_decoding: bool | None = None,
     bandwidth_mb: int | None = None,
     equal_steps: int = EQUAL_STEPS,
 ) -> dict:
@@ -366,7 +373,7 @@ def measure(
         raise ValueError("config 'real' (9.6B parameters) is only meaningful on a GPU: use --device cuda")
     device = torch.device(device_name)
     config = model_config(config_name)
-    fast = fast_path(device, compile_, fused)
+    fast = fast_path(device, compile_, fused, flash_decoding)
     if bandwidth_mb is None:  # well past the last-level cache: 60 MB of L2 on an H200
         bandwidth_mb = 2048 if device.type == "cuda" else 256
     # before the models and after them: one reading came out 12% lower after the real model's
@@ -405,6 +412,7 @@ def measure(
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "fast_path_mode": fast.mode,
         "fused_kernels": all(r["fused_kernels"] for r in dtypes.values()),
+        "flash_decoding": all(r["flash_decoding"] for r in dtypes.values()),
         "decode_steps": steps,
         "decode_warmup_steps": warmup,
         "batch_sizes": [1, *batch_sizes],
@@ -508,7 +516,8 @@ def report(results: dict) -> str:
     lines = [
         f"Config {results['config']} on {device}: {parameters / 1e6:.1f}M parameters, "
         f"fast path = DecodeRunner mode {results['fast_path_mode']!r}, "
-        f"fused decode kernels {'on' if results['fused_kernels'] else 'off'}",
+        f"fused decode kernels {'on' if results['fused_kernels'] else 'off'}, "
+        f"decode attention {'flash decoding' if results['flash_decoding'] else 'SDPA'}",
         "",
         markdown_table(["figure", *columns], rows),
         "",
@@ -528,6 +537,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--no-fused", action="store_true", help="decode without fused_decode's kernels (default: on, on CUDA)"
+    )
+    parser.add_argument(
+        "--sdpa-decode",
+        action="store_true",
+        help="decode attention through SDPA in every step, the baseline's too (default on CUDA: "
+        "fused_decode.decode_attention)",
     )
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument(
@@ -558,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         repeats=args.repeats,
         compile_=args.compile,
         fused=False if args.no_fused else None,
+        flash_decoding=False if args.sdpa_decode else None,
     )
     print(report(results))
     path = json_path(args, "run_{config}_{device}.json")

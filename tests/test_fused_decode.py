@@ -8,14 +8,21 @@ the eager layers to float noise, while bf16 is held to a bf16 step.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qwenvl import QwenVLConfig, QwenVLForCausalLM, fused_decode
 from qwenvl.cache import KVCache
+from qwenvl.config import LLMConfig
 from qwenvl.demo_model import DEMO_CONFIG
-from qwenvl.generation import prefill
+from qwenvl.generation import decode_step, prefill
+from qwenvl.model.llm import visible_keys
 from qwenvl.static_decode import DecodeRunner, static_decode_step
 
 RUNS_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -97,3 +104,118 @@ def test_runner_uses_fused_kernels_only_where_they_run_by_default(tiny_model):
     assert DecodeRunner(tiny_model, cache).fused is fused_decode.available(cache.keys.device)
     assert DecodeRunner(tiny_model, cache, fused=True).fused is True
     assert DecodeRunner(tiny_model, cache, "compile").fused is False
+
+
+def masked_attention(query: torch.Tensor, cache: KVCache, layer: int, positions: torch.Tensor):
+    """The eager static step's attention: SDPA over the whole capacity under the visibility mask."""
+    visible = visible_keys(positions, cache.capacity, query.dtype)
+    keys, values = cache.view(layer, cache.capacity)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=visible)[:, :, 0]
+
+
+def random_cache(dtype: torch.dtype, capacity: int) -> KVCache:
+    config = LLMConfig(num_attention_heads=4, kv_channels=32, num_hidden_layers=2)
+    cache = KVCache(config, 3, capacity, dtype)
+    torch.manual_seed(1)
+    cache.keys.normal_(0, 2)  # scores of a few units: a softmax far from uniform
+    cache.values.normal_()
+    return cache
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 8, 64])
+def test_decode_attention_sees_each_rows_keys_in_any_number_of_shares(splits):
+    cache = random_cache(torch.float32, 150)
+    positions = torch.tensor([[0], [37], [149]])  # a lone key, a short row, the whole capacity
+    query = torch.randn(3, cache.keys.shape[2], 1, cache.keys.shape[4])
+    step = SimpleNamespace(cache=cache, positions=positions)
+    out = fused_decode.decode_attention(query, step, 1, splits=splits)
+    torch.testing.assert_close(out, masked_attention(query, cache, 1, positions), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_attention_in_bf16_is_within_a_rounding_step():
+    cache = random_cache(torch.bfloat16, 300)
+    positions = torch.tensor([[5], [200], [299]])
+    query = torch.randn(3, cache.keys.shape[2], 1, cache.keys.shape[4]).bfloat16()
+    step = SimpleNamespace(cache=cache, positions=positions)
+    expected = masked_attention(query.float(), random_cache(torch.float32, 300), 1, positions)
+    for splits in (1, 4):
+        out = fused_decode.decode_attention(query, step, 1, splits=splits).float()
+        assert (out - expected).abs().max() <= 2**-6 * expected.abs().max()
+
+
+def test_attention_splits_fill_the_machine():
+    cpu = torch.device("cpu")  # the interpreter counts 8 multiprocessors
+    assert fused_decode.attention_splits(1, cpu) == 16  # 2 programs a multiprocessor
+    assert fused_decode.attention_splits(32, cpu) == 1
+    assert fused_decode.attention_splits(5, cpu) == 4
+
+
+def test_silu_gate_is_the_mlps_gate():
+    up, gate = torch.randn(2, 3000), torch.randn(2, 3000) * 4
+    torch.testing.assert_close(fused_decode.silu_gate(up, gate), up * F.silu(gate))
+    up, gate = up.bfloat16(), gate.bfloat16()
+    expected = (up * F.silu(gate)).float()
+    gap = (fused_decode.silu_gate(up, gate).float() - expected).abs()
+    assert (gap <= 2**-6 * expected.abs()).all()  # two roundings (the interpreter's truncate): two bf16 steps
+
+
+@pytest.fixture
+def flash_decoding(monkeypatch):
+    """Every decode step's attention through decode_attention, as on a GPU."""
+    monkeypatch.setattr(fused_decode, "FLASH_DECODING", True)
+
+
+def test_flash_decoding_runs_only_on_cuda_unless_asked(monkeypatch):
+    assert fused_decode.flash_decoding(torch.device("cpu")) is False
+    monkeypatch.setattr(fused_decode, "FLASH_DECODING", True)
+    assert fused_decode.flash_decoding(torch.device("cpu")) is True
+
+
+def test_fused_step_with_flash_decoding_matches_the_eager_layers(flash_decoding):
+    model = small_model(1.0, torch.float32)
+    cache = prefilled(model, [70, 140])
+    plain_cache, eager_cache, fused_cache = copy(cache), copy(cache), copy(cache)
+    tokens = torch.tensor([3, 500])
+    with torch.inference_mode():
+        for _ in range(2):
+            plain = sdpa_step(model, tokens, plain_cache)
+            eager = static_decode_step(model, tokens, eager_cache, fused=False)
+            fused = static_decode_step(model, tokens, fused_cache, fused=True)
+            torch.testing.assert_close(eager, plain, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+            tokens = eager.argmax(-1)
+
+
+def sdpa_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused_decode, "FLASH_DECODING", False)
+        return static_decode_step(model, tokens, cache, fused=False)
+
+
+def test_eager_and_static_steps_round_alike_under_flash_decoding(flash_decoding):
+    """Why every decode step uses it: the eager step (keys up to the furthest row) and the static
+    step (the whole capacity) then give the same bits, where SDPA's kernels may part in the last."""
+    model = small_model(0.5, torch.bfloat16)
+    cache = prefilled(model, [9, 30, 17])
+    eager_cache, static_cache = copy(cache), copy(cache)
+    tokens = torch.tensor([3, 500, 42])
+    with torch.inference_mode():
+        for _ in range(3):
+            eager = decode_step(model, tokens, eager_cache)
+            static = static_decode_step(model, tokens, static_cache, fused=False)
+            assert torch.equal(eager, static)
+            tokens = eager.argmax(-1)
+
+
+def test_kernels_compile_for_an_h100(tmp_path):
+    """What the interpreter cannot show: that the kernels lower to sm_90 machine code (no GPU needed).
+
+    In a process of its own: under TRITON_INTERPRET Triton's code generator cannot build kernels.
+    """
+    pytest.importorskip("triton.backends.nvidia")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    script = Path(__file__).with_name("kernel_compilation.py")
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    compiled = set(done.stdout.split())
+    assert {name for name in dir(fused_decode) if name.endswith("_kernel")} <= compiled

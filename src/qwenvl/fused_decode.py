@@ -3,25 +3,27 @@
 Batch-1 decoding reads every LLM weight once per token: 13.5 GB for Qwen-VL in bf16, in five
 matrix-vector products per layer, 5.5 ms on an H100. Around them the eager layers launch some
 twenty small kernels per layer (norms, rotary, cache writes, residual adds), a few microseconds
-each even inside a CUDA graph: a graphed step took 7.9 ms (`benchmarks/gpu_profile.py`). Here two
-kernels do that work for each half of a block, and the step takes 6.6 ms:
+each even inside a CUDA graph: a graphed step took 7.9 ms (`benchmarks/gpu_profile.py`), and
+6.6 ms with the first two kernels below. The rest of that step's overhead was attention (0.6 ms:
+SDPA runs one program per head, and reads the whole capacity under a mask) and the MLP's gate.
 
 - `add_rms_norm`: the residual add and the RMSNorm after it (ln_1, ln_2, and ln_f at the end);
 - `rotary_to_cache`: rotary on queries and keys, the log-n query scale, and the key and value
-  writes into the cache.
+  writes into the cache;
+- `decode_attention`: each query against the keys its row sees, cut into shares that run side
+  by side and are combined after (flash decoding);
+- `silu_gate`: w1(x) * silu(w2(x)).
 
 They round where the eager layers round (fp32 inside, the model's dtype wherever eager code
-stores a tensor), without fused multiply-adds; only the norm's sum may add up in another order.
-`static_decode_step` uses them on CUDA when Triton is importable; everything else, the prefill
-included, runs the eager layers.
+stores a tensor), without fused multiply-adds; the norm's sum and the attention's sums may add
+up in another order. `static_decode_step` uses them on CUDA when Triton is importable;
+everything else, the prefill included, runs the eager layers, except that `decode_attention`
+serves the attention of every decode step on CUDA, eager or not (`FLASH_DECODING`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-from .model.llm import attention_kernels
 
 try:
     import triton
@@ -100,6 +102,90 @@ if triton is not None:
         tl.store(keys_ptr + slot + channels, k, mask=inside)
         tl.store(values_ptr + slot + channels, v, mask=inside)
 
+    @triton.jit
+    def _attention_split_kernel(
+        query_ptr, keys_ptr, values_ptr, position_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
+        heads, head_dim, scale,
+        key_row_stride, key_head_stride, key_position_stride,
+        value_row_stride, value_head_stride, value_position_stride,
+        SPLITS: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        # One query (row, head) against one of SPLITS equal shares of the keys it sees (0..its
+        # position): the online softmax of flash attention over blocks of keys, without matrix units.
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        split = tl.program_id(2)
+        channels = tl.arange(0, BLOCK)
+        inside = channels < head_dim
+        visible = tl.load(position_ptr + row).to(tl.int32) + 1
+        share = tl.cdiv(visible, SPLITS)
+        start = split * share
+        end = tl.minimum(start + share, visible)
+        query_at = (row * heads + head) * head_dim
+        q = tl.load(query_ptr + query_at + channels, mask=inside, other=0.0).to(tl.float32)
+        key_base = row * key_row_stride + head * key_head_stride
+        value_base = row * value_row_stride + head * value_head_stride
+        running_max = tl.full([1], float("-inf"), tl.float32)
+        running_sum = tl.zeros([1], tl.float32)
+        acc = tl.zeros([1, BLOCK], tl.float32)
+        for first in range(start, end, BLOCK_KEYS):
+            keys_at = first + tl.arange(0, BLOCK_KEYS)
+            present = keys_at < end
+            tile_mask = present[:, None] & inside[None, :]
+            key_tile = key_base + keys_at[:, None] * key_position_stride + channels[None, :]
+            k = tl.load(keys_ptr + key_tile, mask=tile_mask, other=0.0).to(tl.float32)
+            scores = tl.where(present, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+            decay = tl.exp(running_max - new_max)
+            weights = tl.exp(scores - new_max)
+            running_sum = running_sum * decay + tl.sum(weights, axis=0)
+            value_tile = value_base + keys_at[:, None] * value_position_stride + channels[None, :]
+            v = tl.load(values_ptr + value_tile, mask=tile_mask, other=0.0)
+            # the weights meet the values in the values' dtype, as flash attention's kernels round them
+            rounded = weights.to(v.dtype).to(tl.float32)
+            acc = acc * decay[:, None] + tl.sum(rounded[:, None] * v.to(tl.float32), axis=0)[None, :]
+            running_max = new_max
+        if SPLITS == 1:
+            out = (acc / running_sum[:, None]).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + query_at + channels[None, :], out, mask=inside[None, :])
+        else:
+            part = (row * heads + head) * SPLITS + split
+            tl.store(part_acc_ptr + part * head_dim + channels[None, :], acc, mask=inside[None, :])
+            tl.store(part_max_ptr + part + tl.arange(0, 1), running_max)
+            tl.store(part_sum_ptr + part + tl.arange(0, 1), running_sum)
+
+    @triton.jit
+    def _attention_combine_kernel(
+        part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, head_dim,
+        SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        query = tl.program_id(0)  # row * heads + head
+        splits = tl.arange(0, BLOCK_SPLITS)
+        used = splits < SPLITS
+        channels = tl.arange(0, BLOCK)
+        inside = channels < head_dim
+        parts = query * SPLITS + splits
+        maxima = tl.load(part_max_ptr + parts, mask=used, other=float("-inf"))
+        sums = tl.load(part_sum_ptr + parts, mask=used, other=0.0)
+        tile = parts[:, None] * head_dim + channels[None, :]
+        acc = tl.load(part_acc_ptr + tile, mask=used[:, None] & inside[None, :], other=0.0)
+        top = tl.max(maxima, axis=0)
+        # an empty share (fewer keys than shares) has max -inf and weighs exp(-inf) = 0
+        share_weights = tl.exp(maxima - top)
+        total = tl.sum(share_weights * sums, axis=0)
+        out = tl.sum(share_weights[:, None] * acc, axis=0) / total
+        tl.store(out_ptr + query * head_dim + channels, out.to(out_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _silu_gate_kernel(up_ptr, gate_ptr, out_ptr, size, BLOCK: tl.constexpr):
+        at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = at < size
+        up = tl.load(up_ptr + at, mask=inside, other=0.0)
+        gate = tl.load(gate_ptr + at, mask=inside, other=0.0).to(tl.float32)
+        # eager rounds silu's result to the model's dtype before the product
+        silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+        tl.store(out_ptr + at, (up.to(tl.float32) * silu.to(tl.float32)).to(up.dtype), mask=inside)
+
 
 def _launch_options(block: int) -> dict:
     # no fused multiply-adds: eager kernels round each product and each sum
@@ -139,23 +225,99 @@ def rotary_to_cache(qkv: torch.Tensor, step, layer: int, heads: int, head_dim: i
     return query
 
 
+# Every one-query attention over the cache on CUDA runs `decode_attention`: the eager decode
+# steps as well as the graphed ones, so that both round alike (its sums and those of SDPA's
+# memory-efficient kernel differ in the last bits, enough to part greedy tokens of a random
+# model). None: wherever the kernels run by default (`available`); False: SDPA everywhere
+# (benchmarks.run --sdpa-decode, to compare the two); True: also under Triton's interpreter.
+FLASH_DECODING: bool | None = None
+# keys a decode-attention program reads per loop turn
+KEYS_PER_BLOCK = 64
+# programs per multiprocessor the attention aims for: enough to hide each one's memory latency
+PROGRAMS_PER_MULTIPROCESSOR = 2
+
+
+def flash_decoding(device: torch.device) -> bool:
+    """Whether one-query attention over the cache runs `decode_attention` on `device`."""
+    if FLASH_DECODING is None:
+        return available(device)
+    return FLASH_DECODING and triton is not None
+
+
+def attention_splits(queries: int, device: torch.device) -> int:
+    """How many shares a decode attention cuts each row's keys into (flash decoding).
+
+    One program per query (row, head) leaves most of an H100 idle at batch 1: 32 programs for
+    132 multiprocessors, each walking the whole context alone (the memory-efficient SDPA kernel
+    took 19 us a layer, 0.6 ms of a 6.6 ms step). Shares fill the machine; a big batch needs
+    none. It depends on neither the rows' lengths nor the cache's capacity: a CUDA graph's step
+    keeps its shape, and a row's keys are cut alike in a graphed step, an eager step over a
+    cache of another capacity, and a batch of other rows.
+    """
+    if device.type == "cuda":
+        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # Triton's interpreter (tests): a small GPU's worth
+        multiprocessors = 8
+    return max(1, -(-PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // queries))
+
+
+def decode_attention(query: torch.Tensor, step, layer: int, splits: int | None = None) -> torch.Tensor:
+    """Attention [B, heads, d] of one query per row [B, heads, 1, d] over the keys its row sees.
+
+    A row sees the cache's positions 0..its own (step.positions): what the decode steps' masks
+    leave visible, read without the masked rest. `splits`: shares of each row's keys, computed
+    apart and combined (default: `attention_splits`); a share of none is a share too.
+    """
+    batch, heads, _, head_dim = query.shape
+    keys, values = step.cache.keys[layer], step.cache.values[layer]  # [B, heads, capacity, d]
+    if splits is None:
+        splits = attention_splits(batch * heads, query.device)
+    out = torch.empty(batch, heads, head_dim, dtype=query.dtype, device=query.device)
+    if splits > 1:
+        part_acc = torch.empty(batch * heads * splits, head_dim, dtype=torch.float32, device=query.device)
+        part_max = torch.empty(batch * heads * splits, dtype=torch.float32, device=query.device)
+        part_sum = torch.empty_like(part_max)
+    else:  # the one share writes the output itself
+        part_acc = part_max = part_sum = out
+    block = triton.next_power_of_2(head_dim)
+    _attention_split_kernel[(batch, heads, splits)](
+        query, keys, values, step.positions, out, part_acc, part_max, part_sum,
+        heads, head_dim, head_dim**-0.5,
+        keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2),
+        SPLITS=splits, BLOCK_KEYS=KEYS_PER_BLOCK, BLOCK=block, **_launch_options(block),
+    )  # fmt: skip
+    if splits > 1:
+        _attention_combine_kernel[(batch * heads,)](
+            part_acc, part_max, part_sum, out, head_dim,
+            SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK=block, **_launch_options(block),
+        )  # fmt: skip
+    return out
+
+
+def silu_gate(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """up * silu(gate) in one kernel (the MLP's w1(x) * silu(w2(x)))."""
+    out = torch.empty_like(up)
+    size = up.numel()
+    block = 1024
+    _silu_gate_kernel[(triton.cdiv(size, block),)](up, gate, out, size, BLOCK=block, **_launch_options(block))
+    return out
+
+
 def run(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
     """`transformer.run` for a static decode step (embeds [B, 1, H]) with the fused kernels.
 
     The same blocks: x + attn(ln_1(x)), then + mlp(ln_2(.)), then ln_f; each residual add is
     done by the norm that follows it.
     """
-    cache = step.cache
     batch = embeds.shape[0]
-    with attention_kernels():
-        x, pending = embeds[:, 0].contiguous(), None  # pending: a branch's output, for the next norm to add
-        for layer, block in enumerate(transformer.h):
-            attn, mlp = block.attn, block.mlp
-            x, normed = add_rms_norm(x, pending, block.ln_1)
-            query = rotary_to_cache(attn.c_attn(normed), step, layer, attn.heads, attn.head_dim)
-            keys, values = cache.view(layer, step.kv_length)
-            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=step.visible)
-            x, normed = add_rms_norm(x, attn.c_proj(out.reshape(batch, -1)), block.ln_2)
-            pending = mlp.c_proj(mlp.w1(normed) * F.silu(mlp.w2(normed)))
+    x, pending = embeds[:, 0].contiguous(), None  # pending: a branch's output, for the next norm to add
+    for layer, block in enumerate(transformer.h):
+        attn, mlp = block.attn, block.mlp
+        x, normed = add_rms_norm(x, pending, block.ln_1)
+        query = rotary_to_cache(attn.c_attn(normed), step, layer, attn.heads, attn.head_dim)
+        out = attn.attend_to_cache(query, step, layer)[:, :, 0]
+        x, normed = add_rms_norm(x, attn.c_proj(out.reshape(batch, -1)), block.ln_2)
+        pending = mlp.c_proj(silu_gate(mlp.w1(normed), mlp.w2(normed)))
     _, normed = add_rms_norm(x, pending, transformer.ln_f)
     return normed[:, None]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import fused_decode
 from ..cache import KVCache
 from ..config import LLMConfig
 
@@ -203,9 +204,22 @@ class QWenAttention(nn.Module):
         if step.fresh:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            keys, values = step.cache.view(layer, step.kv_length)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.visible)
+            out = self.attend_to_cache(q, step, layer)
         return self.c_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    @staticmethod
+    def attend_to_cache(query: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+        """Queries [B, heads, L, d] against the keys of the cache each row sees, [B, heads, L, d].
+
+        One query per row on CUDA: flash decoding (fused_decode.decode_attention), in every decode
+        step alike; otherwise SDPA under the step's mask. A step torch.compile traces keeps SDPA:
+        inductor rounds its own way anyway, and the kernel is untried inside a compiled graph.
+        """
+        flash = fused_decode.flash_decoding(query.device) and not torch.compiler.is_compiling()
+        if query.shape[2] == 1 and flash:
+            return fused_decode.decode_attention(query, step, layer)[:, :, None]
+        keys, values = step.cache.view(layer, step.kv_length)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=step.visible)
 
 
 class QWenMLP(nn.Module):

@@ -1,0 +1,53 @@
+"""Compile every fused_decode kernel for an H100 (sm_90) without a GPU; print each one's name.
+
+Run by test_fused_decode in a process without TRITON_INTERPRET. The argument types are those of
+a bf16 decode step of Qwen-VL's shapes; those not named are bf16 pointers, or int32 strides.
+"""
+
+from __future__ import annotations
+
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+
+from qwenvl import fused_decode
+
+KERNELS = {
+    "_add_rms_norm_kernel": ({"width": "i32", "eps": "fp32"}, [{"HAS_DELTA": True, "BLOCK": 4096}]),
+    "_rotary_to_cache_kernel": (
+        {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "position_ptr": "*i64", "heads": "i32", "head_dim": "i32",
+         "rot_dim": "i32"},
+        [{"HAS_LOGN": True, "BLOCK": 128}],
+    ),
+    "_attention_split_kernel": (
+        {"position_ptr": "*i64", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
+         "heads": "i32", "head_dim": "i32", "scale": "fp32"},
+        # shares combined after, and the one share that writes the output itself
+        [{"SPLITS": splits, "BLOCK_KEYS": fused_decode.KEYS_PER_BLOCK, "BLOCK": 128} for splits in (6, 1)],
+    ),
+    "_attention_combine_kernel": (
+        {"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "head_dim": "i32"},
+        [{"SPLITS": 6, "BLOCK_SPLITS": 8, "BLOCK": 128}],
+    ),
+    "_silu_gate_kernel": ({"size": "i32"}, [{"BLOCK": 1024}]),
+}  # fmt: skip
+
+
+def default_type(arg: str) -> str:
+    return "i32" if arg.endswith("_stride") else "*bf16"
+
+
+def main() -> None:
+    target = GPUTarget("cuda", 90, 32)
+    for name, (types, cases) in KERNELS.items():
+        kernel = getattr(fused_decode, name)
+        for constants in cases:
+            signature = {arg: types.get(arg, default_type(arg)) for arg in kernel.arg_names}
+            signature.update(dict.fromkeys(constants, "constexpr"))
+            options = fused_decode._launch_options(constants["BLOCK"])  # what the launches pass
+            compiled = compile(ASTSource(kernel, signature, constants), target=target, options=options)
+            assert compiled.asm["cubin"], name
+        print(name, flush=True)
+
+
+if __name__ == "__main__":
+    main()
