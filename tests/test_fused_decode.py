@@ -126,7 +126,8 @@ def random_cache(dtype: torch.dtype, capacity: int) -> KVCache:
 def test_decode_attention_sees_each_rows_keys_in_any_number_of_shares(splits):
     cache = random_cache(torch.float32, 150)
     positions = torch.tensor([[0], [37], [149]])  # a lone key, a short row, the whole capacity
-    query = torch.randn(3, cache.keys.shape[2], 1, cache.keys.shape[4])
+    # a strided view, as the eager layers hand it over: [B, 1, 2, heads, d] -> [B, heads, 1, d]
+    query = torch.randn(3, 1, 2, cache.keys.shape[2], cache.keys.shape[4])[:, :, 0].transpose(1, 2)
     step = SimpleNamespace(cache=cache, positions=positions)
     out = fused_decode.decode_attention(query, step, 1, splits=splits)
     torch.testing.assert_close(out, masked_attention(query, cache, 1, positions), rtol=1e-5, atol=1e-5)
@@ -217,5 +218,7 @@ def test_kernels_compile_for_an_h100(tmp_path):
     script = Path(__file__).with_name("kernel_compilation.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    compiled = set(done.stdout.split())
-    assert {name for name in dir(fused_decode) if name.endswith("_kernel")} <= compiled
+    wide_loads = dict(line.split() for line in done.stdout.splitlines())
+    assert {name for name in dir(fused_decode) if name.endswith("_kernel")} <= wide_loads.keys()
+    # the attention reads its keys and values sixteen bytes at a time
+    assert int(wide_loads["_attention_split_kernel"]) > 0

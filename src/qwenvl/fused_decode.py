@@ -105,7 +105,7 @@ if triton is not None:
     @triton.jit
     def _attention_split_kernel(
         query_ptr, keys_ptr, values_ptr, position_ptr, out_ptr, part_acc_ptr, part_max_ptr, part_sum_ptr,
-        heads, head_dim, scale,
+        heads, head_dim, scale, query_row_stride, query_head_stride,
         key_row_stride, key_head_stride, key_position_stride,
         value_row_stride, value_head_stride, value_position_stride,
         SPLITS: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK: tl.constexpr,
@@ -121,8 +121,9 @@ if triton is not None:
         share = tl.cdiv(visible, SPLITS)
         start = split * share
         end = tl.minimum(start + share, visible)
-        query_at = (row * heads + head) * head_dim
+        query_at = row * query_row_stride + head * query_head_stride
         q = tl.load(query_ptr + query_at + channels, mask=inside, other=0.0).to(tl.float32)
+        out_at = (row * heads + head) * head_dim
         key_base = row * key_row_stride + head * key_head_stride
         value_base = row * value_row_stride + head * value_head_stride
         running_max = tl.full([1], float("-inf"), tl.float32)
@@ -147,7 +148,7 @@ if triton is not None:
             running_max = new_max
         if SPLITS == 1:
             out = (acc / running_sum[:, None]).to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + query_at + channels[None, :], out, mask=inside[None, :])
+            tl.store(out_ptr + out_at + channels[None, :], out, mask=inside[None, :])
         else:
             part = (row * heads + head) * SPLITS + split
             tl.store(part_acc_ptr + part * head_dim + channels[None, :], acc, mask=inside[None, :])
@@ -266,10 +267,13 @@ def decode_attention(query: torch.Tensor, step, layer: int, splits: int | None =
 
     A row sees the cache's positions 0..its own (step.positions): what the decode steps' masks
     leave visible, read without the masked rest. `splits`: shares of each row's keys, computed
-    apart and combined (default: `attention_splits`); a share of none is a share too.
+    apart and combined (default: `attention_splits`); a share of none is a share too. The query,
+    keys and values may be strided views whose vectors of d are contiguous.
     """
     batch, heads, _, head_dim = query.shape
     keys, values = step.cache.keys[layer], step.cache.values[layer]  # [B, heads, capacity, d]
+    if any(t.stride(-1) != 1 for t in (query, keys, values)):
+        raise ValueError("decode_attention needs the query, keys and values contiguous in their last dim")
     if splits is None:
         splits = attention_splits(batch * heads, query.device)
     out = torch.empty(batch, heads, head_dim, dtype=query.dtype, device=query.device)
@@ -282,7 +286,7 @@ def decode_attention(query: torch.Tensor, step, layer: int, splits: int | None =
     block = triton.next_power_of_2(head_dim)
     _attention_split_kernel[(batch, heads, splits)](
         query, keys, values, step.positions, out, part_acc, part_max, part_sum,
-        heads, head_dim, head_dim**-0.5,
+        heads, head_dim, head_dim**-0.5, query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         SPLITS=splits, BLOCK_KEYS=KEYS_PER_BLOCK, BLOCK=block, **_launch_options(block),
