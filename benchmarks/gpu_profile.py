@@ -277,13 +277,14 @@ def report(results: dict) -> str:
     elif attention:
         lines.append("one layer's decode attention (us): SDPA, and decode_attention in 1 to 16 shares")
         lines.append("")
-        headers = ["batch", "context", "SDPA", *(f"{n} shares" for n in ATTENTION_SPLITS)]
+        shares = [f"{n} shares" for n in ATTENTION_SPLITS]
+        headers = ["batch", "context", "SDPA", *shares, "default shares", "largest gap"]
         rows = [
             [r["batch"], r["context"], r["sdpa_us"], *(r[f"splits_{n}_us"] for n in ATTENTION_SPLITS)]
             + [r["default_splits"], r["max_abs_gap"]]
             for r in attention
         ]
-        lines.append(markdown_table([*headers, "default shares", "largest gap"], rows))
+        lines.append(markdown_table(headers, rows))
         lines.append("")
     rows = []
     for name, section in results["sections"].items():

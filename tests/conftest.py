@@ -16,6 +16,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def flash_decoding(monkeypatch):
+    """Every decode step's attention through fused_decode.decode_attention, as on a GPU."""
+    from qwenvl import fused_decode
+
+    runs = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    if fused_decode.triton is None or not runs:
+        pytest.skip("needs Triton (a GPU, or its interpreter on CPU)")
+    monkeypatch.setattr(fused_decode, "FLASH_DECODING", True)
+
+
 GOLDEN = DATA / "golden"
 
 

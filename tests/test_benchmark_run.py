@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ from benchmarks.common import save_record
 from benchmarks.model_speed import prompt_ids
 from benchmarks.run import FastPath, GrowingCache, decode_run, greedy_tokens_equal, measure, report
 
-from qwenvl import fused_decode
 from qwenvl.generation import prefill
 
 pytestmark = pytest.mark.usefixtures("in_golden_dir", "one_thread")
@@ -34,17 +32,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("flash_decoding", [None, True], ids=["sdpa", "flash_decoding"])
-def test_growing_cache_baseline_equals_static_fast_path(tiny_model, tokenizer, flash_decoding, monkeypatch):
+@pytest.mark.parametrize("attention", ["default", "flash_decoding"])
+def test_growing_cache_baseline_equals_static_fast_path(tiny_model, tokenizer, attention, request):
     """One image + question (301 tokens, past seq_length 64: NTK and log-n in play), 16 greedy steps.
 
     Also with every decode step's attention in fused_decode's kernel, as on a GPU (Triton's
     interpreter here).
     """
-    triton_runs = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    if flash_decoding and (fused_decode.triton is None or not triton_runs):
-        pytest.skip("needs Triton (a GPU, or its interpreter on CPU)")
-    monkeypatch.setattr(fused_decode, "FLASH_DECODING", flash_decoding)
+    if attention == "flash_decoding":
+        request.getfixturevalue("flash_decoding")
     prompt = prompt_ids(tokenizer)
     with torch.inference_mode():
         size = tiny_model.transformer.vision_config.image_size

@@ -160,12 +160,6 @@ def test_silu_gate_is_the_mlps_gate():
     assert (gap <= 2**-6 * expected.abs()).all()  # two roundings (the interpreter's truncate): two bf16 steps
 
 
-@pytest.fixture
-def flash_decoding(monkeypatch):
-    """Every decode step's attention through decode_attention, as on a GPU."""
-    monkeypatch.setattr(fused_decode, "FLASH_DECODING", True)
-
-
 def test_flash_decoding_runs_only_on_cuda_unless_asked(monkeypatch):
     assert fused_decode.flash_decoding(torch.device("cpu")) is False
     monkeypatch.setattr(fused_decode, "FLASH_DECODING", True)

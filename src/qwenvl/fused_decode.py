@@ -23,6 +23,8 @@ serves the attention of every decode step on CUDA, eager or not (`FLASH_DECODING
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -255,11 +257,15 @@ def attention_splits(queries: int, device: torch.device) -> int:
     keeps its shape, and a row's keys are cut alike in a graphed step, an eager step over a
     cache of another capacity, and a batch of other rows.
     """
+    return max(1, -(-PROGRAMS_PER_MULTIPROCESSOR * multiprocessors(device) // queries))
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The device's multiprocessor count; asked once (every layer of every step needs it)."""
     if device.type == "cuda":
-        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    else:  # Triton's interpreter (tests): a small GPU's worth
-        multiprocessors = 8
-    return max(1, -(-PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // queries))
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # Triton's interpreter (tests): a small GPU's worth
 
 
 def decode_attention(query: torch.Tensor, step, layer: int, splits: int | None = None) -> torch.Tensor:
@@ -312,7 +318,8 @@ def run(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
     """`transformer.run` for a static decode step (embeds [B, 1, H]) with the fused kernels.
 
     The same blocks: x + attn(ln_1(x)), then + mlp(ln_2(.)), then ln_f; each residual add is
-    done by the norm that follows it.
+    done by the norm that follows it. Called inside model.llm.attention_kernels, as
+    `transformer.run` holds it (static_decode_step does).
     """
     batch = embeds.shape[0]
     x, pending = embeds[:, 0].contiguous(), None  # pending: a branch's output, for the next norm to add

@@ -17,7 +17,7 @@ import torch
 
 from . import fused_decode
 from .cache import KVCache
-from .model.llm import Step
+from .model.llm import Step, attention_kernels
 
 MODES = ("static", "compile", "cuda_graph")
 
@@ -62,7 +62,11 @@ def static_decode_step(
     embeds = transformer.wte(tokens[:, None])
     if fused is None:
         fused = fused_decode.available(embeds.device)
-    hidden = fused_decode.run(transformer, embeds, step) if fused else transformer.run(embeds, step)
+    if fused:
+        with attention_kernels():  # as transformer.run: for any attention the step leaves to SDPA
+            hidden = fused_decode.run(transformer, embeds, step)
+    else:
+        hidden = transformer.run(embeds, step)
     hidden = hidden[:, -1]
     cache.lengths.add_(1)
     head = decode_head(model) if head is None else head

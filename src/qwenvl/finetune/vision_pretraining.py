@@ -11,7 +11,6 @@ off the ViT's output, so the resampler and the LLM can read them too; the heads 
 
 from __future__ import annotations
 
-import logging
 import math
 import random
 from collections.abc import Callable
@@ -25,8 +24,6 @@ from torch import nn
 from ..images import preprocess
 from ..synthetic.patch_labels import patch_labels
 from ..synthetic.scene import COLOURS, KINDS, random_scene, render
-
-logger = logging.getLogger(__name__)
 
 # the demo model's run (`python -m qwenvl.demo_model pretrain-vision` defaults): kind accuracy
 # sits near chance for ~600 steps, then climbs to ~0.9 by step 800
@@ -147,8 +144,8 @@ def pretrain_vision(
     cfg = visual.config
     torch.manual_seed(seed)
     heads = DenseHeads(cfg.width)
-    params = vision_parameters(visual)
-    optimizer = torch.optim.AdamW([*params, *heads.parameters()], lr=lr, weight_decay=0.0)
+    trained = [*vision_parameters(visual), *heads.parameters()]
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
 
     def rate(step: int) -> float:
         if step < warmup_steps:
@@ -166,7 +163,7 @@ def pretrain_vision(
         loss, metrics = dense_loss(heads(visual.patch_features(batch.pixels)), batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*params, *heads.parameters()], 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         schedule.step()
         if on_step is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .scene import COLOURS, KINDS, Scene, _shape_mask
+from .scene import COLOURS, KINDS, Scene, shape_mask
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,8 @@ def shape_coverage(scene: Scene, grid: int) -> np.ndarray:
     """[len(scene.shapes), grid*grid] float32: the fraction of each patch each shape covers."""
     coverage = np.zeros((len(scene.shapes), grid * grid), np.float32)
     for index, shape in enumerate(scene.shapes):
-        x1, y1, x2, y2 = shape.box
         canvas = Image.new("F", scene.size, 0.0)
-        canvas.paste(_shape_mask(shape.kind, x2 - x1, y2 - y1).convert("F"), (x1, y1))
+        canvas.paste(shape_mask(shape).convert("F"), shape.box[:2])
         # BOX reduction averages each patch's rectangle exactly, fractional edges included
         cells = np.asarray(canvas.resize((grid, grid), Image.BOX), dtype=np.float32) / 255.0
         coverage[index] = np.clip(cells, 0.0, 1.0).reshape(-1)

@@ -221,9 +221,8 @@ def render(scene: Scene) -> Image.Image:
     """The scene as an RGB picture."""
     canvas = Image.fromarray(_background_pixels(scene.background, scene.width, scene.height), "RGB")
     for shape in scene.shapes:
-        x1, y1, x2, y2 = shape.box
-        mask = _shape_mask(shape.kind, x2 - x1, y2 - y1)
-        canvas.paste(Image.new("RGB", mask.size, shape.rgb), (x1, y1), mask)
+        mask = shape_mask(shape)
+        canvas.paste(Image.new("RGB", mask.size, shape.rgb), shape.box[:2], mask)
     if scene.labels:
         draw = ImageDraw.Draw(canvas)
         for label in scene.labels:
@@ -232,8 +231,11 @@ def render(scene: Scene) -> Image.Image:
     return canvas
 
 
-def _shape_mask(kind: str, width: int, height: int) -> Image.Image:
-    """Coverage of the shape over its box, anti-aliased by drawing large and reducing."""
+def shape_mask(shape: Shape) -> Image.Image:
+    """Coverage of the shape over its box ("L", the box's size), anti-aliased by drawing large and
+    reducing: what `render` paints with."""
+    x1, y1, x2, y2 = shape.box
+    width, height, kind = x2 - x1, y2 - y1, shape.kind
     s = SUPERSAMPLING
     big = Image.new("L", (width * s, height * s), 0)
     draw = ImageDraw.Draw(big)
