@@ -5,7 +5,8 @@ Run (on a CUDA machine): python -m benchmarks.gpu_profile [--config real] [--jso
 - gemv: each LLM weight shape at batch 1 (F.linear of x [1, in] with the weight [out, in]),
   recorded 20 times in one CUDA graph and replayed: microseconds and GB/s of weight bytes per
   product (cuBLAS). Summed over a decode step's products (every layer and the LM head) it is the
-  floor a step reaches with these kernels, next to the bound that the copy bandwidth sets.
+  floor a step reaches with these kernels, next to the bound that the copy bandwidth sets. One
+  more row, not in the sum: w1 and w2 as one product, as fused_decode.pack_gate_weights lays them.
 - decode_attention: one layer's attention of a decode step (the real heads, bf16) at a few batch
   sizes and context lengths: SDPA under the static step's mask (memory-efficient kernel) against
   fused_decode.decode_attention cut into 1 to 16 shares, in microseconds, with the largest gap
@@ -78,11 +79,14 @@ def gemv_rows(model, bandwidth: float) -> tuple[list[dict], dict]:
         "mlp.c_proj": block.mlp.c_proj,
         "lm_head": model.lm_head,
     }
+    # what fused_decode.pack_gate_weights gives the fused step (not counted in the step's sum)
+    both = torch.cat([block.mlp.w1.weight, block.mlp.w2.weight]).detach()
+    gate = SimpleNamespace(weight=both, bias=None, in_features=both.shape[1])
     rows = []
     step_seconds = 0.0
     step_bytes = 0
     with torch.inference_mode():
-        for name, linear in linears.items():
+        for name, linear in [*linears.items(), ("mlp.w1 + mlp.w2 packed", gate)]:
             x = torch.randn(1, linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
             weight_bytes = linear.weight.numel() * linear.weight.element_size()
 
@@ -100,6 +104,8 @@ def gemv_rows(model, bandwidth: float) -> tuple[list[dict], dict]:
             # the same product as a matrix-vector call (cuBLAS may pick another kernel)
             row["us_mv"] = graph_time(lambda linear=linear, x=x: torch.mv(linear.weight, x[0])) * 1e6
             rows.append(row)
+            if linear is gate:
+                continue
             count = 1 if name == "lm_head" else layers
             step_seconds += count * seconds
             step_bytes += count * weight_bytes

@@ -31,7 +31,7 @@ KERNELS = {
         {"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "head_dim": "i32"},
         [{"SPLITS": 6, "BLOCK_SPLITS": 8, "BLOCK": 128}],
     ),
-    "_silu_gate_kernel": ({"size": "i32"}, [{"BLOCK": 1024}]),
+    "_silu_gate_kernel": ({"width": "i32"}, [{"BLOCK": 1024}]),
 }  # fmt: skip
 
 

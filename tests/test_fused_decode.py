@@ -160,6 +160,94 @@ def test_silu_gate_is_the_mlps_gate():
     assert (gap <= 2**-6 * expected.abs()).all()  # two roundings (the interpreter's truncate): two bf16 steps
 
 
+def test_silu_gate_reads_the_halves_of_one_product():
+    both = torch.randn(3, 2 * 1500)
+    up, gate = both[:, :1500], both[:, 1500:]
+    assert torch.equal(
+        fused_decode.silu_gate(up, gate), fused_decode.silu_gate(up.contiguous(), gate.contiguous())
+    )
+    with pytest.raises(ValueError, match="contiguous rows"):
+        fused_decode.silu_gate(up.t(), gate.t())
+
+
+def test_packed_gate_weights_keep_their_parameters_and_values():
+    model = small_model(1.0, torch.float32)
+    mlps = [block.mlp for block in model.transformer.h]
+    params = [(mlp.w1.weight, mlp.w2.weight) for mlp in mlps]
+    values = [(w1.clone(), w2.clone()) for w1, w2 in params]
+    assert all(fused_decode.gate_weights(mlp) is None for mlp in mlps)
+    with torch.inference_mode():  # as a decode runner may be made: the weights must stay trainable
+        assert fused_decode.pack_gate_weights(model) == len(mlps)
+    for mlp, (w1, w2), (v1, v2) in zip(mlps, params, values, strict=True):
+        assert mlp.w1.weight is w1 and mlp.w2.weight is w2
+        assert torch.equal(w1, v1) and torch.equal(w2, v2) and not w1.is_inference()
+        assert torch.equal(fused_decode.gate_weights(mlp), torch.cat([v1, v2]))
+    storage = mlps[0].w1.weight.data_ptr()
+    assert fused_decode.pack_gate_weights(model) == len(mlps)  # already packed: nothing moves
+    assert mlps[0].w1.weight.data_ptr() == storage
+
+    # training goes on in the packed storage
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()
+    assert not torch.equal(mlps[0].w1.weight, values[0][0])
+    assert torch.equal(fused_decode.gate_weights(mlps[0])[: len(values[0][0])], mlps[0].w1.weight)
+
+    model.double()  # moving a model lays its tensors apart again: two products, no stale view
+    assert all(fused_decode.gate_weights(mlp) is None for mlp in mlps)
+
+
+def test_weights_made_in_inference_mode_pack_too():
+    with torch.inference_mode():  # a model loaded under inference mode has inference weights
+        model = small_model(1.0, torch.float32)
+    mlp = model.transformer.h[0].mlp
+    expected = torch.cat([mlp.w1.weight, mlp.w2.weight])
+    fused_decode.pack_gate_weights(model)
+    with torch.no_grad():
+        assert torch.equal(fused_decode.gate_weights(mlp), expected)
+
+
+def test_a_packed_model_saves_and_loads(tmp_path):
+    model = small_model(1.0, torch.float32)
+    fused_decode.pack_gate_weights(model)
+    model.save_pretrained(tmp_path)
+    loaded = QwenVLForCausalLM.from_pretrained(tmp_path, fp32=True)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_gates_with_adapters_or_biases_are_left_alone():
+    model = small_model(1.0, torch.float32)
+    mlp = model.transformer.h[0].mlp
+    mlp.w1 = torch.nn.Linear(mlp.w1.in_features, mlp.w1.out_features)  # with a bias
+    mlp.w2 = torch.nn.Sequential(mlp.w2)  # stands for peft's wrapper
+    assert fused_decode.pack_gate_weights(model) == len(model.transformer.h) - 1
+    assert fused_decode.gate_weights(mlp) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_product_for_both_gate_weights_gives_the_same_step(dtype):
+    model = small_model(0.5, dtype)
+    cache = prefilled(model, [6, 13])
+    apart_cache, packed_cache = copy(cache), copy(cache)
+    tokens = torch.tensor([3, 500])
+    with torch.inference_mode():
+        apart = static_decode_step(model, tokens, apart_cache, fused=True)
+        fused_decode.pack_gate_weights(model)
+        packed = static_decode_step(model, tokens, packed_cache, fused=True)
+    assert torch.equal(packed, apart)
+
+
+def test_runners_pack_the_gate_weights_for_the_fused_step():
+    model = small_model(1.0, torch.float32)
+    mlp = model.transformer.h[0].mlp
+    cache = KVCache(model.transformer.llm_config, 1, 8, model.dtype)
+    DecodeRunner(model, cache, "static", fused=False)
+    assert fused_decode.gate_weights(mlp) is None  # CPU, eager layers: left as they are
+    DecodeRunner(model, cache, "static", fused=True)
+    assert fused_decode.gate_weights(mlp) is not None
+
+
 def test_flash_decoding_runs_only_on_cuda_unless_asked(monkeypatch):
     assert fused_decode.flash_decoding(torch.device("cpu")) is False
     monkeypatch.setattr(fused_decode, "FLASH_DECODING", True)

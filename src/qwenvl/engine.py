@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import fused_decode
 from .cache import KVCache
 from .generation import PromptTooLongError, SamplingParams, choose_tokens, is_finished
 from .model.llm import ntk_alpha
@@ -190,6 +191,8 @@ class Engine:
         self._cache: KVCache | None = None
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        if fused_decode.available(self.device):  # the steps' MLPs then take one product for w1 and w2
+            fused_decode.pack_gate_weights(model)
 
     # -- life cycle --------------------------------------------------------------------------------
 

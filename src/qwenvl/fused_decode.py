@@ -12,7 +12,8 @@ SDPA runs one program per head, and reads the whole capacity under a mask) and t
   writes into the cache;
 - `decode_attention`: each query against the keys its row sees, cut into shares that run side
   by side and are combined after (flash decoding);
-- `silu_gate`: w1(x) * silu(w2(x)).
+- `silu_gate`: w1(x) * silu(w2(x)), after one product for w1 and w2 together where
+  `pack_gate_weights` laid them side by side (`gated`).
 
 They round where the eager layers round (fp32 inside, the model's dtype wherever eager code
 stores a tensor), without fused multiply-adds; the norm's sum and the attention's sums may add
@@ -26,6 +27,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -180,14 +182,18 @@ if triton is not None:
         tl.store(out_ptr + query * head_dim + channels, out.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
-    def _silu_gate_kernel(up_ptr, gate_ptr, out_ptr, size, BLOCK: tl.constexpr):
-        at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        inside = at < size
-        up = tl.load(up_ptr + at, mask=inside, other=0.0)
-        gate = tl.load(gate_ptr + at, mask=inside, other=0.0).to(tl.float32)
+    def _silu_gate_kernel(
+        up_ptr, gate_ptr, out_ptr, width, up_row_stride, gate_row_stride, BLOCK: tl.constexpr
+    ):  # fmt: skip
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inside = cols < width
+        up = tl.load(up_ptr + row * up_row_stride + cols, mask=inside, other=0.0)
+        gate = tl.load(gate_ptr + row * gate_row_stride + cols, mask=inside, other=0.0).to(tl.float32)
         # eager rounds silu's result to the model's dtype before the product
         silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-        tl.store(out_ptr + at, (up.to(tl.float32) * silu.to(tl.float32)).to(up.dtype), mask=inside)
+        product = (up.to(tl.float32) * silu.to(tl.float32)).to(up.dtype)
+        tl.store(out_ptr + row * width + cols, product, mask=inside)
 
 
 def _launch_options(block: int) -> dict:
@@ -306,12 +312,84 @@ def decode_attention(query: torch.Tensor, step, layer: int, splits: int | None =
 
 
 def silu_gate(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """up * silu(gate) in one kernel (the MLP's w1(x) * silu(w2(x)))."""
-    out = torch.empty_like(up)
-    size = up.numel()
+    """up * silu(gate) in one kernel (the MLP's w1(x) * silu(w2(x))), for rows [B, width].
+
+    The rows may be strided (the two halves of one product's output), each row contiguous.
+    """
+    if up.shape != gate.shape or up.dim() != 2 or up.stride(-1) != 1 or gate.stride(-1) != 1:
+        raise ValueError(f"silu_gate needs two [rows, width] tensors with contiguous rows, got "
+                         f"{tuple(up.shape)} and {tuple(gate.shape)}")  # fmt: skip
+    rows, width = up.shape
+    out = torch.empty(rows, width, dtype=up.dtype, device=up.device)
     block = 1024
-    _silu_gate_kernel[(triton.cdiv(size, block),)](up, gate, out, size, BLOCK=block, **_launch_options(block))
+    _silu_gate_kernel[(rows, triton.cdiv(width, block))](
+        up, gate, out, width, up.stride(0), gate.stride(0), BLOCK=block, **_launch_options(block)
+    )
     return out
+
+
+def pack_gate_weights(model) -> int:
+    """Lays each MLP's w2 right after its w1 in memory, so that one product serves both (`gate_weights`).
+
+    At batch 1 on an H100, cuBLAS read w1 and w2 (11008 x 4096 each) at 2.6 TB/s, where the
+    lm_head's larger product reached 2.85 (benchmarks/results/gpu.md): the kernel it picked cuts
+    11008 rows into 86 blocks of 128 for 132 multiprocessors. The parameters stay the same
+    objects with the same values (only their storage moves), so optimizers and state dicts see
+    no change, and it costs one layer's w1 and w2 of memory while it runs. Moving the model
+    (.to) unpacks them, and the step goes back to two products. Returns how many MLPs are packed.
+    """
+    packed = 0
+    for block in model.transformer.h:
+        mlp = block.mlp
+        if not _plain_gate(mlp):
+            continue
+        up, gate = mlp.w1.weight, mlp.w2.weight
+        if not _side_by_side(up, gate):
+            # the new storage is of the weights' kind, whatever mode the caller holds: ordinary
+            # weights may train afterwards
+            with torch.inference_mode(up.is_inference()), torch.no_grad():
+                both = torch.cat([up, gate])
+                up.data, gate.data = both[: len(up)], both[len(up) :]
+        packed += 1
+    return packed
+
+
+def _plain_gate(mlp) -> bool:
+    # adapters (peft wraps the Linear) and biases need the modules' own forward
+    return all(type(linear) is torch.nn.Linear and linear.bias is None for linear in (mlp.w1, mlp.w2))
+
+
+def _side_by_side(up: torch.Tensor, gate: torch.Tensor) -> bool:
+    return (
+        up.is_contiguous()
+        and gate.is_contiguous()
+        and up.dtype == gate.dtype
+        and up.shape[1:] == gate.shape[1:]
+        and up.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr()
+        and gate.storage_offset() == up.storage_offset() + up.numel()
+    )
+
+
+def gate_weights(mlp) -> torch.Tensor | None:
+    """w1 and w2 as one [2 * width, hidden] matrix (a view, for inference) when
+    `pack_gate_weights` laid them side by side and they have stayed so; otherwise None."""
+    if not _plain_gate(mlp):
+        return None
+    up, gate = mlp.w1.weight, mlp.w2.weight
+    if not _side_by_side(up, gate):
+        return None
+    with torch.inference_mode(up.is_inference()), torch.no_grad():
+        return up.as_strided((up.shape[0] + gate.shape[0], up.shape[1]), up.stride())
+
+
+def gated(mlp, x: torch.Tensor) -> torch.Tensor:
+    """w1(x) * silu(w2(x)) for rows x [B, hidden]: one product for both when packed."""
+    both = gate_weights(mlp)
+    if both is None:
+        return silu_gate(mlp.w1(x), mlp.w2(x))
+    out = F.linear(x, both)
+    width = mlp.w1.out_features
+    return silu_gate(out[:, :width], out[:, width:])
 
 
 def run(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
@@ -329,6 +407,6 @@ def run(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
         query = rotary_to_cache(attn.c_attn(normed), step, layer, attn.heads, attn.head_dim)
         out = attn.attend_to_cache(query, step, layer)[:, :, 0]
         x, normed = add_rms_norm(x, attn.c_proj(out.reshape(batch, -1)), block.ln_2)
-        pending = mlp.c_proj(silu_gate(mlp.w1(normed), mlp.w2(normed)))
+        pending = mlp.c_proj(gated(mlp, normed))
     _, normed = add_rms_norm(x, pending, transformer.ln_f)
     return normed[:, None]

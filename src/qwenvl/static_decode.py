@@ -109,6 +109,9 @@ class DecodeRunner:
         self._logits: torch.Tensor | None = None
         self._head = decode_head(model)  # resolved once: the compiled step sees a plain tensor
         self.fused = fuses_by_default(mode, cache.keys.device) if fused is None else fused
+        if on_cuda or self.fused:
+            # before any graph is captured on this model: packing moves the weights' storage
+            fused_decode.pack_gate_weights(model)
         self._step: Callable = functools.partial(static_decode_step, fused=self.fused)
         if mode == "compile":
             self._step = torch.compile(self._step, dynamic=False)
