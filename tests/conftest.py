@@ -18,13 +18,23 @@ if not torch.cuda.is_available():
 DATA = Path(__file__).parent / "data"
 
 
+def triton_runs() -> bool:
+    """Whether fused_decode's Triton kernels can run in this session: a GPU, or the interpreter."""
+    from qwenvl import fused_decode
+
+    runs = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return fused_decode.triton is not None and runs
+
+
+NEEDS_TRITON = pytest.mark.skipif(not triton_runs(), reason="needs Triton (a GPU, or its interpreter on CPU)")
+
+
 @pytest.fixture
 def flash_decoding(monkeypatch):
     """Every decode step's attention through fused_decode.decode_attention, as on a GPU."""
     from qwenvl import fused_decode
 
-    runs = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    if fused_decode.triton is None or not runs:
+    if not triton_runs():
         pytest.skip("needs Triton (a GPU, or its interpreter on CPU)")
     monkeypatch.setattr(fused_decode, "FLASH_DECODING", True)
 

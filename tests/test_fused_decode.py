@@ -25,10 +25,9 @@ from qwenvl.generation import decode_step, prefill
 from qwenvl.model.llm import visible_keys
 from qwenvl.static_decode import DecodeRunner, static_decode_step
 
-RUNS_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    fused_decode.triton is None or not RUNS_HERE, reason="needs Triton (a GPU, or its interpreter on CPU)"
-)
+from .conftest import NEEDS_TRITON
+
+pytestmark = NEEDS_TRITON
 
 
 def small_model(rotary_pct: float, dtype: torch.dtype) -> QwenVLForCausalLM:

@@ -356,7 +356,8 @@ def pack_gate_weights(model) -> int:
 
 def _plain_gate(mlp) -> bool:
     # adapters (peft wraps the Linear) and biases need the modules' own forward
-    return all(type(linear) is torch.nn.Linear and linear.bias is None for linear in (mlp.w1, mlp.w2))
+    up, gate = mlp.w1, mlp.w2
+    return type(up) is type(gate) is torch.nn.Linear and up.bias is None and gate.bias is None
 
 
 def _side_by_side(up: torch.Tensor, gate: torch.Tensor) -> bool:
@@ -378,8 +379,7 @@ def gate_weights(mlp) -> torch.Tensor | None:
     up, gate = mlp.w1.weight, mlp.w2.weight
     if not _side_by_side(up, gate):
         return None
-    with torch.inference_mode(up.is_inference()), torch.no_grad():
-        return up.as_strided((up.shape[0] + gate.shape[0], up.shape[1]), up.stride())
+    return up.detach().as_strided((up.shape[0] + gate.shape[0], up.shape[1]), up.stride())
 
 
 def gated(mlp, x: torch.Tensor) -> torch.Tensor:
