@@ -20,6 +20,10 @@ process of its own. Every ratio compares figures measured in this same run, on t
 - decode_roofline_fraction: bytes of LLM weights read per decode step x tokens/s over the memory
   bandwidth of a large tensor copy (the higher of a reading before the models and one after),
   bf16 (per dtype in decode_roofline_fraction_per_dtype).
+- engine_over_fast_path_decode: batch-1 decode tokens/s of one request through the serving
+  Engine (its default decode mode: on CUDA a steady batch's step replayed as a CUDA graph) over
+  the fast path's, bf16; on CUDA also engine_graphs_speedup, the Engine with graphs over the
+  Engine without them (decode_mode "static").
 """
 
 from __future__ import annotations
@@ -275,6 +279,43 @@ def second_turn_timings(
     return out
 
 
+# -- a request through the serving engine -----------------------------------------------------------
+
+
+def engine_decode(
+    model: QwenVLForCausalLM, tokenizer: QwenVLTokenizer, decode_mode: str, new_tokens: int, repeats: int
+) -> Timing:
+    """Seconds per token of one greedy request through a fresh Engine, after its first token.
+
+    Each request gets a cache of its own, so the time of the steps before its batch turns
+    steady, and of capturing its graph, counts in the figure.
+    """
+    image = Image.new("RGB", (448, 448), "red")
+    _, prompt = make_context(tokenizer, FIRST_QUESTION, system=DEFAULT_SYSTEM)
+    params = SamplingParams(max_new_tokens=new_tokens)  # greedy; no end token: all new_tokens come
+    samples = []
+    with Engine(model, decode_mode=decode_mode) as engine:
+        for _ in range(repeats + 1):  # the first warms up
+            tokens = iter(engine.submit(prompt, params, images=[image]))
+            next(tokens)
+            start = time.perf_counter()
+            count = sum(1 for _ in tokens)
+            samples.append((time.perf_counter() - start) / max(count, 1))
+    return Timing(samples[1:])
+
+
+def engine_decode_timings(
+    model: QwenVLForCausalLM, tokenizer: QwenVLTokenizer, new_tokens: int, repeats: int
+) -> dict:
+    """Per decode mode ("auto" and, on CUDA, "static"): seconds per token and tokens/s."""
+    modes = ("auto", "static") if next(model.parameters()).is_cuda else ("auto",)
+    out = {}
+    for mode in modes:
+        timing = engine_decode(model, tokenizer, mode, new_tokens, repeats)
+        out[mode] = {**timing.as_dict(), "tokens_per_s": 1 / timing.median, "new_tokens": new_tokens}
+    return out
+
+
 # -- one dtype, one run -----------------------------------------------------------------------------
 
 
@@ -291,6 +332,7 @@ def measure_dtype(
     with_second_turn: bool,
     batch_sizes: Sequence[int],
     equal_steps: int = EQUAL_STEPS,
+    engine_tokens: int = 64,
 ) -> dict:
     """Every figure of one dtype; run in a process of its own (`run_isolated`): on CPU a process
     that had held the other dtype's model decoded 30% slower."""
@@ -337,8 +379,9 @@ def measure_dtype(
         "decode_tokens_per_s_eager_batch1": 1 / eager_1.median,
         **{f"decode_tokens_per_s_fast_batch{b}": b / t.median for b, t in per_batch.items()},
     }
-    if with_second_turn:
+    if with_second_turn:  # the serving dtype: the engine's figures
         result["second_turn_time_to_first_token"] = second_turn_timings(model, tokenizer, repeats)
+        result["engine_decode_batch1"] = engine_decode_timings(model, tokenizer, engine_tokens, repeats)
     if device.type == "cuda":
         result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     result["peak_rss_bytes"] = peak_rss_bytes()
@@ -363,11 +406,12 @@ def measure(
     flash_decoding: bool | None = None,
     bandwidth_mb: int | None = None,
     equal_steps: int = EQUAL_STEPS,
+    engine_tokens: int = 64,
 ) -> dict:
     """Every figure of a run, with the plain-number ratios at the top level.
 
     A ratio whose figures the run did not measure (bf16 over fp32 without both dtypes, the second
-    turn without bf16) is None.
+    turn and the engine without bf16, the engine without graphs off CUDA) is None.
     """
     if config_name == "real" and device_name != "cuda":
         raise ValueError("config 'real' (9.6B parameters) is only meaningful on a GPU: use --device cuda")
@@ -394,6 +438,7 @@ def measure(
             with_second_turn=name == "bf16",
             batch_sizes=batch_sizes,
             equal_steps=equal_steps,
+            engine_tokens=engine_tokens,
         )
     peak_rss = max(r["peak_rss_bytes"] for r in dtypes.values())
     bandwidth_samples.append(memory_bandwidth(device, bandwidth_mb))
@@ -404,6 +449,7 @@ def measure(
     # batching and the second turn are judged in bf16, the serving dtype
     serving = dtypes.get("bf16") or next(iter(dtypes.values()))
     turn = serving.get("second_turn_time_to_first_token")
+    engine = serving.get("engine_decode_batch1", {})
     headline = default_dtype_name(device) if default_dtype_name(device) in dtypes else next(iter(dtypes))
     return {
         "config": config_name,
@@ -432,6 +478,12 @@ def measure(
         },
         "second_turn_speedup": (
             turn["no_reuse"]["median_s"] / turn["reuse"]["median_s"] if turn is not None else None
+        ),
+        "engine_over_fast_path_decode": (
+            engine["auto"]["tokens_per_s"] / serving["decode_tokens_per_s_fast_batch1"] if engine else None
+        ),
+        "engine_graphs_speedup": (
+            engine["auto"]["tokens_per_s"] / engine["static"]["tokens_per_s"] if "static" in engine else None
         ),
         "decode_roofline_fraction": roofline.get("bf16", roofline[headline]),
         "decode_roofline_fraction_per_dtype": roofline,
@@ -471,6 +523,12 @@ def table_rows(r: dict, bandwidth: float, batch_sizes: Sequence[int]) -> list[tu
             ("turn 2 first token, prefix reused (ms)", turn["reuse"]["median_s"] * 1e3),
             ("turn 2 first token, whole prompt (ms)", turn["no_reuse"]["median_s"] * 1e3),
         ]
+    engine = r.get("engine_decode_batch1", {})
+    if "auto" in engine:
+        rows.append(("engine decode, one request (tokens/s)", engine["auto"]["tokens_per_s"]))
+    if "static" in engine:
+        label = "engine decode, one request, no CUDA graphs (tokens/s)"
+        rows.append((label, engine["static"]["tokens_per_s"]))
     if "peak_gpu_memory_bytes" in r:
         rows.append(("peak GPU memory (MiB)", r["peak_gpu_memory_bytes"] / MIB))
     if "peak_rss_bytes" in r:
@@ -494,6 +552,8 @@ def ratio_rows(results: dict) -> list[list]:
         ],
         ["second_turn_speedup (bf16)", results["second_turn_speedup"]],
         ["decode_roofline_fraction (bf16)", results["decode_roofline_fraction"]],
+        ["engine_over_fast_path_decode (bf16, batch 1)", results["engine_over_fast_path_decode"]],
+        ["engine_graphs_speedup (bf16, batch 1)", results["engine_graphs_speedup"]],
         ["memory bandwidth, tensor copy (GB/s)", results["memory_bandwidth_bytes_per_s"] / 1e9],
         ["peak RSS, the larger process (MiB)", results["peak_rss_bytes"] / MIB],
         [
@@ -549,7 +609,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--batch-sizes", nargs="+", type=int, default=[8, 32, 64], help="decode throughput rows, besides 1"
     )
     parser.add_argument("--decode-steps", type=int, default=16, help="timed greedy steps per measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of encode, first token, turn 2")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of encode, first token, turn 2, engine decode"
+    )
+    parser.add_argument(
+        "--engine-tokens", type=int, default=64, help="new tokens of each request the engine decode times"
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)"
     )
@@ -574,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         compile_=args.compile,
         fused=False if args.no_fused else None,
         flash_decoding=False if args.sdpa_decode else None,
+        engine_tokens=args.engine_tokens,
     )
     print(report(results))
     path = json_path(args, "run_{config}_{device}.json")

@@ -70,7 +70,15 @@ def test_growing_cache_grows_by_concatenation(tiny_model, tokenizer):
 def test_tiny_record_has_the_five_ratios_as_numbers(tmp_path):
     # greedy equality over 16 steps is the first test's; here 2 steps keep the run short
     results = measure(
-        "tiny", "cpu", batch_sizes=(3, 8), steps=1, warmup=0, repeats=1, bandwidth_mb=8, equal_steps=2
+        "tiny",
+        "cpu",
+        batch_sizes=(3, 8),
+        steps=1,
+        warmup=0,
+        repeats=1,
+        bandwidth_mb=8,
+        equal_steps=2,
+        engine_tokens=3,
     )
     path = tmp_path / "run.json"
     save_record(path, "run_tiny_cpu", results)
@@ -81,6 +89,9 @@ def test_tiny_record_has_the_five_ratios_as_numbers(tmp_path):
     assert record["batch3_over_batch1_throughput"] > 0 and record["batch_sizes"] == [1, 3, 8]
     assert record["greedy_tokens_equal"] is True
     assert record["dtypes"]["bf16"]["second_turn_time_to_first_token"]["reuse"]["reused_tokens"] > 0
+    assert record["engine_over_fast_path_decode"] > 0
+    assert record["engine_graphs_speedup"] is None  # no graphs on CPU
+    assert record["dtypes"]["bf16"]["engine_decode_batch1"]["auto"]["new_tokens"] == 3
 
 
 def test_one_dtype_leaves_the_cross_dtype_ratio_unmeasured():

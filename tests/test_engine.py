@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 
 import pytest
 import torch
 
 from qwenvl import make_context
-from qwenvl.engine import Engine, EngineBusyError
+from qwenvl.engine import STEADY_STEPS, Engine, EngineBusyError
 from qwenvl.generation import PromptTooLongError, SamplingParams, generate_tokens
 from qwenvl.images import load_image
 
@@ -21,7 +22,8 @@ def alone(model, prompt, params=GREEDY):
     return generate_tokens(model, [prompt], params, model._features_for_ids(torch.tensor([prompt])))[0]
 
 
-def test_concurrent_requests_equal_single_generation(tiny_model, tokenizer):
+@pytest.mark.parametrize("decode_mode", ["auto", "plain"])
+def test_concurrent_requests_equal_single_generation(tiny_model, tokenizer, decode_mode):
     prompts = [
         make_context(tokenizer, "Picture 1: <img>images/shapes.png</img>\n描述画面内容。")[1],
         make_context(tokenizer, "What is 2+2?")[1],
@@ -30,7 +32,8 @@ def test_concurrent_requests_equal_single_generation(tiny_model, tokenizer):
     ]
     images = [[load_image("images/shapes.png")], [], [], []]
     lengths = [10, 3, 7, 10]  # rows finish at different steps while others keep decoding
-    with Engine(tiny_model, max_batch_size=3) as engine:  # the fourth waits, then joins mid-batch
+    # the fourth waits, then joins mid-batch
+    with Engine(tiny_model, max_batch_size=3, decode_mode=decode_mode) as engine:
         handles = [
             engine.submit(p, SamplingParams(max_new_tokens=n), imgs)
             for p, n, imgs in zip(prompts, lengths, images, strict=True)
@@ -131,3 +134,51 @@ def test_a_closed_event_loop_does_not_kill_the_engine(tiny_model, tokenizer):
         engine.submit(prompt, SamplingParams(max_new_tokens=50), loop=loop)
         loop.close()  # e.g. a server shut down with a request in flight
         assert list(engine.submit(prompt, GREEDY)) == alone(tiny_model, prompt)
+
+
+def test_a_steady_batch_decodes_through_its_runner(tiny_model, tokenizer):
+    prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("Tell me a story")]
+    params = SamplingParams(max_new_tokens=3 * STEADY_STEPS)
+    with Engine(tiny_model, max_batch_size=2) as engine:
+        first = engine.submit(prompts[0], params)
+        tokens = iter(first)
+        got = [next(tokens) for _ in range(2 * STEADY_STEPS)]
+        assert engine.steady_batches == 1  # a batch of one, unchanged for STEADY_STEPS steps
+        joined = engine.submit(prompts[1], params)  # a new batch (or a batch of its own): a new runner
+        got += list(tokens)
+        got_joined = list(joined)
+    assert engine.steady_batches >= 2
+    assert got == alone(tiny_model, prompts[0], params)
+    assert got_joined == alone(tiny_model, prompts[1], params)
+
+
+def test_short_batches_keep_the_plain_step(tiny_model, tokenizer):
+    prompt = tokenizer.encode("The capital of France is")
+    short = SamplingParams(max_new_tokens=STEADY_STEPS + 1)  # too few steps left once steady
+    with Engine(tiny_model) as engine:
+        assert list(engine.submit(prompt, short)) == alone(tiny_model, prompt, short)
+    assert engine.steady_batches == 0
+
+
+def test_decode_mode_is_checked(tiny_model):
+    with pytest.raises(ValueError, match="decode mode is one of .*, not 'compile'"):
+        Engine(tiny_model, decode_mode="compile")
+    with pytest.raises(ValueError, match="'cuda_graph' needs the model on a CUDA device, not cpu"):
+        Engine(tiny_model, decode_mode="cuda_graph")
+    assert Engine(tiny_model).decode_mode == "static"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_graphed_engine_equals_the_plain_one(tiny_model, tokenizer):
+    model = copy.deepcopy(tiny_model).cuda()
+    prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("a b c d e f g h i j " * 7)]
+    params = SamplingParams(max_new_tokens=4 * STEADY_STEPS)
+
+    def answers(mode):
+        with Engine(model, decode_mode=mode) as engine:
+            handles = [engine.submit(p, params) for p in prompts]
+            return [list(h) for h in handles], engine.steady_batches
+
+    graphed, steady = answers("auto")
+    assert steady >= 1
+    assert graphed == answers("static")[0]

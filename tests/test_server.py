@@ -439,7 +439,7 @@ def test_serve_command_flags(tiny_checkpoint, tmp_path):
         "sys.exit(run_from_args(parser.parse_args()))\n"
     )
     flags = ["--model", str(tiny_checkpoint), "--fp32", "--port", str(port), "--api-key", "k"]
-    flags += ["--max-new-tokens", "3", "--greedy"]
+    flags += ["--max-new-tokens", "3", "--greedy", "--decode-mode", "plain"]
     process = subprocess.Popen(
         [sys.executable, "-c", script, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -5,29 +5,41 @@ worker admits them (encoding their images once and prefilling them on their own)
 them into the running batch, whose rows keep their own lengths in one KV cache. Finished
 sequences are remembered so that a later prompt that starts the same way (the next turn of a
 conversation) reuses their keys and values instead of re-encoding the image and the history.
+
+A batch that has run unchanged for a while decodes through a DecodeRunner over its cache: on CUDA
+its step captured once as a CUDA graph and replayed, as `generate` decodes. Rows joining or
+leaving make a new cache, and the runner goes with the old one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from . import fused_decode
 from .cache import KVCache
-from .generation import PromptTooLongError, SamplingParams, choose_tokens, is_finished
+from .generation import PromptTooLongError, SamplingParams, choose_tokens, decode_step, is_finished
 from .model.llm import ntk_alpha
 from .model.qwenvl import image_span_starts
-from .static_decode import static_decode_step
+from .static_decode import DecodeRunner, static_decode_step
 
 logger = logging.getLogger(__name__)
+
+# "auto": "cuda_graph" on CUDA, "static" elsewhere; "plain": generation.decode_step at every step
+DECODE_MODES = ("auto", "plain", "static", "cuda_graph")
+# A batch gets its own runner once it has taken this many steps unchanged and each of its rows
+# may take as many more: capturing a graph costs about three steps (two warm-up steps and the
+# capture), and a batch that changes every few steps would pay that again and again.
+STEADY_STEPS = 8
 
 
 class EngineBusyError(RuntimeError):
@@ -179,7 +191,16 @@ def _widen(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
 class Engine:
     """Continuous batching over one model; thread-safe `submit`, tokens streamed per request."""
 
-    def __init__(self, model, max_batch_size: int = 16, max_queue: int = 64, prefix_cache_entries: int = 8):
+    def __init__(
+        self,
+        model,
+        max_batch_size: int = 16,
+        max_queue: int = 64,
+        prefix_cache_entries: int = 8,
+        decode_mode: str = "auto",
+    ):
+        """`decode_mode`: one of DECODE_MODES; "static" and "cuda_graph" are the modes of a steady
+        batch's DecodeRunner (the steps before it are static ones)."""
         self.model = model
         self.max_batch_size = max_batch_size
         self._waiting: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
@@ -189,8 +210,19 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._rows: list[_Row] = []
         self._cache: KVCache | None = None
+        self._runner: DecodeRunner | None = None  # the steady batch's, over self._cache
+        self._steps_unchanged = 0  # steps the running batch has taken since it last changed
+        self.steady_batches = 0  # batches that ran long enough unchanged to get a runner
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        if decode_mode not in DECODE_MODES:
+            # "compile" among them: it would compile again for every new batch
+            raise ValueError(f"the engine's decode mode is one of {DECODE_MODES}, not {decode_mode!r}")
+        if decode_mode == "auto":
+            decode_mode = "cuda_graph" if self.device.type == "cuda" else "static"
+        if decode_mode == "cuda_graph" and self.device.type != "cuda":
+            raise ValueError(f"decode mode 'cuda_graph' needs the model on a CUDA device, not {self.device}")
+        self.decode_mode = decode_mode
         if fused_decode.available(self.device):  # the steps' MLPs then take one product for w1 and w2
             fused_decode.pack_gate_weights(model)
 
@@ -284,7 +316,7 @@ class Engine:
                 request.handle._publish(Event(error=error))
                 continue
             self._rows.append(row)
-            self._cache = cache if self._cache is None else concat_caches([self._cache, cache])
+            self._set_cache(cache if self._cache is None else concat_caches([self._cache, cache]))
             self._emit_next(len(self._rows) - 1)
 
     def _prefill(self, request: _Request) -> tuple[_Row, KVCache]:
@@ -337,11 +369,31 @@ class Engine:
     def _step(self) -> None:
         """Decode one token for every running row."""
         tokens = torch.as_tensor([row.generated[-1] for row in self._rows], device=self.device)
-        # the batch changes as rows join and leave, so no graph to keep; static shapes spare the syncs
-        logits = static_decode_step(self.model, tokens, self._cache)
+        logits = self._decoder()(tokens)
+        self._steps_unchanged += 1
         for i, row in enumerate(self._rows):
             row.logits = logits[i]
             self._emit_next(i)
+
+    def _decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The running batch's decode step: its runner once it is steady, else the static step
+        (whose shapes stay put too, which spares the host syncs)."""
+        if self.decode_mode == "plain":
+            return functools.partial(decode_step, self.model, cache=self._cache)
+        if self._runner is None and self._steady():
+            self._runner = DecodeRunner(self.model, self._cache, self.decode_mode)
+            self.steady_batches += 1
+        if self._runner is not None:
+            return self._runner
+        return functools.partial(static_decode_step, self.model, cache=self._cache)
+
+    def _steady(self) -> bool:
+        left = min(row.max_new - len(row.generated) for row in self._rows)
+        return self._steps_unchanged >= STEADY_STEPS and left >= STEADY_STEPS
+
+    def _set_cache(self, cache: KVCache | None) -> None:
+        """The running batch changed: its new cache; the old one's runner (and graph) goes."""
+        self._cache, self._runner, self._steps_unchanged = cache, None, 0
 
     def _emit_next(self, index: int) -> None:
         """Choose row `index`'s next token from its logits and publish it, with its end if it ends."""
@@ -370,7 +422,7 @@ class Engine:
             if row.finish_reason in ("stop", "length") and row.generated:
                 self._remember(i, row)
         self._rows = [self._rows[i] for i in keep]
-        self._cache = self._cache.select(keep) if keep else None
+        self._set_cache(self._cache.select(keep) if keep else None)
 
     def _remember(self, index: int, row: _Row) -> None:
         # the cache holds the prompt and every generated token but the last, which was never fed back
@@ -384,7 +436,8 @@ class Engine:
     def _fail_all(self, error: BaseException) -> None:
         for row in self._rows:
             row.request.handle._publish(Event(error=error))
-        self._rows, self._cache = [], None
+        self._rows = []
+        self._set_cache(None)
         while True:
             try:
                 self._waiting.get_nowait().handle._publish(Event(error=error))

@@ -43,7 +43,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "plain", "static", "compile", "cuda_graph"),
         default=None,
         help="decode steps: auto (default: CUDA graphs on a GPU, static shapes on CPU), static, "
-        "torch.compile, CUDA graphs, or plain",
+        "torch.compile (not in serve and web), CUDA graphs, or plain",
     )
 
 

@@ -51,7 +51,12 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     loaded = load_from_args(args)
     model_id = served_name(loaded.name)
-    engine = Engine(loaded.model, max_batch_size=args.max_batch_size, max_queue=args.max_queue).start()
+    engine = Engine(
+        loaded.model,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        decode_mode=getattr(args, "decode_mode", None) or "auto",
+    ).start()
     try:
         app = create_app(
             engine,

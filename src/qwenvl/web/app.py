@@ -96,7 +96,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     from ..frontend import load_from_args, sampling_options
 
     loaded = load_from_args(args)
-    with Engine(loaded.model) as engine:
+    with Engine(loaded.model, decode_mode=getattr(args, "decode_mode", None) or "auto") as engine:
         demo = build_demo(
             loaded.model,
             loaded.tokenizer,
