@@ -10,55 +10,36 @@ the weights, not Python's time to launch a few hundred kernels.
 from __future__ import annotations
 
 import functools
-import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
+from torch import nn
 
 from . import fused_decode
 from .cache import KVCache
+from .cpu_weights import Product, cpu_products
 from .model.llm import Step, attention_kernels
 
 MODES = ("static", "compile", "cuda_graph")
 
 
-# id(weight) -> (a weak reference to it, its version, its [hidden, vocab] copy); an entry goes
-# with its weight (tensors compare elementwise, so they cannot be WeakKeyDictionary keys)
-_TRANSPOSED: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-
-
-def decode_head(model) -> torch.Tensor | None:
-    """For an fp32 model on CPU, the LM head weight laid out [hidden, vocab]; None otherwise.
-
-    CPU BLAS reads an fp32 [1, hidden] x [hidden, vocab] product faster than the same product
-    against the [vocab, hidden] weight: measured on two EPYC cores, 3.8-5 ms instead of 12-13 ms
-    for 151936 x 128, 29 ms instead of 43 ms for 151936 x 1024 (the head is most of a small
-    model's step). bf16 gains little (and loses at 1024 wide) and fp16 is 10x slower that way, so
-    they keep the weight. The copy costs the head's memory once; it follows the weight's changes.
-    """
-    weight = model.lm_head.weight
-    if weight.device.type != "cpu" or weight.dtype != torch.float32:
-        return None
-    key = id(weight)
-    cached = _TRANSPOSED.get(key)
-    if cached is None or cached[0]() is not weight or cached[1] != weight._version:
-        with torch.no_grad():
-            transposed = weight.detach().t().contiguous()
-        cached = (weakref.ref(weight, lambda _: _TRANSPOSED.pop(key, None)), weight._version, transposed)
-        _TRANSPOSED[key] = cached
-    return cached[2]
-
-
 def static_decode_step(
-    model, tokens: torch.Tensor, cache: KVCache, head: torch.Tensor | None = None, fused: bool | None = None
+    model,
+    tokens: torch.Tensor,
+    cache: KVCache,
+    products: Mapping[nn.Module, Product] | None = None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Feed one token per row [B]; logits [B, V] of the next. No host synchronisation.
 
-    `head`: `decode_head(model)` (looked up here when not given). `fused`: the layers' small work
-    in fused_decode's Triton kernels; None: wherever they can run (CUDA with Triton installed).
+    `products`: `cpu_products(model.transformer, model.lm_head)`, the CPU's faster layouts of the
+    weights (looked up here when not given). `fused`: the layers' small work in fused_decode's
+    Triton kernels; None: wherever they can run (CUDA with Triton installed).
     """
     transformer = model.transformer
-    step = Step.static_decode(transformer.llm_config, cache)
+    if products is None:
+        products = cpu_products(transformer, model.lm_head)
+    step = Step.static_decode(transformer.llm_config, cache, products)
     embeds = transformer.wte(tokens[:, None])
     if fused is None:
         fused = fused_decode.available(embeds.device)
@@ -69,8 +50,7 @@ def static_decode_step(
         hidden = transformer.run(embeds, step)
     hidden = hidden[:, -1]
     cache.lengths.add_(1)
-    head = decode_head(model) if head is None else head
-    return model.lm_head(hidden) if head is None else hidden @ head
+    return step.project(model.lm_head, hidden)
 
 
 def fuses_by_default(mode: str, device: torch.device) -> bool:
@@ -107,7 +87,8 @@ class DecodeRunner:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.keys.device)
         self._logits: torch.Tensor | None = None
-        self._head = decode_head(model)  # resolved once: the compiled step sees a plain tensor
+        # resolved once; a compiled step keeps the layouts inductor can trace
+        self._products = cpu_products(model.transformer, model.lm_head, packed=mode != "compile")
         self.fused = fuses_by_default(mode, cache.keys.device) if fused is None else fused
         if on_cuda or self.fused:
             # before any graph is captured on this model: packing moves the weights' storage
@@ -119,7 +100,7 @@ class DecodeRunner:
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.graphed:
-            return self._step(self.model, tokens, self.cache, self._head)
+            return self._step(self.model, tokens, self.cache, self._products)
         self._tokens.copy_(tokens)
         if self._graph is None:
             self._capture()
@@ -134,10 +115,10 @@ class DecodeRunner:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step(self.model, self._tokens, self.cache, self._head)
+                self._step(self.model, self._tokens, self.cache, self._products)
                 self.cache.lengths.copy_(lengths)
         torch.cuda.current_stream().wait_stream(stream)
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
-            self._logits = self._step(self.model, self._tokens, self.cache, self._head)
+            self._logits = self._step(self.model, self._tokens, self.cache, self._products)
         self.cache.lengths.copy_(lengths)  # capture records the step; it must not count as one

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..cache import KVCache
 from ..config import QwenVLConfig
+from ..cpu_weights import cpu_products
 from .llm import QWenBlock, RMSNorm, Step, attention_kernels
 from .vision import VisionTransformer
 
@@ -70,6 +71,8 @@ class QWenModel(nn.Module):
         batch, length, _ = embeds.shape
         lengths = lengths if lengths is not None else [length] * batch
         step = Step.build(self.llm_config, batch, length, cache, lengths, embeds.device, embeds.dtype)
+        if not torch.is_grad_enabled():
+            step.products = cpu_products(self)
         hidden = self.run(embeds, step)
         if cache is not None:
             cache.lengths += torch.tensor(lengths, device=cache.lengths.device)
