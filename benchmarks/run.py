@@ -564,6 +564,14 @@ def ratio_rows(results: dict) -> list[list]:
     return [[label, "not measured" if value is None else value] for label, value in rows]
 
 
+def decode_attention_name(results: dict) -> str:
+    if results["flash_decoding"]:
+        return "flash decoding"
+    if results["device"] == "cpu":
+        return "SDPA (bf16: two products around a softmax)"
+    return "SDPA"
+
+
 def report(results: dict) -> str:
     bandwidth = results["memory_bandwidth_bytes_per_s"]
     columns = {
@@ -577,7 +585,7 @@ def report(results: dict) -> str:
         f"Config {results['config']} on {device}: {parameters / 1e6:.1f}M parameters, "
         f"fast path = DecodeRunner mode {results['fast_path_mode']!r}, "
         f"fused decode kernels {'on' if results['fused_kernels'] else 'off'}, "
-        f"decode attention {'flash decoding' if results['flash_decoding'] else 'SDPA'}",
+        f"decode attention {decode_attention_name(results)}",
         "",
         markdown_table(["figure", *columns], rows),
         "",

@@ -159,3 +159,7 @@ def test_prefills_use_the_packed_products_without_gradients_only(bf16_model, tok
     calls.clear()
     bf16_model.transformer(bf16_model.transformer.embed(ids)).float().sum().backward()
     assert not calls and bf16_model.transformer.h[0].mlp.w1.weight.grad is not None
+
+
+def test_free_memory_is_known_here():
+    assert cpu_weights._free_memory() > 0
