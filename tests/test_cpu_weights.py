@@ -163,3 +163,16 @@ def test_prefills_use_the_packed_products_without_gradients_only(bf16_model, tok
 
 def test_free_memory_is_known_here():
     assert cpu_weights._free_memory() > 0
+
+
+@NEEDS_PACKING
+def test_prefill_logits_take_the_packed_head(bf16_model, monkeypatch):
+    hidden = torch.randn(3, bf16_model.config.hidden_size).to(torch.bfloat16)
+    calls = []
+    original = cpu_weights._PackedBF16.__call__
+    counted = lambda self, x: calls.append(1) or original(self, x)  # noqa: E731
+    monkeypatch.setattr(cpu_weights._PackedBF16, "__call__", counted)
+    with torch.no_grad():
+        assert torch.equal(cpu_weights.head_logits(bf16_model, hidden), bf16_model.lm_head(hidden))
+    assert calls == [1]
+    assert cpu_weights.head_logits(bf16_model, hidden).requires_grad  # with gradients: the module

@@ -56,6 +56,17 @@ def cpu_products(transformer, head: nn.Module | None = None, packed: bool = True
     return products
 
 
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """model.lm_head(hidden): without gradients in bf16 on CPU through the head's packed copy (the
+    same bits, 12 ms instead of 17-20 for a mid-size model's first token)."""
+    head = model.lm_head
+    if head.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        product = cpu_products(model.transformer, head).get(head)
+        if product is not None:
+            return product(hidden)
+    return head(hidden)
+
+
 class _TransposedHead:
     def __init__(self, linear: nn.Linear):
         self.weight = linear.weight.detach().t().contiguous()

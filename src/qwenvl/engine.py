@@ -27,6 +27,7 @@ import torch
 
 from . import fused_decode
 from .cache import KVCache
+from .cpu_weights import head_logits
 from .generation import PromptTooLongError, SamplingParams, choose_tokens, decode_step, is_finished
 from .model.llm import ntk_alpha
 from .model.qwenvl import image_span_starts
@@ -337,7 +338,7 @@ class Engine:
             features = model.transformer.visual(pixels.to(self.device))
         suffix = torch.as_tensor([prompt[start:]], device=self.device)
         hidden = model.transformer(model.transformer.embed(suffix, features), cache, [len(prompt) - start])
-        row = _Row(request, max_new, logits=model.lm_head(hidden[0, -1]))
+        row = _Row(request, max_new, logits=head_logits(model, hidden[0, -1]))
         if params.seed is not None:
             row.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if params.repetition_penalty != 1.0:

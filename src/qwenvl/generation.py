@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from .cache import KVCache
+from .cpu_weights import head_logits
 from .static_decode import MODES, DecodeRunner
 
 # "plain": decode_step, reading the cache up to its longest row (the length comes from the host);
@@ -158,14 +159,14 @@ def prefill(
         ids[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
     hidden = model.transformer(model.transformer.embed(ids, image_features), cache, lengths)
     last = hidden[torch.arange(len(rows), device=device), torch.as_tensor(lengths, device=device) - 1]
-    return model.lm_head(last)
+    return head_logits(model, last)
 
 
 @torch.no_grad()
 def decode_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """Feed one token per row [B]; logits [B, V] of the next."""
     hidden = model.transformer(model.transformer.embed(tokens[:, None]), cache)
-    return model.lm_head(hidden[:, -1])
+    return head_logits(model, hidden[:, -1])
 
 
 def make_decoder(model, cache: KVCache, mode: str = "auto") -> Callable[[torch.Tensor], torch.Tensor]:
