@@ -102,9 +102,11 @@ class DecodeRunner:
         if not self.graphed:
             return self._step(self.model, tokens, self.cache, self._products)
         self._tokens.copy_(tokens)
-        if self._graph is None:
-            self._capture()
-        self._graph.replay()
+        # on the cache's GPU whichever thread calls (a new thread's current device is the first)
+        with torch.cuda.device(self._tokens.device):
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
         return self._logits.clone()
 
     def _capture(self) -> None:
