@@ -250,12 +250,17 @@ def first_token_latency(handle) -> float:
     return elapsed
 
 
+def first_turn(tokenizer: QwenVLTokenizer) -> tuple[Image.Image, list[int]]:
+    """The picture and the prompt of a conversation's first turn (the engine's figures)."""
+    _, prompt = make_context(tokenizer, FIRST_QUESTION, system=DEFAULT_SYSTEM)
+    return Image.new("RGB", (448, 448), "red"), prompt
+
+
 def second_turn(
     model: QwenVLForCausalLM, tokenizer: QwenVLTokenizer, prefix_entries: int, reply_tokens: int
 ) -> tuple[float, int]:
     """(time to first token of turn 2, prompt tokens the engine reused) in a fresh Engine."""
-    image = Image.new("RGB", (448, 448), "red")
-    _, first = make_context(tokenizer, FIRST_QUESTION, system=DEFAULT_SYSTEM)
+    image, first = first_turn(tokenizer)
     with Engine(model, prefix_cache_entries=prefix_entries) as engine:
         handle = engine.submit(first, SamplingParams(max_new_tokens=reply_tokens), images=[image])
         reply = tokenizer.decode(list(handle))
@@ -290,8 +295,7 @@ def engine_decode(
     Each request gets a cache of its own, so the time of the steps before its batch turns
     steady, and of capturing its graph, counts in the figure.
     """
-    image = Image.new("RGB", (448, 448), "red")
-    _, prompt = make_context(tokenizer, FIRST_QUESTION, system=DEFAULT_SYSTEM)
+    image, prompt = first_turn(tokenizer)
     params = SamplingParams(max_new_tokens=new_tokens)  # greedy; no end token: all new_tokens come
     samples = []
     with Engine(model, decode_mode=decode_mode) as engine:

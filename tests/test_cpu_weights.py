@@ -29,6 +29,17 @@ def products(model, packed=True):
     return cpu_products(model.transformer, model.lm_head, packed)
 
 
+@pytest.fixture
+def packed_calls(monkeypatch):
+    """A list that grows by one at every call of a packed product."""
+    calls = []
+    original = cpu_weights._PackedBF16.__call__
+    monkeypatch.setattr(
+        cpu_weights._PackedBF16, "__call__", lambda self, x: calls.append(1) or original(self, x)
+    )
+    return calls
+
+
 def llm_linears(model):
     for block in model.transformer.h:
         yield from (block.attn.c_attn, block.attn.c_proj, block.mlp.w1, block.mlp.w2, block.mlp.c_proj)
@@ -139,18 +150,16 @@ def test_wrapped_linears_and_other_devices_keep_their_own_forward(bf16_model):
 
 
 @NEEDS_PACKING
-def test_prefills_use_the_packed_products_without_gradients_only(bf16_model, tokenizer, monkeypatch):
+def test_prefills_use_the_packed_products_without_gradients_only(
+    bf16_model, tokenizer, monkeypatch, packed_calls
+):
     ids = torch.tensor([tokenizer.encode("a b c d e f g h i j " * 4)])
+    calls = packed_calls
 
     def hidden():
         with torch.no_grad():
             return bf16_model.transformer(bf16_model.transformer.embed(ids))
 
-    calls = []
-    original = cpu_weights._PackedBF16.__call__
-    monkeypatch.setattr(
-        cpu_weights._PackedBF16, "__call__", lambda self, x: calls.append(1) or original(self, x)
-    )
     packed = hidden()
     assert len(calls) == 5 * len(bf16_model.transformer.h)
     monkeypatch.setattr(cpu_weights, "PACK_BF16", False)
@@ -166,13 +175,9 @@ def test_free_memory_is_known_here():
 
 
 @NEEDS_PACKING
-def test_prefill_logits_take_the_packed_head(bf16_model, monkeypatch):
+def test_prefill_logits_take_the_packed_head(bf16_model, packed_calls):
     hidden = torch.randn(3, bf16_model.config.hidden_size).to(torch.bfloat16)
-    calls = []
-    original = cpu_weights._PackedBF16.__call__
-    counted = lambda self, x: calls.append(1) or original(self, x)  # noqa: E731
-    monkeypatch.setattr(cpu_weights._PackedBF16, "__call__", counted)
     with torch.no_grad():
         assert torch.equal(cpu_weights.head_logits(bf16_model, hidden), bf16_model.lm_head(hidden))
-    assert calls == [1]
+    assert packed_calls == [1]
     assert cpu_weights.head_logits(bf16_model, hidden).requires_grad  # with gradients: the module

@@ -21,9 +21,10 @@ follows its weight: an in-place update (an optimizer step) or new storage makes 
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -48,11 +49,9 @@ def cpu_products(transformer, head: nn.Module | None = None, packed: bool = True
         return {}
     products: dict[nn.Module, Product] = {}
     if head is not None and _plain(head) and head.weight.dtype == torch.float32 and head.bias is None:
-        products[head] = _copy(head, _TransposedHead)
-    bf16 = [linear for linear in _llm_linears(transformer, head) if linear.weight.dtype == torch.bfloat16]
-    if packed and bf16 and _packs(bf16):
-        for linear in bf16:
-            products[linear] = _copy(linear, _PackedBF16)
+        products[head] = _current(head) or _make(head, _TransposedHead)
+    if packed:
+        products.update(_packed_bf16(_llm_linears(transformer, head)))
     return products
 
 
@@ -60,11 +59,32 @@ def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """model.lm_head(hidden): without gradients in bf16 on CPU through the head's packed copy (the
     same bits, 12 ms instead of 17-20 for a mid-size model's first token)."""
     head = model.lm_head
-    if head.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-        product = cpu_products(model.transformer, head).get(head)
+    if not torch.is_grad_enabled() and head.weight.device.type == "cpu" and _plain(head):
+        product = _packed_bf16([head]).get(head)
         if product is not None:
             return product(hidden)
     return head(hidden)
+
+
+def _packed_bf16(linears: Iterable[nn.Linear]) -> dict[nn.Module, Product]:
+    """Packed copies of the bf16 Linears among `linears`: all of them, or none where the missing
+    ones do not fit (or `PACK_BF16` is False)."""
+    if PACK_BF16 is False or not _onednn_bf16():
+        return {}
+    products, missing = {}, []
+    for linear in linears:
+        if linear.weight.dtype == torch.bfloat16:
+            product = _current(linear)
+            if product is None:
+                missing.append(linear)
+            else:
+                products[linear] = product
+    if missing:
+        size = sum(linear.weight.nbytes for linear in missing)
+        if not PACK_BF16 and size > _free_memory() // 2:
+            return {}
+        products.update((linear, _make(linear, _PackedBF16)) for linear in missing)
+    return products
 
 
 class _TransposedHead:
@@ -99,15 +119,9 @@ def _plain(linear: nn.Module) -> bool:
     return type(linear) is nn.Linear
 
 
-def _packs(linears: list[nn.Linear]) -> bool:
-    if PACK_BF16 is False or not torch.backends.mkldnn.is_available():
-        return False
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
-    if PACK_BF16:
-        return True
-    missing = sum(linear.weight.nbytes for linear in linears if not _is_current(linear))
-    return missing == 0 or missing <= _free_memory() // 2
+@functools.cache
+def _onednn_bf16() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def _free_memory() -> int:
@@ -140,24 +154,24 @@ def _linear_state(linear: nn.Linear) -> tuple:
     return (_state(linear.weight), _state(linear.bias), linear.weight.dtype)
 
 
-def _is_current(linear: nn.Linear) -> bool:
+def _current(linear: nn.Linear) -> Product | None:
+    """The copy made of `linear`'s weight, if the weight and bias have not changed since."""
     entry = _COPIES.get(id(linear.weight))
-    return entry is not None and entry[0]() is linear.weight and entry[1] == _linear_state(linear)
+    if entry is None or entry[0]() is not linear.weight or entry[1] != _linear_state(linear):
+        return None
+    return entry[2]
 
 
-def _copy(linear: nn.Linear, layout: type) -> Product:
+def _make(linear: nn.Linear, layout: type) -> Product:
     weight = linear.weight
     key = id(weight)
-    entry = _COPIES.get(key)
-    if entry is None or entry[0]() is not weight or entry[1] != _linear_state(linear):
-        with torch.no_grad():
-            product = layout(linear)
+    with torch.no_grad():
+        product = layout(linear)
 
-        def forget(ref: weakref.ref) -> None:
-            current = _COPIES.get(key)
-            if current is not None and current[0] is ref:
-                del _COPIES[key]
+    def forget(ref: weakref.ref) -> None:
+        current = _COPIES.get(key)
+        if current is not None and current[0] is ref:
+            del _COPIES[key]
 
-        entry = (weakref.ref(weight, forget), _linear_state(linear), product)
-        _COPIES[key] = entry
-    return entry[2]
+    _COPIES[key] = (weakref.ref(weight, forget), _linear_state(linear), product)
+    return product
