@@ -259,9 +259,12 @@ def first_turn(tokenizer: QwenVLTokenizer) -> tuple[Image.Image, list[int]]:
 def second_turn(
     model: QwenVLForCausalLM, tokenizer: QwenVLTokenizer, prefix_entries: int, reply_tokens: int
 ) -> tuple[float, int]:
-    """(time to first token of turn 2, prompt tokens the engine reused) in a fresh Engine."""
+    """(time to first token of turn 2, prompt tokens the engine reused) in a fresh Engine, whose loop
+    runs in this thread while a client thread talks to it, as `qwenvl serve` runs it."""
     image, first = first_turn(tokenizer)
-    with Engine(model, prefix_cache_entries=prefix_entries) as engine:
+    engine = Engine(model, prefix_cache_entries=prefix_entries)
+
+    def conversation() -> tuple[float, int]:
         handle = engine.submit(first, SamplingParams(max_new_tokens=reply_tokens), images=[image])
         reply = tokenizer.decode(list(handle))
         _, second = make_context(
@@ -269,6 +272,8 @@ def second_turn(
         )
         handle = engine.submit(second, SamplingParams(max_new_tokens=1), images=[image])
         return first_token_latency(handle), handle.reused_tokens
+
+    return engine.run_while(conversation)
 
 
 def second_turn_timings(
@@ -290,22 +295,27 @@ def second_turn_timings(
 def engine_decode(
     model: QwenVLForCausalLM, tokenizer: QwenVLTokenizer, decode_mode: str, new_tokens: int, repeats: int
 ) -> Timing:
-    """Seconds per token of one greedy request through a fresh Engine, after its first token.
+    """Seconds per token of one greedy request through a fresh Engine, after its first token; the
+    engine's loop runs in this thread and a client thread submits, as `qwenvl serve` runs it.
 
     Each request gets a cache of its own, so the time of the steps before its batch turns
     steady, and of capturing its graph, counts in the figure.
     """
     image, prompt = first_turn(tokenizer)
     params = SamplingParams(max_new_tokens=new_tokens)  # greedy; no end token: all new_tokens come
-    samples = []
-    with Engine(model, decode_mode=decode_mode) as engine:
+    engine = Engine(model, decode_mode=decode_mode)
+
+    def requests() -> list[float]:
+        samples = []
         for _ in range(repeats + 1):  # the first warms up
             tokens = iter(engine.submit(prompt, params, images=[image]))
             next(tokens)
             start = time.perf_counter()
             count = sum(1 for _ in tokens)
             samples.append((time.perf_counter() - start) / max(count, 1))
-    return Timing(samples[1:])
+        return samples[1:]
+
+    return Timing(engine.run_while(requests))
 
 
 def engine_decode_timings(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qwenvl import make_context
-from qwenvl.engine import STEADY_STEPS, Engine, EngineBusyError
+from qwenvl.engine import STEADY_STEPS, Engine, EngineBusyError, EngineStoppedError
 from qwenvl.generation import PromptTooLongError, SamplingParams, generate_tokens
 from qwenvl.images import load_image
 
@@ -81,6 +81,46 @@ def test_cancel_frees_the_slot(tiny_model, tokenizer):
         assert list(engine.submit(prompt, GREEDY)) == alone(tiny_model, prompt)
         assert len(list(tokens)) < 499
     assert long.finish_reason == "cancelled"
+
+
+def test_run_while_serves_from_the_calling_thread(tiny_model, tokenizer):
+    prompt = tokenizer.encode("The capital of France is")
+    engine = Engine(tiny_model)
+    threads = []
+
+    def client():
+        handle = engine.submit(prompt, GREEDY)
+        threads.append(threading.current_thread())
+        return list(handle)
+
+    assert engine.run_while(client) == alone(tiny_model, prompt)
+    assert threads[0] is not threading.current_thread()
+    with pytest.raises(EngineStoppedError, match="start or run it again"):
+        engine.submit(prompt, GREEDY)  # run_while stopped it
+
+
+def test_run_while_raises_what_its_work_raised_and_fails_what_is_left(tiny_model, tokenizer):
+    prompt = tokenizer.encode("Tell me a story")
+    engine = Engine(tiny_model, max_batch_size=1)
+    handles = []
+
+    def client():
+        handles.extend(engine.submit(prompt, SamplingParams(max_new_tokens=500)) for _ in range(2))
+        next(iter(handles[0]))  # the first runs; the second waits for its slot
+        raise KeyError("the client broke")
+
+    with pytest.raises(KeyError, match="the client broke"):
+        engine.run_while(client)
+    for handle in handles:
+        with pytest.raises(EngineStoppedError):
+            list(handle)
+
+
+def test_stop_before_run_returns_at_once(tiny_model):
+    engine = Engine(tiny_model)
+    engine.stop()
+    engine.run()  # returns: nothing to wait for
+    engine.start().stop()  # start clears the stop
 
 
 def test_full_queue_is_refused(tiny_model, tokenizer):

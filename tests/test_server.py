@@ -423,26 +423,32 @@ def test_full_queue_is_503_and_timeout_is_504(tiny_model, tokenizer):
         engine.stop()  # fails what is still queued while the server's loop runs
 
 
-def test_serve_command_flags(tiny_checkpoint, tmp_path):
-    """`run_from_args` as the CLI calls it: sampling flags become defaults; Ctrl-C stops it cleanly."""
+SERVE_SCRIPT = (
+    "import argparse, sys\n"
+    "from qwenvl import frontend\n"
+    "from qwenvl.server import add_arguments, run_from_args\n"
+    "parser = argparse.ArgumentParser()\n"
+    "frontend.add_model_arguments(parser)\n"
+    "frontend.add_sampling_arguments(parser)\n"
+    "add_arguments(parser)\n"
+    "sys.exit(run_from_args(parser.parse_args()))\n"
+)
+
+
+def serve_process(checkpoint, port: int, *flags: str) -> subprocess.Popen:
+    """`run_from_args` as the CLI calls it, in a process of its own."""
+    command = [sys.executable, "-c", SERVE_SCRIPT, "--model", str(checkpoint), "--fp32", "--port", str(port)]
+    return subprocess.Popen([*command, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_serve_command_flags(tiny_checkpoint, stop_signal):
+    """Sampling flags become defaults; Ctrl-C or SIGTERM stops the server cleanly."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    script = (
-        "import argparse, sys\n"
-        "from qwenvl import frontend\n"
-        "from qwenvl.server import add_arguments, run_from_args\n"
-        "parser = argparse.ArgumentParser()\n"
-        "frontend.add_model_arguments(parser)\n"
-        "frontend.add_sampling_arguments(parser)\n"
-        "add_arguments(parser)\n"
-        "sys.exit(run_from_args(parser.parse_args()))\n"
-    )
-    flags = ["--model", str(tiny_checkpoint), "--fp32", "--port", str(port), "--api-key", "k"]
-    flags += ["--max-new-tokens", "3", "--greedy", "--decode-mode", "plain"]
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    flags = ["--api-key", "k", "--max-new-tokens", "3", "--greedy", "--decode-mode", "plain"]
+    process = serve_process(tiny_checkpoint, port, *flags)
     try:
         assert process.stdout.readline().strip() == f"serving ckpt at http://127.0.0.1:{port}/v1"
         headers = {"Authorization": "Bearer k"}
@@ -459,5 +465,18 @@ def test_serve_command_flags(tiny_checkpoint, tmp_path):
         assert first["usage"]["completion_tokens"] <= 3
         assert first["choices"] == second["choices"]  # --greedy
     finally:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(stop_signal)
         assert process.wait(timeout=30) == 0, process.stderr.read()
+
+
+def test_serve_on_a_taken_port_says_so_and_exits(tiny_checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        process = serve_process(tiny_checkpoint, taken.getsockname()[1])
+        try:
+            code = process.wait(timeout=120)  # the engine must not go on alone
+        finally:
+            process.kill()
+    assert code != 0
+    assert "address already in use" in process.stderr.read()

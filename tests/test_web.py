@@ -7,6 +7,7 @@ import io
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -261,7 +262,7 @@ def test_flags_default_to_loopback():
     assert parser.parse_args(["--share", "--port", "9000"]).port == 9000
 
 
-def test_run_from_args_loads_the_model_and_launches(tiny_checkpoint, monkeypatch):
+def test_run_from_args_loads_the_model_and_launches(tiny_checkpoint, monkeypatch, capsys):
     import argparse
 
     import gradio as gr
@@ -273,11 +274,20 @@ def test_run_from_args_loads_the_model_and_launches(tiny_checkpoint, monkeypatch
     frontend.add_sampling_arguments(parser)
     add_arguments(parser)
     launched = []
-    monkeypatch.setattr(web.app, "launch", lambda demo, **options: launched.append((demo, options)))
+
+    def launch(demo, **options):  # gradio's server would run in its own thread; then Ctrl-C
+        launched.append((demo, options))
+        signal.raise_signal(signal.SIGINT)
+        return None, "http://127.0.0.1:7999/", None
+
+    monkeypatch.setattr(web.app, "launch", launch)
     args = parser.parse_args(["--model", str(tiny_checkpoint), "--fp32", "--greedy", "--port", "7999"])
-    assert web.run_from_args(args) == 0
+    assert web.run_from_args(args) == 0  # the engine ran in this thread until Ctrl-C
     ((demo, options),) = launched
-    assert isinstance(demo, gr.Blocks) and options == {"host": "127.0.0.1", "port": 7999, "share": False}
+    assert isinstance(demo, gr.Blocks)
+    assert options == {"host": "127.0.0.1", "port": 7999, "share": False, "block": False}
+    assert capsys.readouterr().out == "the demo runs at http://127.0.0.1:7999/\n"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
 
 
 def test_importing_qwenvl_does_not_import_gradio():

@@ -1,6 +1,7 @@
 """A serving engine: continuous batching and prefix reuse over the generation functions.
 
-One worker thread owns the model. Requests wait in a bounded queue; between decode steps the
+One worker loop owns the model, in a thread of its own (`start`) or in the caller's (`run`, the
+faster one on CPU: see there). Requests wait in a bounded queue; between decode steps the
 worker admits them (encoding their images once and prefilling them on their own), then merges
 them into the running batch, whose rows keep their own lengths in one KV cache. Finished
 sequences are remembered so that a later prompt that starts the same way (the next turn of a
@@ -22,6 +23,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
@@ -34,6 +36,7 @@ from .model.qwenvl import image_span_starts
 from .static_decode import DecodeRunner, static_decode_step
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # "auto": "cuda_graph" on CUDA, "static" elsewhere; "plain": generation.decode_step at every step
 DECODE_MODES = ("auto", "plain", "static", "cuda_graph")
@@ -208,7 +211,8 @@ class Engine:
         self._prefixes = PrefixStore(prefix_cache_entries)
         self._ids = itertools.count(1)
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # start()'s
+        self._looping = threading.Event()  # set while run() loops, in whichever thread
         self._rows: list[_Row] = []
         self._cache: KVCache | None = None
         self._runner: DecodeRunner | None = None  # the steady batch's, over self._cache
@@ -230,18 +234,62 @@ class Engine:
     # -- life cycle --------------------------------------------------------------------------------
 
     def start(self) -> Engine:
+        """Run the worker loop in a thread of its own until `stop()`."""
         if self._thread is None:
             self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="qwenvl-engine", daemon=True)
+            self._thread = threading.Thread(target=self.run, name="qwenvl-engine", daemon=True)
             self._thread.start()
         return self
 
+    def run(self) -> None:
+        """Run the worker loop in the calling thread until `stop()` is called (at once if it already
+        was); the requests still in flight then fail with EngineStoppedError.
+
+        On CPU, run it in the thread that loaded the model, and let the callers submit from other
+        threads (`run_while`). PyTorch's OpenMP threads wait between parallel regions by spinning
+        only while the process has no more of them than cores, and every thread that runs parallel
+        work keeps a team of its own for good. A worker thread beside the one that loaded the model
+        holds a second team: all of them then sleep between regions and take a while to wake up
+        (bf16 decode of the mid benchmark model on 2 cores: 34 ms per token instead of 30).
+        """
+        self._looping.set()
+        try:
+            with torch.inference_mode():
+                while not self._stop.is_set():
+                    self._work()
+        finally:
+            self._looping.clear()
+            self._fail_all(EngineStoppedError("the engine stopped"))
+
+    def run_while(self, work: Callable[[], T]) -> T:
+        """`work()` in a new thread while this one runs the worker loop (`run`); the loop stops when
+        `work` returns, and its result comes back (or its exception is raised)."""
+        outcome: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                outcome["value"] = work()
+            except BaseException as error:  # raised again in the calling thread
+                outcome["error"] = error
+            finally:
+                self.stop()
+
+        thread = threading.Thread(target=call, name="qwenvl-engine-client", daemon=True)
+        thread.start()
+        self.run()
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
     def stop(self) -> None:
+        """End the worker loop: `start`'s thread is joined, `run` returns after its current step."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        self._fail_all(EngineStoppedError("the engine stopped"))
+        elif not self._looping.is_set():  # nothing runs: fail what waits here
+            self._fail_all(EngineStoppedError("the engine stopped"))
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -278,6 +326,8 @@ class Engine:
             raise PromptTooLongError(
                 f"the prompt is {len(prompt)} tokens; the model's context window is {limit}"
             )
+        if self._stop.is_set():
+            raise EngineStoppedError("the engine was stopped; start or run it again to submit requests")
         handle = RequestHandle(next(self._ids), loop)
         handle.prompt_tokens = len(prompt)
         try:
@@ -288,18 +338,17 @@ class Engine:
 
     # -- the worker --------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while not self._stop.is_set():
-                try:
-                    self._admit(block=not self._rows)
-                    self._retire_finished()
-                    if self._rows:
-                        self._step()
-                        self._retire_finished()
-                except Exception as error:  # keep serving: fail the requests in flight, not the engine
-                    logger.exception("engine step failed")
-                    self._fail_all(error)
+    def _work(self) -> None:
+        """Admit, step and retire once."""
+        try:
+            self._admit(block=not self._rows)
+            self._retire_finished()
+            if self._rows:
+                self._step()
+                self._retire_finished()
+        except Exception as error:  # keep serving: fail the requests in flight, not the engine
+            logger.exception("engine step failed")
+            self._fail_all(error)
 
     def _admit(self, block: bool) -> None:
         while len(self._rows) < self.max_batch_size:

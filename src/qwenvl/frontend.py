@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,3 +97,18 @@ def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.greedy:
         options["do_sample"] = False
     return {k: v for k, v in options.items() if v is not None}
+
+
+@contextlib.contextmanager
+def interrupts_call(handler: Callable[[], None]) -> Iterator[None]:
+    """Within the block, Ctrl-C (SIGINT) and SIGTERM call `handler` instead of interrupting.
+
+    The servers run their engine in the main thread (`Engine.run_while`) and the HTTP server beside
+    it: a signal asks the HTTP server to shut down, whose end then stops the engine. Main thread only.
+    """
+    previous = {sig: signal.signal(sig, lambda *_: handler()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, action in previous.items():
+            signal.signal(sig, action)

@@ -1,6 +1,6 @@
 """The HTTP app: OpenAI chat requests -> qwenvl prompts -> the engine -> OpenAI responses.
 
-Nothing here generates: the engine's worker thread batches every request, and handlers only
+Nothing here generates: the engine's worker loop batches every request, and handlers only
 await their tokens, so the event loop stays free while the model runs. Images are loaded in a
 thread, under the operator's image policy; text a user types is always plain text.
 """

@@ -40,12 +40,12 @@ def served_name(name: str) -> str:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    """Load the model, start the engine and serve until interrupted."""
+    """Load the model and serve it until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
 
     from ..chat_format import DEFAULT_SYSTEM
     from ..engine import Engine
-    from ..frontend import load_from_args, sampling_options
+    from ..frontend import interrupts_call, load_from_args, sampling_options
     from ..images import ImagePolicy
     from .app import create_app
 
@@ -56,25 +56,27 @@ def run_from_args(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         decode_mode=getattr(args, "decode_mode", None) or "auto",
-    ).start()
-    try:
-        app = create_app(
-            engine,
-            loaded.tokenizer,
-            model_id=model_id,
-            image_policy=ImagePolicy.strict(args.image_root, allow_remote=args.allow_remote_images),
-            api_key=args.api_key or None,
-            max_images=args.max_images,
-            request_timeout=args.request_timeout,
-            sampling_defaults=sampling_options(args),
-            system=getattr(args, "system", None) or DEFAULT_SYSTEM,
-        )
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port))
-        print(f"serving {model_id} at http://{args.host}:{args.port}/v1", flush=True)
-        try:
-            server.run()
-        except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the signal
-            pass
-    finally:
-        engine.stop()
+    )
+    app = create_app(
+        engine,
+        loaded.tokenizer,
+        model_id=model_id,
+        image_policy=ImagePolicy.strict(args.image_root, allow_remote=args.allow_remote_images),
+        api_key=args.api_key or None,
+        max_images=args.max_images,
+        request_timeout=args.request_timeout,
+        sampling_defaults=sampling_options(args),
+        system=getattr(args, "system", None) or DEFAULT_SYSTEM,
+    )
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port))
+
+    def shut_down() -> None:  # as uvicorn does in the main thread: gracefully, then at once
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    print(f"serving {model_id} at http://{args.host}:{args.port}/v1", flush=True)
+    # the engine in this thread, which loaded the model (see Engine.run); HTTP in another one
+    with interrupts_call(shut_down):
+        engine.run_while(server.run)  # uvicorn raises SystemExit when it cannot start (it logs why)
     return 0

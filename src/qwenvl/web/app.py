@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import threading
 from typing import Any
 
 from ..chat_format import DEFAULT_SYSTEM
@@ -93,16 +94,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    from ..frontend import load_from_args, sampling_options
+    """Load the model and serve the demo until interrupted (Ctrl-C or SIGTERM)."""
+    from ..frontend import interrupts_call, load_from_args, sampling_options
 
     loaded = load_from_args(args)
-    with Engine(loaded.model, decode_mode=getattr(args, "decode_mode", None) or "auto") as engine:
-        demo = build_demo(
-            loaded.model,
-            loaded.tokenizer,
-            generation_options=sampling_options(args),
-            system=getattr(args, "system", None) or DEFAULT_SYSTEM,
-            engine=engine,
-        )
-        launch(demo, host=args.host, port=args.port, share=args.share)
+    engine = Engine(loaded.model, decode_mode=getattr(args, "decode_mode", None) or "auto")
+    demo = build_demo(
+        loaded.model,
+        loaded.tokenizer,
+        generation_options=sampling_options(args),
+        system=getattr(args, "system", None) or DEFAULT_SYSTEM,
+        engine=engine,
+    )
+    interrupted = threading.Event()
+    try:
+        with interrupts_call(interrupted.set):
+            _, local_url, share_url = launch(
+                demo, host=args.host, port=args.port, share=args.share, block=False
+            )
+            print(f"the demo runs at {local_url}" + (f" and {share_url}" if share_url else ""), flush=True)
+            # the engine in this thread, which loaded the model (see Engine.run); gradio in its own
+            engine.run_while(interrupted.wait)
+    finally:
+        demo.close()
     return 0
