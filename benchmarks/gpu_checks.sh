@@ -9,7 +9,8 @@
 # 3. `real`, bf16, with every decode step's attention through SDPA instead of flash decoding;
 # 4. gpu_profile: matrix-vector bandwidth, decode attention (SDPA and flash decoding's share
 #    counts), and kernel breakdowns of encode, prefill and decode;
-# 5. `tiny` (small shapes: Python and launch overheads dominate).
+# 5. `tiny` (small shapes: Python and launch overheads dominate);
+# 6. `real`, bf16, briefly, with the load time of its 19 GB checkpoint (written first).
 # Tables go to the output, records (JSON) to OUTDIR. Each step has its own time limit and goes on when an earlier one fails, so one call brings back
 # every figure it can. Needs torch with CUDA, tiktoken, pillow, safetensors, transformers; the
 # package is used from src/ (no install).
@@ -37,3 +38,5 @@ step run_real_cuda_sdpa_decode 100 --config real --device cuda --sdpa-decode --d
 echo "== gpu_profile_real"
 timeout 120 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
 step run_tiny_cuda 60 --config tiny --device cuda --batch-sizes 8
+step run_real_cuda_load 150 --config real --device cuda --dtypes bf16 --batch-sizes 2 --decode-steps 4 \
+    --repeats 1 --engine-tokens 16 --load-time

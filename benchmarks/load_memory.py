@@ -62,15 +62,15 @@ def fast_random_state(config: dict[str, Any], seed: int) -> dict[str, torch.Tens
     return state
 
 
-def write_checkpoint(folder: str, shards: int, seed: int = 0) -> int:
+def write_checkpoint(folder: str, shards: int, seed: int = 0, config: dict[str, Any] = MID_CONFIG) -> int:
     """Config, generation config and bf16 .bin shards in `folder`; returns the weight files' bytes."""
     from qwenvl.random_checkpoint import GENERATION_CONFIG, save_weights
 
     os.makedirs(folder, exist_ok=True)
-    for name, data in (("config.json", MID_CONFIG), ("generation_config.json", GENERATION_CONFIG)):
+    for name, data in (("config.json", config), ("generation_config.json", GENERATION_CONFIG)):
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
-    files = save_weights(fast_random_state(MID_CONFIG, seed), folder, shards=shards, fmt="bin")
+    files = save_weights(fast_random_state(config, seed), folder, shards=shards, fmt="bin")
     return sum(os.path.getsize(path) for path in files)
 
 
@@ -86,14 +86,18 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
-def measure_load(folder: str, dtype_name: str) -> dict[str, Any]:
-    """Run in a child process: load once, report RSS figures and seconds."""
+def measure_load(folder: str, dtype_name: str, device: str = "cpu") -> dict[str, Any]:
+    """Run in a child process: load once onto `device`, report host RSS figures and seconds."""
     from qwenvl import QwenVLForCausalLM
 
     # current, not peak: a child's high-water mark can include its parent's pages at fork time
     baseline = current_rss_bytes()
     start = time.perf_counter()
-    model = QwenVLForCausalLM.from_pretrained(folder, **{dtype_name: True}, show_progress=False)
+    model = QwenVLForCausalLM.from_pretrained(
+        folder, **{dtype_name: True}, device_map=device, show_progress=False
+    )
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes()
     params = list(model.state_dict().values())

@@ -1,7 +1,8 @@
 """One benchmark run: decode fast path vs a growing-cache eager baseline, dtypes, batching, prefix reuse.
 
 Run: .venv/bin/python -m benchmarks.run --config tiny|mid|real --device cpu|cuda [--compile] [--no-fused]
-     [--sdpa-decode] [--dtypes fp32 bf16] [--batch-sizes 8 32 64] [--json PATH]
+     [--sdpa-decode] [--dtypes fp32 bf16] [--batch-sizes 8 32 64] [--engine-tokens 64]
+     [--[no-]load-time] [--threads N] [--json PATH]
 
 The model has random weights (values do not change the speed); each dtype is measured in a
 process of its own. Every ratio compares figures measured in this same run, on this same machine:
@@ -24,6 +25,10 @@ process of its own. Every ratio compares figures measured in this same run, on t
   Engine (its default decode mode: on CUDA a steady batch's step replayed as a CUDA graph) over
   the fast path's, bf16; on CUDA also engine_graphs_speedup, the Engine with graphs over the
   Engine without them (decode_mode "static").
+
+Besides the ratios: image encoding, time to first token, decode tokens/s per batch size, the
+second turn's latency, peak memory, and (`--load-time`, on by default but for real) the seconds
+`from_pretrained` takes to load a checkpoint of the config in each dtype.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -57,6 +63,7 @@ from .common import (
     save_record,
     time_call,
 )
+from .load_memory import measure_load, write_checkpoint
 from .model_speed import DTYPES, GREEDY, MIB, default_dtype, load_config, prompt_ids, tensor_bytes
 
 REAL_CONFIG = Path(__file__).parent.parent / "tests" / "data" / "real-qwen-vl-chat" / "config.json"
@@ -330,6 +337,23 @@ def engine_decode_timings(
     return out
 
 
+# -- loading a checkpoint ---------------------------------------------------------------------------
+
+CHECKPOINT_SHARDS = 10  # as the real Qwen-VL-Chat checkpoint's .bin files
+
+
+def checkpoint_load(config: dict, dtype_names: Sequence[str], device: torch.device) -> dict:
+    """Seconds of `from_pretrained` onto `device`, each dtype in a fresh process, from a bf16
+    checkpoint of `config` in the real one's layout (.bin shards and their index), which the
+    page cache holds (it was just written: a cold disk adds its read time)."""
+    with tempfile.TemporaryDirectory(prefix="qwenvl-benchmark-checkpoint-") as scratch:
+        folder = str(Path(scratch) / "checkpoint")
+        size = run_isolated(write_checkpoint, folder, CHECKPOINT_SHARDS, config=config)
+        loads = {name: run_isolated(measure_load, folder, name, str(device)) for name in dtype_names}
+    seconds = {name: load["seconds"] for name, load in loads.items()}
+    return {"format": "bin", "dtype": "bf16", "shards": CHECKPOINT_SHARDS, "bytes": size, "seconds": seconds}
+
+
 # -- one dtype, one run -----------------------------------------------------------------------------
 
 
@@ -421,6 +445,7 @@ def measure(
     bandwidth_mb: int | None = None,
     equal_steps: int = EQUAL_STEPS,
     engine_tokens: int = 64,
+    load_time: bool = True,
 ) -> dict:
     """Every figure of a run, with the plain-number ratios at the top level.
 
@@ -456,6 +481,9 @@ def measure(
         )
     peak_rss = max(r["peak_rss_bytes"] for r in dtypes.values())
     bandwidth_samples.append(memory_bandwidth(device, bandwidth_mb))
+    loaded = checkpoint_load(config, dtype_names, device) if load_time else None
+    for name, r in dtypes.items():
+        r["checkpoint_load_s"] = loaded["seconds"][name] if loaded else None
     bandwidth = max(bandwidth_samples)
     fast_1 = {name: r["decode_tokens_per_s_fast_batch1"] for name, r in dtypes.items()}
     speedups = {name: fast_1[name] / r["decode_tokens_per_s_eager_batch1"] for name, r in dtypes.items()}
@@ -504,6 +532,7 @@ def measure(
         "memory_bandwidth_bytes_per_s": bandwidth,
         "memory_bandwidth_before_and_after_bytes_per_s": bandwidth_samples,
         "peak_rss_bytes": peak_rss,
+        "checkpoint": loaded,
         "dtypes": dtypes,
     }
 
@@ -543,6 +572,8 @@ def table_rows(r: dict, bandwidth: float, batch_sizes: Sequence[int]) -> list[tu
     if "static" in engine:
         label = "engine decode, one request, no CUDA graphs (tokens/s)"
         rows.append((label, engine["static"]["tokens_per_s"]))
+    if r.get("checkpoint_load_s") is not None:
+        rows.append(("checkpoint load, bf16 .bin shards in the page cache (s)", r["checkpoint_load_s"]))
     if "peak_gpu_memory_bytes" in r:
         rows.append(("peak GPU memory (MiB)", r["peak_gpu_memory_bytes"] / MIB))
     if "peak_rss_bytes" in r:
@@ -640,6 +671,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)"
     )
+    parser.add_argument(
+        "--load-time",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="write a checkpoint of the config and time loading it (default: on, but for real, "
+        "whose 19 GB checkpoint takes a minute or two to write)",
+    )
     add_json_option(parser, "run_{config}_{device}.json")
     args = parser.parse_args(argv)
     if args.threads is not None:
@@ -662,6 +700,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         fused=False if args.no_fused else None,
         flash_decoding=False if args.sdpa_decode else None,
         engine_tokens=args.engine_tokens,
+        load_time=args.config != "real" if args.load_time is None else args.load_time,
     )
     print(report(results))
     path = json_path(args, "run_{config}_{device}.json")

@@ -1,4 +1,5 @@
-"""The benchmark run's eager baseline matches the fast path, and its record holds the five ratios."""
+"""The benchmark run's eager baseline matches the fast path, and its record holds the five ratios
+and the checkpoint's load time."""
 
 from __future__ import annotations
 
@@ -92,6 +93,10 @@ def test_tiny_record_has_the_five_ratios_as_numbers(tmp_path):
     assert record["engine_over_fast_path_decode"] > 0
     assert record["engine_graphs_speedup"] is None  # no graphs on CPU
     assert record["dtypes"]["bf16"]["engine_decode_batch1"]["auto"]["new_tokens"] == 3
+    loaded = record["checkpoint"]  # a checkpoint of the config, loaded in each dtype
+    assert loaded["shards"] == 10 and loaded["bytes"] > 0
+    assert loaded["seconds"].keys() == {"fp32", "bf16"} and min(loaded["seconds"].values()) > 0
+    assert "checkpoint load, bf16 .bin shards in the page cache (s)" in report(results)
 
 
 def test_one_dtype_leaves_the_cross_dtype_ratio_unmeasured():
@@ -105,7 +110,9 @@ def test_one_dtype_leaves_the_cross_dtype_ratio_unmeasured():
         repeats=1,
         bandwidth_mb=8,
         equal_steps=1,
+        load_time=False,
     )
     assert results["bf16_over_fp32_decode"] is None and results["second_turn_speedup"] is None
+    assert results["checkpoint"] is None and "checkpoint load" not in report(results)
     assert results["decode_speedup_vs_eager_dtype"] == "fp32" and results["decode_roofline_fraction"] > 0
     assert "not measured" in report(results)
