@@ -38,5 +38,5 @@ step run_real_cuda_sdpa_decode 100 --config real --device cuda --sdpa-decode --d
 echo "== gpu_profile_real"
 timeout 120 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
 step run_tiny_cuda 60 --config tiny --device cuda --batch-sizes 8
-step run_real_cuda_load 150 --config real --device cuda --dtypes bf16 --batch-sizes 2 --decode-steps 4 \
+step run_real_cuda_load 180 --config real --device cuda --dtypes bf16 --batch-sizes 2 --decode-steps 4 \
     --repeats 1 --engine-tokens 16 --load-time

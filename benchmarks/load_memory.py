@@ -46,31 +46,36 @@ TARGET_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # -- the checkpoint ---------------------------------------------------------------------------------
 
 
-def fast_random_state(config: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+def fast_random_state(config: dict[str, Any], seed: int, random: bool = True) -> dict[str, torch.Tensor]:
     """bf16 tensors with the checkpoint's names and shapes; values follow the shape of the real rule
     (norms near 1, the rest 0.02 N(0,1)) but come from torch's generator, which is ~50x faster than
-    the per-tensor numpy RandomState of `random_state_dict` and the values do not matter here."""
+    the per-tensor numpy RandomState of `random_state_dict` and the values do not matter here.
+    `random=False`: 0.02 everywhere, norms 1.1, faster still (a minute less for the real shapes on
+    2 cores), for figures that only time the reading."""
     from qwenvl.random_checkpoint import NORM_MODULES, parameter_shapes
 
     generator = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in sorted(parameter_shapes(config).items()):
-        values = torch.randn(shape, generator=generator).mul_(0.02)
+        values = torch.randn(shape, generator=generator).mul_(0.02) if random else torch.full(shape, 0.02)
         if name.endswith(".weight") and name.split(".")[-2] in NORM_MODULES:
             values = values.mul_(5.0).add_(1.0)  # 1 + 0.1 N(0,1)
         state[name] = values.to(torch.bfloat16)
     return state
 
 
-def write_checkpoint(folder: str, shards: int, seed: int = 0, config: dict[str, Any] = MID_CONFIG) -> int:
-    """Config, generation config and bf16 .bin shards in `folder`; returns the weight files' bytes."""
+def write_checkpoint(
+    folder: str, shards: int, seed: int = 0, config: dict[str, Any] = MID_CONFIG, random: bool = True
+) -> int:
+    """Config, generation config and bf16 .bin shards in `folder` (values: `fast_random_state`);
+    returns the weight files' bytes."""
     from qwenvl.random_checkpoint import GENERATION_CONFIG, save_weights
 
     os.makedirs(folder, exist_ok=True)
     for name, data in (("config.json", config), ("generation_config.json", GENERATION_CONFIG)):
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
-    files = save_weights(fast_random_state(config, seed), folder, shards=shards, fmt="bin")
+    files = save_weights(fast_random_state(config, seed, random), folder, shards=shards, fmt="bin")
     return sum(os.path.getsize(path) for path in files)
 
 
