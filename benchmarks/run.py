@@ -17,7 +17,8 @@ process of its own. Every ratio compares figures measured in this same run, on t
 - batchN_over_batch1_throughput (N of --batch-sizes): fast-path decode tokens/s of N rows over
   1 row, bf16.
 - second_turn_speedup: time to first token of a conversation's second turn about the same image,
-  without prefix reuse over with it (Engine with prefix_cache_entries=0 vs > 0), bf16.
+  without prefix reuse over with it (Engine with prefix_cache_entries=0 vs > 0), bf16;
+  chat_second_turn_speedup the same through model.chat, without a PrefixCache over with one.
 - decode_roofline_fraction: bytes of LLM weights read per decode step x tokens/s over the memory
   bandwidth of a large tensor copy (the higher of a reading before the models and one after),
   bf16 (per dtype in decode_roofline_fraction_per_dtype).
@@ -45,7 +46,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from qwenvl import QwenVLConfig, QwenVLForCausalLM, QwenVLTokenizer, fused_decode, make_context
+from qwenvl import PrefixCache, QwenVLConfig, QwenVLForCausalLM, QwenVLTokenizer, fused_decode, make_context
 from qwenvl.cache import KVCache
 from qwenvl.chat_format import DEFAULT_SYSTEM
 from qwenvl.config import LLMConfig
@@ -296,6 +297,35 @@ def second_turn_timings(
     return out
 
 
+def chat_second_turn(
+    model: QwenVLForCausalLM, tokenizer: QwenVLTokenizer, reuse: bool, reply_tokens: int
+) -> float:
+    """Seconds of `model.chat`'s second turn (one new token) about a picture file, with a
+    PrefixCache passed to both turns or without one."""
+    image, _ = first_turn(tokenizer)
+    cache = PrefixCache() if reuse else None
+    options = {"do_sample": False, "prefix_cache": cache}
+    with tempfile.TemporaryDirectory(prefix="qwenvl-benchmark-") as folder:
+        path = Path(folder) / "red.png"
+        image.save(path)
+        first = FIRST_QUESTION.replace("x.png", str(path))
+        _, history = model.chat(tokenizer, first, max_new_tokens=reply_tokens, **options)
+        start = time.perf_counter()
+        model.chat(tokenizer, SECOND_QUESTION, history=history, max_new_tokens=1, **options)
+        return time.perf_counter() - start
+
+
+def chat_second_turn_timings(
+    model: QwenVLForCausalLM, tokenizer: QwenVLTokenizer, repeats: int, reply_tokens: int = 8
+) -> dict:
+    return {
+        name: Timing(
+            [chat_second_turn(model, tokenizer, reuse, reply_tokens) for _ in range(repeats + 1)][1:]
+        ).as_dict()
+        for name, reuse in (("reuse", True), ("no_reuse", False))
+    }
+
+
 # -- a request through the serving engine -----------------------------------------------------------
 
 
@@ -340,6 +370,7 @@ def engine_decode_timings(
 # -- loading a checkpoint ---------------------------------------------------------------------------
 
 CHECKPOINT_SHARDS = 10  # as the real Qwen-VL-Chat checkpoint's .bin files
+LOAD_LABEL = "checkpoint load, bf16 .bin shards in the page cache (s)"
 
 
 def checkpoint_load(config: dict, dtype_names: Sequence[str], device: torch.device) -> dict:
@@ -420,6 +451,7 @@ def measure_dtype(
     }
     if with_second_turn:  # the serving dtype: the engine's figures
         result["second_turn_time_to_first_token"] = second_turn_timings(model, tokenizer, repeats)
+        result["chat_second_turn"] = chat_second_turn_timings(model, tokenizer, repeats)
         result["engine_decode_batch1"] = engine_decode_timings(model, tokenizer, engine_tokens, repeats)
     if device.type == "cuda":
         result["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -483,8 +515,6 @@ def measure(
     peak_rss = max(r["peak_rss_bytes"] for r in dtypes.values())
     bandwidth_samples.append(memory_bandwidth(device, bandwidth_mb))
     loaded = checkpoint_load(config, dtype_names, device) if load_time else None
-    for name, r in dtypes.items():
-        r["checkpoint_load_s"] = loaded["seconds"][name] if loaded else None
     bandwidth = max(bandwidth_samples)
     fast_1 = {name: r["decode_tokens_per_s_fast_batch1"] for name, r in dtypes.items()}
     speedups = {name: fast_1[name] / r["decode_tokens_per_s_eager_batch1"] for name, r in dtypes.items()}
@@ -492,6 +522,7 @@ def measure(
     # batching and the second turn are judged in bf16, the serving dtype
     serving = dtypes.get("bf16") or next(iter(dtypes.values()))
     turn = serving.get("second_turn_time_to_first_token")
+    chat = serving.get("chat_second_turn")
     engine = serving.get("engine_decode_batch1", {})
     headline = default_dtype_name(device) if default_dtype_name(device) in dtypes else next(iter(dtypes))
     return {
@@ -521,6 +552,9 @@ def measure(
         },
         "second_turn_speedup": (
             turn["no_reuse"]["median_s"] / turn["reuse"]["median_s"] if turn is not None else None
+        ),
+        "chat_second_turn_speedup": (
+            chat["no_reuse"]["median_s"] / chat["reuse"]["median_s"] if chat is not None else None
         ),
         "engine_over_fast_path_decode": (
             engine["auto"]["tokens_per_s"] / serving["decode_tokens_per_s_fast_batch1"] if engine else None
@@ -567,14 +601,18 @@ def table_rows(r: dict, bandwidth: float, batch_sizes: Sequence[int]) -> list[tu
             ("turn 2 first token, prefix reused (ms)", turn["reuse"]["median_s"] * 1e3),
             ("turn 2 first token, whole prompt (ms)", turn["no_reuse"]["median_s"] * 1e3),
         ]
+    chat = r.get("chat_second_turn")
+    if chat is not None:
+        rows += [
+            ("model.chat turn 2, one token, PrefixCache (ms)", chat["reuse"]["median_s"] * 1e3),
+            ("model.chat turn 2, one token, whole prompt (ms)", chat["no_reuse"]["median_s"] * 1e3),
+        ]
     engine = r.get("engine_decode_batch1", {})
     if "auto" in engine:
         rows.append(("engine decode, one request (tokens/s)", engine["auto"]["tokens_per_s"]))
     if "static" in engine:
         label = "engine decode, one request, no CUDA graphs (tokens/s)"
         rows.append((label, engine["static"]["tokens_per_s"]))
-    if r.get("checkpoint_load_s") is not None:
-        rows.append(("checkpoint load, bf16 .bin shards in the page cache (s)", r["checkpoint_load_s"]))
     if "peak_gpu_memory_bytes" in r:
         rows.append(("peak GPU memory (MiB)", r["peak_gpu_memory_bytes"] / MIB))
     if "peak_rss_bytes" in r:
@@ -597,6 +635,10 @@ def ratio_rows(results: dict) -> list[list]:
             if b != 1
         ],
         ["second_turn_speedup (bf16)", results["second_turn_speedup"]],
+        [
+            "chat_second_turn_speedup (bf16, model.chat with a PrefixCache)",
+            results.get("chat_second_turn_speedup"),
+        ],
         ["decode_roofline_fraction (bf16)", results["decode_roofline_fraction"]],
         ["engine_over_fast_path_decode (bf16, batch 1)", results["engine_over_fast_path_decode"]],
         ["engine_graphs_speedup (bf16, batch 1)", results["engine_graphs_speedup"]],
@@ -623,6 +665,9 @@ def report(results: dict) -> str:
     columns = {
         name: dict(table_rows(r, bandwidth, results["batch_sizes"])) for name, r in results["dtypes"].items()
     }
+    if results.get("checkpoint") is not None:  # records before it had none
+        for name, column in columns.items():
+            column[LOAD_LABEL] = results["checkpoint"]["seconds"][name]
     labels = list(dict.fromkeys(label for column in columns.values() for label in column))
     rows = [[label, *(column.get(label, "") for column in columns.values())] for label in labels]
     parameters = next(iter(results["dtypes"].values()))["parameters"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from qwenvl import make_context
-from qwenvl.conversation import Message, build_prompt
+from qwenvl.conversation import Message, build_prompt, image_name
 
 
 def test_prompt_matches_list_format_and_orders_images(tokenizer):
@@ -13,14 +13,25 @@ def test_prompt_matches_list_format_and_orders_images(tokenizer):
     history = [(Message([red, "What is this?"]), "A red square.")]
     query = Message([blue, green, "And these?"])
     prompt = build_prompt(tokenizer, query, history)
+    r, b, g = (image_name(image) for image in (red, blue, green))
     expected = make_context(
         tokenizer,
-        "Picture 1: <img>image-2</img>\nPicture 2: <img>image-3</img>\nAnd these?",
-        history=[("Picture 1: <img>image-1</img>\nWhat is this?", "A red square.")],
+        f"Picture 1: <img>{b}</img>\nPicture 2: <img>{g}</img>\nAnd these?",
+        history=[(f"Picture 1: <img>{r}</img>\nWhat is this?", "A red square.")],
         system="You are a helpful assistant.",
     )
     assert (prompt.text, prompt.ids) == expected
     assert prompt.images == [red, blue, green]
+
+
+def test_a_picture_is_named_by_its_pixels(tokenizer):
+    red = Image.new("RGB", (8, 8), "red")
+    assert image_name(red) == image_name(red.copy()) != image_name(Image.new("RGB", (8, 8), "blue"))
+    assert image_name(red) != image_name(Image.new("RGB", (8, 9), "red"))
+    assert image_name(red) != image_name(red.convert("RGBA"))
+    # the same picture twice in a conversation: two spans with the same name, one image each
+    prompt = build_prompt(tokenizer, Message([red, red.copy(), "Same?"]))
+    assert len(prompt.images) == 2 and all(image is red or image == red for image in prompt.images)
 
 
 def test_dropped_turns_drop_their_images(tokenizer):

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from qwenvl import make_context
+from qwenvl.conversation import Message, build_prompt
 from qwenvl.engine import STEADY_STEPS, Engine, EngineBusyError, EngineStoppedError
 from qwenvl.generation import PromptTooLongError, SamplingParams, generate_tokens
-from qwenvl.images import load_image
+from qwenvl.images import load_image, preprocess
 
 pytestmark = pytest.mark.usefixtures("in_golden_dir")
 GREEDY = SamplingParams(max_new_tokens=10)
+IMAGE_START = 151857  # <img>
 
 
 def alone(model, prompt, params=GREEDY):
@@ -56,6 +58,24 @@ def test_second_turn_reuses_the_first(tiny_model, tokenizer):
         got = list(handle)
     assert handle.reused_tokens > 258  # the image span and the history were not run again
     assert got == alone(tiny_model, second)
+
+
+def test_another_picture_behind_the_same_words_is_not_reused(tiny_model, tokenizer):
+    """Two users ask the same question about different pictures: the second answer is about the
+    second picture, not read from the first one's keys and values."""
+    question = Message(["What is in this picture?"])
+    prompts = []
+    with Engine(tiny_model) as engine:
+        for name in ("shapes.png", "texture.png"):
+            message = Message([load_image(f"images/{name}"), *question.parts])
+            prompt = build_prompt(tokenizer, message)
+            prompts.append(prompt)
+            handle = engine.submit(prompt.ids, GREEDY, prompt.images)
+            got = list(handle)
+        assert handle.reused_tokens <= prompts[1].ids.index(IMAGE_START)  # words before the picture only
+    features = tiny_model.transformer.visual(preprocess(prompts[1].images, 448))
+    expected = generate_tokens(tiny_model, [prompts[1].ids], GREEDY, features)[0]
+    assert got == expected
 
 
 def test_stop_words_and_sampling_seed(tiny_model, tokenizer):

@@ -3,6 +3,7 @@
 from .chat_format import decode_reply, get_stop_words_ids, make_context
 from .config import QwenVLConfig
 from .model import QwenVLForCausalLM
+from .prefix_cache import PrefixCache
 from .tokenizer import QWenTokenizer, QwenVLTokenizer
 from .transformers_registration import register
 
@@ -10,6 +11,7 @@ register()
 
 __all__ = [
     "DEMO_MODEL",
+    "PrefixCache",
     "QWenTokenizer",
     "QwenVLConfig",
     "QwenVLForCausalLM",

@@ -19,6 +19,7 @@ from types import ModuleType
 from typing import Any, TextIO
 
 from . import frontend
+from .prefix_cache import PrefixCache
 
 MAIN_EPILOG = """\
 examples:
@@ -226,11 +227,20 @@ def _check_images(references: list[str]) -> None:
             load_image(reference)
 
 
-def _answer(loaded: frontend.LoadedModel, args, query: str, history: list, echo: TextIO | None) -> Answer:
+def _answer(
+    loaded: frontend.LoadedModel,
+    args,
+    query: str,
+    history: list,
+    echo: TextIO | None,
+    prefix_cache: PrefixCache | None = None,
+) -> Answer:
     """Generate a reply with chat_stream, writing each new piece of text to `echo` as it arrives."""
     options: dict[str, Any] = frontend.sampling_options(args)
     if args.system is not None:
         options["system"] = args.system
+    if prefix_cache is not None:
+        options["prefix_cache"] = prefix_cache
     started = time.perf_counter()
     first, text, shown = None, "", ""
     for text in loaded.model.chat_stream(loaded.tokenizer, query, history=history, **options):
@@ -315,6 +325,8 @@ class ChatSession:
     images: list[str] = field(default_factory=list)  # attached to the next question
     history: list[tuple[str, str]] = field(default_factory=list)
     turns: int = 0  # never reset, so a cleared conversation does not overwrite earlier pictures
+    # the conversation's keys and values: a turn runs only its new tokens through the model
+    prefix_cache: PrefixCache = field(default_factory=PrefixCache)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -355,6 +367,7 @@ def _chat_command(session: ChatSession, line: str) -> bool:
     elif name == "clear":
         session.history.clear()
         session.images.clear()
+        session.prefix_cache.clear()
         print("(conversation cleared)")
     elif name == "history":
         _show_history(session)
@@ -392,7 +405,9 @@ def _chat_turn(session: ChatSession, question: str) -> None:
     session.images = []
     print(REPLY_PREFIX, end="", flush=True)
     try:
-        answer = _answer(session.loaded, session.args, query, session.history, echo=sys.stdout)
+        answer = _answer(
+            session.loaded, session.args, query, session.history, sys.stdout, session.prefix_cache
+        )
     except KeyboardInterrupt:
         print("\n(reply interrupted)")
         return

@@ -1,13 +1,15 @@
 """Conversations whose images are already loaded: prompt ids plus the images they reference.
 
 Front ends (server, web demo, CLI) load images themselves under their own policy, then build the
-prompt here. Each image gets a placeholder reference in its span (the span's content is replaced
-by the image's features, so the name never reaches the model), and user text is always plain
-text: it can never open a file or become a control token.
+prompt here. Each image gets a placeholder reference in its span, a digest of its pixels (the
+span's content is replaced by the image's features, so the name never reaches the model, but it
+tells pictures apart for prefix reuse), and user text is always plain text: it can never open a
+file or become a control token.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -51,7 +53,7 @@ def build_prompt(
             if isinstance(part, str):
                 parts.append({"text": part})
             else:
-                name = f"image-{len(named) + 1}"
+                name = image_name(part)
                 named[name] = part
                 parts.append({"image": name})
         return parts
@@ -59,3 +61,12 @@ def build_prompt(
     turns = [(content(m), reply) for m, reply in history]
     text, ids = make_context(tokenizer, content(query), turns, system, max_window_size, chat_format)
     return Prompt(ids, [named[name] for name in tokenizer.image_references(ids)], text)
+
+
+def image_name(image) -> str:
+    """The reference a loaded picture gets in its span: a digest of its pixels. The same picture
+    gets the same tokens, so a later turn reuses its keys and values (engine.py); another picture
+    behind the same words gets other tokens, so it never reuses a stranger's."""
+    digest = hashlib.blake2b(f"{image.mode} {image.size}".encode(), digest_size=12)
+    digest.update(image.tobytes())
+    return f"image-{digest.hexdigest()}"

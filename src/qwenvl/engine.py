@@ -20,7 +20,6 @@ import itertools
 import logging
 import queue
 import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -31,8 +30,8 @@ from . import fused_decode
 from .cache import KVCache
 from .cpu_weights import head_logits
 from .generation import PromptTooLongError, SamplingParams, choose_tokens, decode_step, is_finished
-from .model.llm import ntk_alpha
 from .model.qwenvl import image_span_starts
+from .prefix_cache import PrefixCache
 from .static_decode import DecodeRunner, static_decode_step
 
 logger = logging.getLogger(__name__)
@@ -138,41 +137,6 @@ class _Row:
     finish_reason: str | None = None  # set once the row's last event is published
 
 
-class PrefixStore:
-    """Finished sequences' KV rows, most recent last, keyed by their token ids."""
-
-    def __init__(self, max_entries: int):
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
-
-    def add(self, tokens: Sequence[int], cache: KVCache) -> None:
-        if self.max_entries <= 0:
-            return
-        key = tuple(tokens)
-        self._entries[key] = cache
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
-
-    def longest_prefix(self, prompt: Sequence[int]) -> tuple[int, KVCache | None]:
-        """(shared length, cache) of the stored sequence sharing the longest prefix with `prompt`."""
-        best, best_cache = 0, None
-        for tokens, cache in self._entries.items():
-            shared = _shared_prefix(tokens, prompt)
-            if shared > best:
-                best, best_cache = shared, cache
-        return best, best_cache
-
-
-def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def concat_caches(caches: Sequence[KVCache]) -> KVCache:
     """One cache holding the rows of all `caches` (capacity: the largest)."""
     capacity = max(c.capacity for c in caches)
@@ -208,7 +172,7 @@ class Engine:
         self.model = model
         self.max_batch_size = max_batch_size
         self._waiting: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
-        self._prefixes = PrefixStore(prefix_cache_entries)
+        self._prefixes = PrefixCache(prefix_cache_entries)
         self._ids = itertools.count(1)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None  # start()'s
@@ -375,7 +339,7 @@ class Engine:
         max_new = min(params.max_new_tokens, model.config.max_position_embeddings - len(prompt))
         llm = model.transformer.llm_config
         cache = KVCache(llm, 1, len(prompt) + max(max_new, 1), self.dtype, self.device)
-        start = self._reuse_prefix(prompt, cache)
+        start = self._prefixes.restore(model, prompt, cache)
         request.handle.reused_tokens = start
         span_starts = [p for _, p in image_span_starts(torch.as_tensor([prompt]), llm_image_start(model))]
         first_new_image = sum(1 for p in span_starts if p < start)
@@ -394,27 +358,6 @@ class Engine:
             row.seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=self.device)
             row.seen[0, torch.as_tensor(prompt, device=self.device)] = True
         return row, cache
-
-    def _reuse_prefix(self, prompt: list[int], cache: KVCache) -> int:
-        """Copy the longest stored prefix into `cache`; the number of prompt tokens it covers."""
-        shared, stored = self._prefixes.longest_prefix(prompt)
-        # keep one token to run, and never cut an image span in two
-        shared = min(shared, len(prompt) - 1)
-        starts = [p for _, p in image_span_starts(torch.as_tensor([prompt]), llm_image_start(self.model))]
-        span = self.model.transformer.vision_config.n_queries + 2
-        for p in starts:
-            if p < shared < p + span:
-                shared = p
-        alpha = ntk_alpha(len(prompt), self.model.transformer.llm_config)
-        # the stored keys were rotated with their own prefill's NTK alpha: reuse only when it matches
-        if stored is None or shared <= 0 or float(stored.ntk_alpha[0]) != alpha:
-            return 0
-        cache.keys[:, :, :, :shared] = stored.keys[:, :, :, :shared]
-        cache.values[:, :, :, :shared] = stored.values[:, :, :, :shared]
-        cache.lengths.fill_(shared)
-        cache.ntk_alpha.fill_(alpha)
-        cache.inv_freq.copy_(stored.inv_freq)
-        return shared
 
     def _step(self) -> None:
         """Decode one token for every running row."""
@@ -476,12 +419,7 @@ class Engine:
 
     def _remember(self, index: int, row: _Row) -> None:
         # the cache holds the prompt and every generated token but the last, which was never fed back
-        tokens = row.request.prompt + row.generated[:-1]
-        length = len(tokens)
-        stored = self._cache.select([index])
-        stored.keys = stored.keys[:, :, :, :length].clone()
-        stored.values = stored.values[:, :, :, :length].clone()
-        self._prefixes.add(tokens, stored)
+        self._prefixes.keep(row.request.prompt + row.generated[:-1], self._cache.select([index]))
 
     def _fail_all(self, error: BaseException) -> None:
         for row in self._rows:

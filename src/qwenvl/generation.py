@@ -196,27 +196,44 @@ def context_limit(model) -> int:
     return model.config.max_position_embeddings
 
 
-def stream_tokens(
-    model,
-    prompts: Sequence[Sequence[int]],
-    params: SamplingParams,
-    image_features: torch.Tensor | None = None,
-) -> Iterator[list[int | None]]:
-    """Yield, at each step, the new token of every row (None for a row that has finished).
-
-    A row finishes after a stop word or the end-of-text id (both are yielded), or at max_new_tokens.
-    """
+def max_new_tokens(model, prompts: Sequence[Sequence[int]], params: SamplingParams) -> int:
+    """How many tokens the prompts may get (0 or less: none); PromptTooLongError past the context."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     limit = context_limit(model)
     longest = max(len(p) for p in prompts)
     if longest > limit:
         raise PromptTooLongError(f"the prompt is {longest} tokens; the model's context window is {limit}")
-    max_new = min(params.max_new_tokens, limit - longest)
+    return min(params.max_new_tokens, limit - longest)
+
+
+def new_cache(model, prompts: Sequence[Sequence[int]], params: SamplingParams) -> KVCache:
+    """An empty cache with room for the prompts and the tokens they may get."""
+    room = max(len(p) for p in prompts) + max(max_new_tokens(model, prompts, params), 0)
+    param = next(model.parameters())
+    return KVCache(model.transformer.llm_config, len(prompts), room, param.dtype, param.device)
+
+
+def stream_tokens(
+    model,
+    prompts: Sequence[Sequence[int]],
+    params: SamplingParams,
+    image_features: torch.Tensor | None = None,
+    cache: KVCache | None = None,
+) -> Iterator[list[int | None]]:
+    """Yield, at each step, the new token of every row (None for a row that has finished).
+
+    A row finishes after a stop word or the end-of-text id (both are yielded), or at max_new_tokens.
+    `cache` (from `new_cache`, else one is made) may already hold the start of each row's prompt
+    (`PrefixCache.restore`): only the rest runs, and `image_features` are those of its images.
+    """
+    max_new = max_new_tokens(model, prompts, params)
     if max_new <= 0:
         return
     param = next(model.parameters())
-    cache = KVCache(model.transformer.llm_config, len(prompts), longest + max_new, param.dtype, param.device)
+    if cache is None:
+        cache = new_cache(model, prompts, params)
+    starts = cache.lengths.tolist()
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=param.device).manual_seed(params.seed)
@@ -228,7 +245,9 @@ def stream_tokens(
 
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    logits = prefill(model, prompts, cache, image_features)
+    logits = prefill(
+        model, [p[start:] for p, start in zip(prompts, starts, strict=True)], cache, image_features
+    )
     advance = make_decoder(model, cache, params.decode_mode)
     for step in range(max_new):
         tokens = choose_tokens(logits, params, seen, generator)

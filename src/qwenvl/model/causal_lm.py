@@ -19,7 +19,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..chat_format import DEFAULT_SYSTEM, decode_reply, get_stop_words_ids, make_context, streamable_prefix
 from ..config import QwenVLConfig
-from ..generation import SamplingParams, generate_tokens, stream_tokens
+from ..generation import SamplingParams, generate_tokens, new_cache, stream_tokens
+from ..prefix_cache import PrefixCache
 from ..tokenizer import image_references
 from .llm import RMSNorm
 from .qwenvl import QWenModel
@@ -218,8 +219,24 @@ class QwenVLForCausalLM(PreTrainedModel):
         _, prompt = make_context(tokenizer, query, history, system, max_window, chat_format)
         params = self._sampling_params(config, kwargs)
         params = params.with_stop_words(stop_words_ids + get_stop_words_ids(chat_format, tokenizer))
-        features = self._features_for_ids(torch.as_tensor([prompt]))
-        return prompt, params, features, chat_format
+        return prompt, params, chat_format
+
+    def _reply_tokens(
+        self, prompt: list[int], params: SamplingParams, prefix_cache: PrefixCache | None
+    ) -> Iterator[int]:
+        """The reply's tokens as they come. With a prefix cache, the part of the prompt it holds
+        (the conversation so far, images included) is not run again, and the finished turn is kept
+        in it for the next one."""
+        cache = new_cache(self, [prompt], params)
+        start = prefix_cache.restore(self, prompt, cache) if prefix_cache is not None else 0
+        features = self._features_for_ids(torch.as_tensor([prompt[start:]]))
+        new: list[int] = []
+        for step in stream_tokens(self, [prompt], params, features, cache):
+            new.append(step[0])
+            yield step[0]
+        if prefix_cache is not None and new:
+            # the cache holds every generated token but the last, which was never fed back
+            prefix_cache.keep(prompt + new[:-1], cache)
 
     @torch.no_grad()
     def chat(
@@ -229,13 +246,18 @@ class QwenVLForCausalLM(PreTrainedModel):
         history: Sequence[tuple[str, str]] | None = None,
         system: str = DEFAULT_SYSTEM,
         generation_config: Any = None,
+        prefix_cache: PrefixCache | None = None,
         **kwargs: Any,
     ) -> tuple[str, list[tuple[str, str]]]:
-        """One turn of conversation: (response, history with (query, response) appended)."""
-        prompt, params, features, chat_format = self._chat_prompt(
+        """One turn of conversation: (response, history with (query, response) appended).
+
+        `prefix_cache`: a `qwenvl.PrefixCache` passed to every turn of one conversation; each turn
+        then runs only its new tokens through the model (the same reply as without it).
+        """
+        prompt, params, chat_format = self._chat_prompt(
             tokenizer, query, history, system, generation_config, kwargs
         )
-        new = generate_tokens(self, [prompt], params, features)[0]
+        new = list(self._reply_tokens(prompt, params, prefix_cache))
         response = decode_reply(tokenizer, new, chat_format)
         return response, [*(tuple(turn) for turn in history or ()), (query, response)]
 
@@ -247,16 +269,18 @@ class QwenVLForCausalLM(PreTrainedModel):
         history: Sequence[tuple[str, str]] | None = None,
         system: str = DEFAULT_SYSTEM,
         generation_config: Any = None,
+        prefix_cache: PrefixCache | None = None,
         **kwargs: Any,
     ) -> Iterator[str]:
-        """Yield the growing reply as tokens arrive (complete characters only)."""
-        prompt, params, features, chat_format = self._chat_prompt(
+        """Yield the growing reply as tokens arrive (complete characters only); `prefix_cache` as
+        in `chat`."""
+        prompt, params, chat_format = self._chat_prompt(
             tokenizer, query, history, system, generation_config, kwargs
         )
         new: list[int] = []
         shown = ""
-        for step in stream_tokens(self, [prompt], params, features):
-            new.append(step[0])
+        for token in self._reply_tokens(prompt, params, prefix_cache):
+            new.append(token)
             text = streamable_prefix(decode_reply(tokenizer, new, chat_format), chat_format)
             if len(text) > len(shown):
                 shown = text
