@@ -60,22 +60,26 @@ def test_second_turn_reuses_the_first(tiny_model, tokenizer):
     assert got == alone(tiny_model, second)
 
 
-def test_another_picture_behind_the_same_words_is_not_reused(tiny_model, tokenizer):
+@pytest.mark.parametrize("named_by", ["build_prompt", "the caller"])
+def test_another_picture_behind_the_same_words_is_not_reused(tiny_model, tokenizer, named_by):
     """Two users ask the same question about different pictures: the second answer is about the
-    second picture, not read from the first one's keys and values."""
-    question = Message(["What is in this picture?"])
-    prompts = []
+    second picture, not read from the first one's keys and values; also when the caller's prompt
+    gives both pictures the same reference."""
+    prompts, images = [], []
     with Engine(tiny_model) as engine:
         for name in ("shapes.png", "texture.png"):
-            message = Message([load_image(f"images/{name}"), *question.parts])
-            prompt = build_prompt(tokenizer, message)
+            image = load_image(f"images/{name}")
+            if named_by == "build_prompt":
+                prompt = build_prompt(tokenizer, Message([image, "What is in this picture?"])).ids
+            else:
+                prompt = make_context(tokenizer, "Picture 1: <img>x.png</img>\nWhat is in this picture?")[1]
             prompts.append(prompt)
-            handle = engine.submit(prompt.ids, GREEDY, prompt.images)
+            images.append(image)
+            handle = engine.submit(prompt, GREEDY, [image])
             got = list(handle)
-        assert handle.reused_tokens <= prompts[1].ids.index(IMAGE_START)  # words before the picture only
-    features = tiny_model.transformer.visual(preprocess(prompts[1].images, 448))
-    expected = generate_tokens(tiny_model, [prompts[1].ids], GREEDY, features)[0]
-    assert got == expected
+        assert handle.reused_tokens <= prompts[1].index(IMAGE_START)  # words before the picture only
+    features = tiny_model.transformer.visual(preprocess([images[1]], 448))
+    assert got == generate_tokens(tiny_model, [prompts[1]], GREEDY, features)[0]
 
 
 def test_stop_words_and_sampling_seed(tiny_model, tokenizer):

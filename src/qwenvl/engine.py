@@ -28,6 +28,7 @@ import torch
 
 from . import fused_decode
 from .cache import KVCache
+from .conversation import image_name
 from .cpu_weights import head_logits
 from .generation import PromptTooLongError, SamplingParams, choose_tokens, decode_step, is_finished
 from .model.qwenvl import image_span_starts
@@ -122,6 +123,7 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     images: list  # PIL images, one per image span of the prompt, in order
+    pictures: tuple[str, ...]  # their digests (conversation.image_name), for prefix reuse
 
 
 @dataclass
@@ -295,7 +297,8 @@ class Engine:
         handle = RequestHandle(next(self._ids), loop)
         handle.prompt_tokens = len(prompt)
         try:
-            self._waiting.put_nowait(_Request(handle, prompt, params, list(images)))
+            request = _Request(handle, prompt, params, list(images), tuple(image_name(i) for i in images))
+            self._waiting.put_nowait(request)
         except queue.Full:
             raise EngineBusyError(f"{self._waiting.maxsize} requests are already waiting") from None
         return handle
@@ -339,7 +342,7 @@ class Engine:
         max_new = min(params.max_new_tokens, model.config.max_position_embeddings - len(prompt))
         llm = model.transformer.llm_config
         cache = KVCache(llm, 1, len(prompt) + max(max_new, 1), self.dtype, self.device)
-        start = self._prefixes.restore(model, prompt, cache)
+        start = self._prefixes.restore(model, prompt, cache, request.pictures)
         request.handle.reused_tokens = start
         span_starts = [p for _, p in image_span_starts(torch.as_tensor([prompt]), llm_image_start(model))]
         first_new_image = sum(1 for p in span_starts if p < start)
@@ -419,7 +422,8 @@ class Engine:
 
     def _remember(self, index: int, row: _Row) -> None:
         # the cache holds the prompt and every generated token but the last, which was never fed back
-        self._prefixes.keep(row.request.prompt + row.generated[:-1], self._cache.select([index]))
+        tokens, pictures = row.request.prompt + row.generated[:-1], row.request.pictures
+        self._prefixes.keep(tokens, self._cache.select([index]), pictures)
 
     def _fail_all(self, error: BaseException) -> None:
         for row in self._rows:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -18,12 +19,23 @@ from .model.llm import ntk_alpha
 from .model.qwenvl import image_span_starts
 
 
+@dataclass
+class _Stored:
+    cache: KVCache  # batch 1, exactly as long as the tokens
+    pictures: tuple[str, ...]  # digests of the images of the tokens' spans, in order; () if not known
+
+
 class PrefixCache:
-    """Finished sequences' keys and values (batch-1 caches), most recent last, keyed by their ids."""
+    """Finished sequences' keys and values (batch-1 caches), most recent last, keyed by their ids.
+
+    A sequence's images may be given as digests (`conversation.image_name`): a span is then only
+    reused for the same picture, whatever reference it names. Without them (`model.chat`, whose
+    spans name files), the references alone tell pictures apart.
+    """
 
     def __init__(self, max_entries: int = 1):
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
+        self._entries: OrderedDict[tuple[int, ...], _Stored] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -31,50 +43,59 @@ class PrefixCache:
     def clear(self) -> None:
         self._entries.clear()
 
-    def keep(self, tokens: Sequence[int], cache: KVCache) -> None:
+    def keep(self, tokens: Sequence[int], cache: KVCache, pictures: Sequence[str] = ()) -> None:
         """Remember `tokens`, whose keys and values are the first len(tokens) of the batch-1 `cache`
-        (a copy of just those is kept)."""
+        (a copy of just those is kept), and the digests of their spans' images."""
         if self.max_entries <= 0:
             return
         stored = cache.select([0])
         stored.keys = stored.keys[:, :, :, : len(tokens)].clone()
         stored.values = stored.values[:, :, :, : len(tokens)].clone()
         key = tuple(tokens)
-        self._entries[key] = stored
+        self._entries[key] = _Stored(stored, tuple(pictures))
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def restore(self, model, prompt: Sequence[int], cache: KVCache) -> int:
+    def restore(self, model, prompt: Sequence[int], cache: KVCache, pictures: Sequence[str] = ()) -> int:
         """Copy the longest stored prefix of `prompt` that can be reused into the fresh batch-1
-        `cache`; the number of prompt tokens it covers (0: none)."""
-        shared, stored = self._longest_prefix(prompt)
-        # keep one token to run, and never cut an image span in two
-        shared = min(shared, len(prompt) - 1)
+        `cache`; the number of prompt tokens it covers (0: none). `pictures`: as in `keep`."""
         visual = model.transformer.vision_config
-        span = visual.n_queries + 2
-        for _, start in image_span_starts(torch.as_tensor([list(prompt)]), visual.image_start_id):
-            if start < shared < start + span:
-                shared = start
+        starts = image_span_starts(torch.as_tensor([list(prompt)]), visual.image_start_id)
+        spans = [(start, start + visual.n_queries + 2) for _, start in starts]
+        best, stored = 0, None
+        for tokens, entry in self._entries.items():
+            # keep one token to run
+            shared = min(_shared_prefix(tokens, prompt), len(prompt) - 1)
+            shared = _before_other_pictures(shared, spans, entry.pictures, pictures)
+            if shared > best:
+                best, stored = shared, entry.cache
         alpha = ntk_alpha(len(prompt), model.transformer.llm_config)
         # the stored keys were rotated with their own prefill's NTK alpha: reuse only when it matches
-        if stored is None or shared <= 0 or float(stored.ntk_alpha[0]) != alpha:
+        if stored is None or float(stored.ntk_alpha[0]) != alpha:
             return 0
-        cache.keys[:, :, :, :shared] = stored.keys[:, :, :, :shared]
-        cache.values[:, :, :, :shared] = stored.values[:, :, :, :shared]
-        cache.lengths.fill_(shared)
+        cache.keys[:, :, :, :best] = stored.keys[:, :, :, :best]
+        cache.values[:, :, :, :best] = stored.values[:, :, :, :best]
+        cache.lengths.fill_(best)
         cache.ntk_alpha.fill_(alpha)
         cache.inv_freq.copy_(stored.inv_freq)
-        return shared
+        return best
 
-    def _longest_prefix(self, prompt: Sequence[int]) -> tuple[int, KVCache | None]:
-        """(shared length, cache) of the stored sequence sharing the longest prefix with `prompt`."""
-        best, best_cache = 0, None
-        for tokens, cache in self._entries.items():
-            shared = _shared_prefix(tokens, prompt)
-            if shared > best:
-                best, best_cache = shared, cache
-        return best, best_cache
+
+def _before_other_pictures(
+    shared: int, spans: Sequence[tuple[int, int]], stored: Sequence[str], given: Sequence[str]
+) -> int:
+    """`shared` cut back to the start of the first image span it would cut in two or whose picture
+    differs between the stored sequence and the prompt (when neither knows its pictures, the tokens
+    decide)."""
+    for k, (start, end) in enumerate(spans):
+        if shared <= start:
+            break
+        known = bool(stored or given)
+        same = not known or (k < len(stored) and k < len(given) and stored[k] == given[k])
+        if shared < end or not same:
+            return start
+    return shared
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
