@@ -252,7 +252,8 @@ class QwenVLForCausalLM(PreTrainedModel):
         """One turn of conversation: (response, history with (query, response) appended).
 
         `prefix_cache`: a `qwenvl.PrefixCache` passed to every turn of one conversation; each turn
-        then runs only its new tokens through the model (the same reply as without it).
+        then runs only its new tokens through the model (the same reply as without it, up to the
+        rounding of keys and values computed a token at a time rather than in one pass).
         """
         prompt, params, chat_format = self._chat_prompt(
             tokenizer, query, history, system, generation_config, kwargs
