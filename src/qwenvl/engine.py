@@ -123,7 +123,7 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     images: list  # PIL images, one per image span of the prompt, in order
-    pictures: tuple[str, ...]  # their digests (conversation.image_name), for prefix reuse
+    pictures: tuple[str, ...] = ()  # their digests (conversation.image_name), taken at prefill
 
 
 @dataclass
@@ -297,8 +297,7 @@ class Engine:
         handle = RequestHandle(next(self._ids), loop)
         handle.prompt_tokens = len(prompt)
         try:
-            request = _Request(handle, prompt, params, list(images), tuple(image_name(i) for i in images))
-            self._waiting.put_nowait(request)
+            self._waiting.put_nowait(_Request(handle, prompt, params, list(images)))
         except queue.Full:
             raise EngineBusyError(f"{self._waiting.maxsize} requests are already waiting") from None
         return handle
@@ -342,6 +341,8 @@ class Engine:
         max_new = min(params.max_new_tokens, model.config.max_position_embeddings - len(prompt))
         llm = model.transformer.llm_config
         cache = KVCache(llm, 1, len(prompt) + max(max_new, 1), self.dtype, self.device)
+        # digests, not references: a caller's ids may name different pictures alike
+        request.pictures = tuple(image_name(image) for image in request.images)
         start = self._prefixes.restore(model, prompt, cache, request.pictures)
         request.handle.reused_tokens = start
         span_starts = [p for _, p in image_span_starts(torch.as_tensor([prompt]), llm_image_start(model))]
