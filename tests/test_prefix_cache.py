@@ -79,3 +79,14 @@ def test_an_unfinished_stream_leaves_the_cache_alone(tiny_model, tokenizer):
     cache = PrefixCache(max_entries=0)
     tiny_model.chat(tokenizer, FIRST, **GREEDY, prefix_cache=cache)
     assert len(cache) == 0
+
+
+def test_a_cache_kept_for_another_dtype_is_not_reused(tiny_checkpoint, tiny_model, tokenizer, counted):
+    from qwenvl import QwenVLForCausalLM
+
+    half = QwenVLForCausalLM.from_pretrained(tiny_checkpoint, bf16=True)
+    cache = PrefixCache()
+    _, history = tiny_model.chat(tokenizer, FIRST, **GREEDY, prefix_cache=cache)
+    reply, _ = half.chat(tokenizer, LATER[0], history=history, **GREEDY, prefix_cache=cache)
+    assert counted["restored"][-1] == 0
+    assert reply == half.chat(tokenizer, LATER[0], history=history, **GREEDY)[0]

@@ -65,6 +65,8 @@ class PrefixCache:
         spans = [(start, start + visual.n_queries + 2) for _, start in starts]
         best, stored = 0, None
         for tokens, entry in self._entries.items():
+            if _layout(entry.cache) != _layout(cache):  # kept for another model, dtype or device
+                continue
             # keep one token to run
             shared = min(_shared_prefix(tokens, prompt), len(prompt) - 1)
             shared = _before_other_pictures(shared, spans, entry.pictures, pictures)
@@ -96,6 +98,12 @@ def _before_other_pictures(
         if shared < end or not same:
             return start
     return shared
+
+
+def _layout(cache: KVCache) -> tuple:
+    """Layers, heads, head size, dtype and device: what a stored cache must share to be copied."""
+    keys = cache.keys
+    return keys.shape[0], keys.shape[2], keys.shape[4], keys.dtype, keys.device
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
