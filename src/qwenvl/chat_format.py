@@ -8,10 +8,13 @@ from .tokenizer import QwenVLTokenizer
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 CHAT_FORMATS = ("chatml", "raw")
+GROUNDING_TAGS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>")
 # A message is text (its <img>/<ref>/<box> tags are live, as in the original) or a list-format
-# list of parts whose text is always plain: the safe form for text typed by someone else.
+# list of parts whose text is always plain: the safe form for text typed by someone else. A
+# {"reply": text} part is a reply given back as history: its grounding tags are the tokens the
+# model wrote, but <img> stays text, so a client's history can never name a file.
 Content = str | Sequence[dict]
-History = Sequence[tuple[Content, str | None]]
+History = Sequence[tuple[Content, Content | None]]
 
 
 def _check_format(chat_format: str) -> None:
@@ -28,26 +31,31 @@ def encode_content(tokenizer: QwenVLTokenizer, content: Content) -> tuple[str, l
     """
     if isinstance(content, str):
         return content, tokenizer.encode_chat(content)
-    pieces: list[tuple[bool, str]] = []  # (is_image_reference, text)
+    pieces: list[tuple[str, str]] = []  # (kind, text): "plain", "image" (a reference) or "reply"
     images = 0
     for part in content:
         if "image" in part:
             images += 1
-            pieces += [(False, f"Picture {images}: "), (True, str(part["image"])), (False, "\n")]
+            pieces += [("plain", f"Picture {images}: "), ("image", str(part["image"])), ("plain", "\n")]
         elif "text" in part:
-            pieces.append((False, part["text"]))
+            pieces.append(("plain", part["text"]))
+        elif "reply" in part:
+            pieces.append(("reply", part["reply"]))
         else:
-            raise ValueError(f"a message part needs an 'image' or 'text' key, got {sorted(part)}")
+            raise ValueError(f"a message part needs an 'image', 'text' or 'reply' key, got {sorted(part)}")
     text, ids, plain = "", [], ""
-    for is_image, piece in [*pieces, (True, None)]:
-        if not is_image:
+    for kind, piece in [*pieces, ("end", "")]:
+        if kind == "plain":  # adjacent plain pieces are encoded together, as one string would be
             plain += piece
             continue
         ids += tokenizer.encode(plain, allowed_special=set()) if plain else []
         text, plain = text + plain, ""
-        if piece is not None:
+        if kind == "image":
             text += f"<img>{piece}</img>"
             ids += tokenizer.image_span_ids(piece)
+        elif kind == "reply":
+            text += piece
+            ids += tokenizer.encode(piece, allowed_special=set(GROUNDING_TAGS))
     return text, ids
 
 

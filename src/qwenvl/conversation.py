@@ -58,7 +58,8 @@ def build_prompt(
                 parts.append({"image": name})
         return parts
 
-    turns = [(content(m), reply) for m, reply in history]
+    # replies as text whose <img> tags stay text: a client sends the history, and could name files
+    turns = [(content(m), [{"reply": reply}]) for m, reply in history]
     text, ids = make_context(tokenizer, content(query), turns, system, max_window_size, chat_format)
     return Prompt(ids, [named[name] for name in tokenizer.image_references(ids)], text)
 
