@@ -119,8 +119,9 @@ def test_run_while_serves_from_the_calling_thread(tiny_model, tokenizer):
 
     assert engine.run_while(client) == alone(tiny_model, prompt)
     assert threads[0] is not threading.current_thread()
-    with pytest.raises(EngineStoppedError, match="start or run it again"):
+    with pytest.raises(EngineStoppedError, match="start it again"):
         engine.submit(prompt, GREEDY)  # run_while stopped it
+    assert engine.run_while(client) == alone(tiny_model, prompt)  # and serves again
 
 
 def test_run_while_raises_what_its_work_raised_and_fails_what_is_left(tiny_model, tokenizer):

@@ -231,6 +231,7 @@ class Engine:
         """`work()` in a new thread while this one runs the worker loop (`run`); the loop stops when
         `work` returns, and its result comes back (or its exception is raised)."""
         outcome: dict[str, Any] = {}
+        self._stop.clear()  # this call's stop comes from `call`, which starts after this line
 
         def call() -> None:
             try:
@@ -293,7 +294,7 @@ class Engine:
                 f"the prompt is {len(prompt)} tokens; the model's context window is {limit}"
             )
         if self._stop.is_set():
-            raise EngineStoppedError("the engine was stopped; start or run it again to submit requests")
+            raise EngineStoppedError("the engine was stopped; start it again (start or run_while) first")
         handle = RequestHandle(next(self._ids), loop)
         handle.prompt_tokens = len(prompt)
         try:
