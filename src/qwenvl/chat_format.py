@@ -63,7 +63,7 @@ def make_context(
     tokenizer: QwenVLTokenizer,
     query: Content,
     history: History | None = None,
-    system: str = "",
+    system: Content = "",
     max_window_size: int = 6144,
     chat_format: str = "chatml",
 ) -> tuple[str, list[int]]:

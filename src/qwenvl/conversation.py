@@ -58,9 +58,10 @@ def build_prompt(
                 parts.append({"image": name})
         return parts
 
-    # replies as text whose <img> tags stay text: a client sends the history, and could name files
+    # a client sends the system message and the replies too: their <img> tags stay text
     turns = [(content(m), [{"reply": reply}]) for m, reply in history]
-    text, ids = make_context(tokenizer, content(query), turns, system, max_window_size, chat_format)
+    system_content = [{"text": system}]
+    text, ids = make_context(tokenizer, content(query), turns, system_content, max_window_size, chat_format)
     return Prompt(ids, [named[name] for name in tokenizer.image_references(ids)], text)
 
 
