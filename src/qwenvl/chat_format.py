@@ -27,7 +27,8 @@ def encode_content(tokenizer: QwenVLTokenizer, content: Content) -> tuple[str, l
 
     A list of parts renders like `from_list_format`, but only its `image` parts become image spans
     (their references are the application's, not a user's); `text` parts are encoded with no
-    special tokens at all, so typed `<img>` or `<|im_start|>` stays text.
+    special tokens at all, so typed `<img>` or `<|im_start|>` stays text; `reply` parts keep only
+    their ref/box/quad tags as tokens.
     """
     if isinstance(content, str):
         return content, tokenizer.encode_chat(content)

@@ -3,8 +3,8 @@
 Front ends (server, web demo, CLI) load images themselves under their own policy, then build the
 prompt here. Each image gets a placeholder reference in its span, a digest of its pixels (the
 span's content is replaced by the image's features, so the name never reaches the model, but it
-tells pictures apart for prefix reuse), and user text is always plain text: it can never open a
-file or become a control token.
+tells pictures apart for prefix reuse). Text a client sends (its messages, the replies it gives
+back as history, its system message) can never open a file or become a control token.
 """
 
 from __future__ import annotations
