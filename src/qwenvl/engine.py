@@ -29,8 +29,16 @@ import torch
 from . import fused_decode
 from .cache import KVCache
 from .conversation import image_name
-from .cpu_weights import head_logits
-from .generation import PromptTooLongError, SamplingParams, choose_tokens, decode_step, is_finished
+from .generation import (
+    PromptTooLongError,
+    SamplingParams,
+    choose_tokens,
+    decode_step,
+    is_finished,
+    max_new_tokens,
+    new_cache,
+    prefill,
+)
 from .model.qwenvl import image_span_starts
 from .prefix_cache import PrefixCache
 from .static_decode import DecodeRunner, static_decode_step
@@ -339,9 +347,7 @@ class Engine:
     def _prefill(self, request: _Request) -> tuple[_Row, KVCache]:
         """A batch-1 cache for the request (reusing a stored prefix when exact) and its first logits."""
         model, prompt, params = self.model, request.prompt, request.params
-        max_new = min(params.max_new_tokens, model.config.max_position_embeddings - len(prompt))
-        llm = model.transformer.llm_config
-        cache = KVCache(llm, 1, len(prompt) + max(max_new, 1), self.dtype, self.device)
+        cache = new_cache(model, [prompt], params)
         # digests, not references: a caller's ids may name different pictures alike
         request.pictures = tuple(image_name(image) for image in request.images)
         start = self._prefixes.restore(model, prompt, cache, request.pictures)
@@ -354,9 +360,8 @@ class Engine:
 
             pixels = preprocess(request.images[first_new_image:], model.transformer.vision_config.image_size)
             features = model.transformer.visual(pixels.to(self.device))
-        suffix = torch.as_tensor([prompt[start:]], device=self.device)
-        hidden = model.transformer(model.transformer.embed(suffix, features), cache, [len(prompt) - start])
-        row = _Row(request, max_new, logits=head_logits(model, hidden[0, -1]))
+        logits = prefill(model, [prompt[start:]], cache, features)[0]
+        row = _Row(request, max_new_tokens(model, [prompt], params), logits=logits)
         if params.seed is not None:
             row.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if params.repetition_penalty != 1.0:

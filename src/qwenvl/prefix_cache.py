@@ -60,6 +60,8 @@ class PrefixCache:
     def restore(self, model, prompt: Sequence[int], cache: KVCache, pictures: Sequence[str] = ()) -> int:
         """Copy the longest stored prefix of `prompt` that can be reused into the fresh batch-1
         `cache`; the number of prompt tokens it covers (0: none). `pictures`: as in `keep`."""
+        if not self._entries:
+            return 0
         visual = model.transformer.vision_config
         starts = image_span_starts(torch.as_tensor([list(prompt)]), visual.image_start_id)
         spans = [(start, start + visual.n_queries + 2) for _, start in starts]
