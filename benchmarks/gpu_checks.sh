@@ -3,17 +3,20 @@
 #
 #   bash benchmarks/gpu_checks.sh [OUTDIR]      (default: $OUT, else benchmarks/results)
 #
+# 0. the tests that need a GPU (CUDA-graph steps with and without the fused kernels, the graphed
+#    engine); the figures below check the fast paths' greedy tokens on this machine as well;
 # 1. `real` (the Qwen-VL-Chat shapes, random weights), fp32 and bf16: the fast path is the decode
 #    step with fused_decode's kernels, captured as a CUDA graph;
-# 2. `real`, bf16, the same without the fused kernels (the eager layers in the graph);
-# 3. `real`, bf16, with every decode step's attention through SDPA instead of flash decoding;
-# 4. gpu_profile: matrix-vector bandwidth, decode attention (SDPA and flash decoding's share
+# 2. gpu_profile: matrix-vector bandwidth, decode attention (SDPA and flash decoding's share
 #    counts), and kernel breakdowns of encode, prefill and decode;
-# 5. `tiny` (small shapes: Python and launch overheads dominate);
+# 3. `real`, bf16, with every decode step's attention through SDPA instead of flash decoding;
+# 4. `tiny` (small shapes: Python and launch overheads dominate);
+# 5. `real`, bf16, the same as 1 without the fused kernels (the eager layers in the graph);
 # 6. `real`, bf16, briefly, with the load time of its 19 GB checkpoint (written first).
-# Tables go to the output, records (JSON) to OUTDIR. Each step has its own time limit and goes on when an earlier one fails, so one call brings back
-# every figure it can. Needs torch with CUDA, tiktoken, pillow, safetensors, transformers; the
-# package is used from src/ (no install).
+# Everything printed also goes to OUTDIR/checks.log, records (JSON) to OUTDIR: seven files. Each
+# step has its own time limit and goes on when an earlier one fails, so one call brings back
+# every figure it can; the most wanted come first. Needs torch with CUDA, pytest, tiktoken,
+# pillow, safetensors, transformers; the package is used from src/ (no install).
 set -u -o pipefail
 out=${1:-${OUT:-benchmarks/results}}
 mkdir -p "$out"
@@ -28,15 +31,22 @@ step() {  # step NAME SECONDS ARGS...: one benchmarks.run; its record goes to $o
     echo "== $name: exit $?"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv \
-    | tee "$out/gpu.txt"
-"$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$out/gpu.txt"
+exec > >(tee -a "$out/checks.log") 2>&1
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+"$python" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 
-step run_real_cuda 200 --config real --device cuda
-step run_real_cuda_no_fused 100 --config real --device cuda --no-fused --dtypes bf16 --batch-sizes 32
+echo "== GPU tests (limit 150s)"
+timeout 150 "$python" -m pytest -p no:cacheprovider -q tests/test_static_decode.py \
+    tests/test_engine.py::test_graphed_engine_equals_the_plain_one 2>&1
+echo "== GPU tests: exit $?"
+step run_real_cuda 240 --config real --device cuda
+echo "== gpu_profile_real (limit 150s)"
+timeout 150 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
+echo "== gpu_profile_real: exit $?"
 step run_real_cuda_sdpa_decode 100 --config real --device cuda --sdpa-decode --dtypes bf16 --batch-sizes 32
-echo "== gpu_profile_real"
-timeout 120 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
 step run_tiny_cuda 60 --config tiny --device cuda --batch-sizes 8
+step run_real_cuda_no_fused 100 --config real --device cuda --no-fused --dtypes bf16 --batch-sizes 32
 step run_real_cuda_load 180 --config real --device cuda --dtypes bf16 --batch-sizes 2 --decode-steps 4 \
     --repeats 1 --engine-tokens 16 --load-time
+date -u
