@@ -103,6 +103,11 @@ def gemv_rows(model, bandwidth: float) -> tuple[list[dict], dict]:
                 row["us_without_bias"] = bare * 1e6
             # the same product as a matrix-vector call (cuBLAS may pick another kernel)
             row["us_mv"] = graph_time(lambda linear=linear, x=x: torch.mv(linear.weight, x[0])) * 1e6
+            if name != "lm_head":  # fused_decode.matvec, as the fused step calls it, its bias added in
+                bias = None if linear.bias is None else linear.bias.detach()
+                product = functools.partial(fused_decode.matvec, x, linear.weight.detach(), bias)
+                row["us_matvec"] = graph_time(product) * 1e6
+                row["matvec_config"] = fused_decode.matvec_config(linear.in_features)
             rows.append(row)
             if linear is gate:
                 continue
@@ -184,6 +189,30 @@ def attention_row(llm, device: torch.device, batch: int, context: int) -> dict:
     return row
 
 
+def cublas_products(graph_step: Callable[[bool], Callable[[], None]]) -> Callable[[], None]:
+    """The fused graphed step with its batch-1 products through cuBLAS (fused_decode.MATVEC off
+    while its graph is captured)."""
+    saved = fused_decode.MATVEC
+    fused_decode.MATVEC = False
+    step = graph_step(True)
+    captured = False
+
+    def run() -> None:
+        nonlocal captured
+        if not captured:  # the first call captures: the setting must hold then
+            fused_decode.MATVEC = False
+            try:
+                step()
+            finally:
+                fused_decode.MATVEC = saved
+            captured = True
+        else:
+            step()
+
+    fused_decode.MATVEC = saved
+    return run
+
+
 def measure(config_name: str) -> dict:
     device = torch.device("cuda")
     model = build_model(model_config(config_name), torch.bfloat16, device)
@@ -228,6 +257,7 @@ def measure(config_name: str) -> dict:
             ("decode_step_eager_layers_no_graph", eager_step),
             ("decode_step_graph_eager_layers", graph_step(False)),
             ("decode_step_graph_fused", graph_step(True)),
+            ("decode_step_graph_fused_cublas_products", cublas_products(graph_step)),
         ):
             try:
                 sections[name] = kernel_breakdown(fn)
@@ -254,6 +284,12 @@ def measure(config_name: str) -> dict:
     }
 
 
+def config_name(config: dict | None) -> str:
+    if config is None:
+        return "-"
+    return " ".join(f"{k.removeprefix('num_')}={v}" for k, v in config.items())
+
+
 def shape(row: dict) -> str:
     return "x".join(map(str, row["shape"]))
 
@@ -265,9 +301,10 @@ def report(results: dict) -> str:
         f"copy bandwidth {results['memory_bandwidth_bytes_per_s'] / 1e9:,.0f} GB/s",
         "",
         markdown_table(
-            ["weight", "shape", "us", "GB/s", "us without bias", "us as torch.mv"],
+            ["weight", "shape", "us", "GB/s", "us without bias", "us as torch.mv", "us as matvec", "config"],
             [
                 [r["weight"], shape(r), r["us"], r["gb_per_s"], r.get("us_without_bias", "-"), r["us_mv"]]
+                + [r.get("us_matvec", "-"), config_name(r.get("matvec_config"))]
                 for r in gemv
             ],
         ),

@@ -1,7 +1,7 @@
 """One benchmark run: decode fast path vs a growing-cache eager baseline, dtypes, batching, prefix reuse.
 
 Run: .venv/bin/python -m benchmarks.run --config tiny|mid|real --device cpu|cuda [--compile] [--no-fused]
-     [--sdpa-decode] [--dtypes fp32 bf16] [--batch-sizes 8 32 64] [--engine-tokens 64]
+     [--sdpa-decode] [--no-matvec] [--dtypes fp32 bf16] [--batch-sizes 8 32 64] [--engine-tokens 64]
      [--[no-]load-time] [--threads N] [--json PATH]
 
 The model has random weights (values do not change the speed); each dtype is measured in a
@@ -172,6 +172,8 @@ class FastPath:
     fused: bool | None = None  # fused_decode's kernels; None: wherever they run (CUDA with Triton)
     # fused_decode.FLASH_DECODING for every decode step, the baseline's too; False: SDPA
     flash_decoding: bool | None = None
+    # fused_decode.MATVEC: the fused step's batch-1 products; False: cuBLAS
+    matvec: bool | None = None
 
     def runner(self, model: QwenVLForCausalLM, cache: KVCache) -> DecodeRunner:
         return DecodeRunner(model, cache, self.mode, self.fused)
@@ -222,12 +224,15 @@ def decode_run(
 
 
 def fast_path(
-    device: torch.device, compile_: bool, fused: bool | None, flash_decoding: bool | None = None
+    device: torch.device,
+    compile_: bool,
+    fused: bool | None,
+    flash_decoding: bool | None = None,
+    matvec: bool | None = None,
 ) -> FastPath:
     """--compile: inductor's kernels (captured as a CUDA graph on a GPU); else the static step."""
-    if compile_:
-        return FastPath("compile", fused, flash_decoding)
-    return FastPath("cuda_graph" if device.type == "cuda" else "static", fused, flash_decoding)
+    mode = "compile" if compile_ else "cuda_graph" if device.type == "cuda" else "static"
+    return FastPath(mode, fused, flash_decoding, matvec)
 
 
 def greedy_tokens_equal(
@@ -407,7 +412,8 @@ def measure_dtype(
     """Every figure of one dtype; run in a process of its own (`run_isolated`): on CPU a process
     that had held the other dtype's model decoded 30% slower."""
     torch.set_num_threads(threads)
-    fused_decode.FLASH_DECODING = fast.flash_decoding  # this process's own setting
+    fused_decode.FLASH_DECODING = fast.flash_decoding  # this process's own settings
+    fused_decode.MATVEC = fast.matvec
     tokenizer = QwenVLTokenizer()
     model = build_model(config, DTYPES[dtype_name], device)
     prompt = prompt_ids(tokenizer)
@@ -436,6 +442,7 @@ def measure_dtype(
     result = {
         "fused_kernels": fast.fuses(device),
         "flash_decoding": fused_decode.flash_decoding(device),
+        "matvec": fast.fuses(device) and fused_decode.matvec_runs(device),
         "prompt_tokens": len(prompt),
         "parameters": sum(p.numel() for p in model.parameters()),
         "llm_weight_bytes_per_step": llm_weight_bytes(model),
@@ -475,6 +482,7 @@ def measure(
     compile_: bool = False,
     fused: bool | None = None,
     flash_decoding: bool | None = None,
+    matvec: bool | None = None,
     bandwidth_mb: int | None = None,
     equal_steps: int = EQUAL_STEPS,
     engine_tokens: int = 64,
@@ -489,7 +497,7 @@ def measure(
         raise ValueError("config 'real' (9.6B parameters) is only meaningful on a GPU: use --device cuda")
     device = torch.device(device_name)
     config = model_config(config_name)
-    fast = fast_path(device, compile_, fused, flash_decoding)
+    fast = fast_path(device, compile_, fused, flash_decoding, matvec)
     if bandwidth_mb is None:  # well past the last-level cache: 60 MB of L2 on an H200
         bandwidth_mb = 2048 if device.type == "cuda" else 256
     # before the models and after them: one reading came out 12% lower after the real model's
@@ -533,6 +541,7 @@ def measure(
         "fast_path_mode": fast.mode,
         "fused_kernels": all(r["fused_kernels"] for r in dtypes.values()),
         "flash_decoding": all(r["flash_decoding"] for r in dtypes.values()),
+        "matvec": all(r["matvec"] for r in dtypes.values()),
         "decode_steps": steps,
         "decode_warmup_steps": warmup,
         "batch_sizes": [1, *batch_sizes],
@@ -676,7 +685,8 @@ def report(results: dict) -> str:
         f"Config {results['config']} on {device}: {parameters / 1e6:.1f}M parameters, "
         f"fast path = DecodeRunner mode {results['fast_path_mode']!r}, "
         f"fused decode kernels {'on' if results['fused_kernels'] else 'off'}, "
-        f"decode attention {decode_attention_name(results)}",
+        f"decode attention {decode_attention_name(results)}"
+        + (", batch-1 products fused_decode.matvec" if results.get("matvec") else ""),
         "",
         markdown_table(["figure", *columns], rows),
         "",
@@ -702,6 +712,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="decode attention through SDPA in every step, the baseline's too (default on CUDA: "
         "fused_decode.decode_attention)",
+    )
+    parser.add_argument(
+        "--no-matvec",
+        action="store_true",
+        help="the fused step's batch-1 products through cuBLAS (default on CUDA: fused_decode.matvec)",
     )
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument(
@@ -745,6 +760,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         compile_=args.compile,
         fused=False if args.no_fused else None,
         flash_decoding=False if args.sdpa_decode else None,
+        matvec=False if args.no_matvec else None,
         engine_tokens=args.engine_tokens,
         load_time=args.config != "real" if args.load_time is None else args.load_time,
     )

@@ -32,6 +32,11 @@ KERNELS = {
         [{"SPLITS": 6, "BLOCK_SPLITS": 8, "BLOCK": 128}],
     ),
     "_silu_gate_kernel": ({"width": "i32"}, [{"BLOCK": 1024}]),
+    "_matvec_kernel": (
+        {"n": "i32", "k": "i32"},
+        [{"HAS_BIAS": True, "GATED": False, "BLOCK_N": 16, "BLOCK_K": 256},
+         {"HAS_BIAS": False, "GATED": True, "BLOCK_N": 4, "BLOCK_K": 1024}],
+    ),
 }  # fmt: skip
 
 
@@ -50,7 +55,12 @@ def main() -> None:
             # multiple of 16 (without it, loads of two bytes instead of sixteen)
             aligned = [i for i, arg in enumerate(kernel.arg_names) if signature[arg].startswith(("*", "i"))]
             attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-            options = fused_decode._launch_options(constants["BLOCK"])  # what the launches pass
+            # what the launches pass
+            if "BLOCK" in constants:
+                options = fused_decode._launch_options(constants["BLOCK"])
+            else:  # matvec's, as matvec_config gives them with its blocks
+                config = fused_decode.matvec_config(11008 if constants["BLOCK_K"] == 1024 else 4096)
+                options = {key: value for key, value in config.items() if key.startswith("num_")}
             compiled = compile(ASTSource(kernel, signature, constants, attrs), target=target, options=options)
             assert compiled.asm["cubin"], name
             wide_loads = compiled.asm["ptx"].count("ld.global.v4")

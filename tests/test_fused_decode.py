@@ -303,3 +303,97 @@ def test_kernels_compile_for_an_h100(tmp_path):
     assert {name for name in dir(fused_decode) if name.endswith("_kernel")} <= wide_loads.keys()
     # the attention reads its keys and values sixteen bytes at a time
     assert int(wide_loads["_attention_split_kernel"]) > 0
+    assert int(wide_loads["_matvec_kernel"]) > 0  # and the products their weights
+
+
+@pytest.fixture
+def matvec(monkeypatch):
+    """The layers' batch-1 products through fused_decode.matvec, as on a GPU."""
+    monkeypatch.setattr(fused_decode, "MATVEC", True)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_matvec_is_the_linear_layer(bias):
+    # sizes that the blocks do not divide: the masked edges count
+    linear = torch.nn.Linear(150, 37, bias=bias)
+    x = torch.randn(1, 150)
+    with torch.no_grad():
+        expected = linear(x)
+        bias_ = linear.bias if bias else None
+        torch.testing.assert_close(fused_decode.matvec(x, linear.weight, bias_), expected)
+    both = torch.randn(1, 300)  # the halves of one product's output, as mlp_output hands them
+    up, gate = both[:, :150], both[:, 150:]
+    with torch.no_grad():
+        gated = fused_decode.matvec(up, linear.weight, bias_, gate=gate)
+        torch.testing.assert_close(gated, linear(up * F.silu(gate)))
+
+
+def test_matvec_in_bf16_is_within_a_rounding_step():
+    weight, x = torch.randn(64, 1000).bfloat16(), torch.randn(1, 1000).bfloat16()
+    expected = x.float() @ weight.float().T
+    gap = (fused_decode.matvec(x, weight).float() - expected).abs()
+    assert gap.max() <= 2**-7 * expected.abs().max()
+
+
+def test_matvec_names_what_it_cannot_take():
+    weight = torch.randn(8, 16)
+    with pytest.raises(ValueError, match=r"one contiguous row of 16 .* got \(2, 16\) and \(8, 16\)"):
+        fused_decode.matvec(torch.randn(2, 16), weight)
+    with pytest.raises(ValueError, match="contiguous weight"):
+        fused_decode.matvec(torch.randn(1, 8), weight.t())
+    with pytest.raises(ValueError, match=r"gate must be shaped as x \(1, 16\), got \(1, 8\)"):
+        fused_decode.matvec(torch.randn(1, 16), weight, gate=torch.randn(1, 8))
+
+
+def test_matvec_runs_only_on_cuda_unless_asked(monkeypatch):
+    assert fused_decode.matvec_runs(torch.device("cpu")) is False
+    monkeypatch.setattr(fused_decode, "MATVEC", True)
+    assert fused_decode.matvec_runs(torch.device("cpu")) is True
+
+
+def test_projections_take_matvec_for_one_row_only(matvec, monkeypatch):
+    calls = []
+    real = fused_decode.matvec
+    monkeypatch.setattr(fused_decode, "matvec", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    linear = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        fused_decode.project(linear, torch.randn(1, 16))
+        fused_decode.project(linear, torch.randn(3, 16))  # a batch: cuBLAS's matrix kernels
+        fused_decode.project(torch.nn.Sequential(linear), torch.randn(1, 16))  # stands for an adapter
+    assert calls == [(8, 16)]
+
+
+@pytest.mark.parametrize("rotary_pct", [1.0, 0.5])
+def test_fused_step_with_matvec_matches_the_eager_layers(matvec, rotary_pct):
+    model = small_model(rotary_pct, torch.float32)
+    fused_decode.pack_gate_weights(model)  # as the runners do: the MLP's two matvec calls
+    cache = prefilled(model, [11])
+    eager_cache, fused_cache = copy(cache), copy(cache)
+    tokens = torch.tensor([3])
+    with torch.inference_mode():
+        for _ in range(3):
+            eager = static_decode_step(model, tokens, eager_cache, fused=False)
+            fused = static_decode_step(model, tokens, fused_cache, fused=True)
+            torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+            tokens = eager.argmax(-1)
+    torch.testing.assert_close(fused_cache.keys, eager_cache.keys, rtol=1e-5, atol=1e-6)
+
+
+def test_eager_steps_of_one_row_take_matvec_too(matvec, monkeypatch):
+    """So that eager and fused decode steps round alike; batches, training and prefills of several
+    tokens keep the modules' products."""
+    model = small_model(1.0, torch.float32)
+    calls = []
+    real = fused_decode.matvec
+    monkeypatch.setattr(fused_decode, "matvec", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    one, two = prefilled(model, [7]), prefilled(model, [7, 9])
+    assert calls == []  # the prefills: several tokens a row
+    with torch.inference_mode():
+        decode_step(model, torch.tensor([5, 6]), two)
+        assert calls == []
+        decode_step(model, torch.tensor([5]), one)
+    # per layer: c_attn, c_proj, and the MLP's w1, w2 (not packed here) and c_proj
+    assert len(calls) == 5 * len(model.transformer.h)
+    calls.clear()
+    model(input_ids=torch.tensor([[5]])).logits.sum().backward()  # with gradients: the modules
+    assert calls == []

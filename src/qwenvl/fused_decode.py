@@ -13,7 +13,11 @@ SDPA runs one program per head, and reads the whole capacity under a mask) and t
 - `decode_attention`: each query against the keys its row sees, cut into shares that run side
   by side and are combined after (flash decoding);
 - `silu_gate`: w1(x) * silu(w2(x)), after one product for w1 and w2 together where
-  `pack_gate_weights` laid them side by side (`gated`).
+  `pack_gate_weights` laid them side by side (`gated`);
+- `matvec`: a layer's product for one row (`MATVEC`), with c_attn's bias added in and, for the
+  MLP's c_proj, the gate above computed as its input is read. cuBLAS read the layers' weights
+  at 3.4-3.9 TB/s on an H200 whose copy bandwidth is 4.2 (its own bias add took c_attn to
+  3.35); this kernel at 3.9-5.3 (the 4096 x 4096 c_proj: 32 MB, partly from the L2 cache).
 
 They round where the eager layers round (fp32 inside, the model's dtype wherever eager code
 stores a tensor), without fused multiply-adds; the norm's sum and the attention's sums may add
@@ -194,6 +198,33 @@ if triton is not None:
         silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
         product = (up.to(tl.float32) * silu.to(tl.float32)).to(up.dtype)
         tl.store(out_ptr + row * width + cols, product, mask=inside)
+
+    @triton.jit
+    def _matvec_kernel(
+        x_ptr, gate_ptr, weight_ptr, bias_ptr, out_ptr, n, k,
+        HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        # BLOCK_N output rows per program, each a dot product of a weight row with x (of k). Each
+        # row's sums depend on the config alone (`matvec_config`), not on n or on where the row is
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_in = rows < n
+        cols = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for first in range(0, k, BLOCK_K):
+            at = first + cols
+            col_in = at < k
+            x = tl.load(x_ptr + at, mask=col_in, other=0.0)
+            if GATED:  # x * silu(gate), rounded as _silu_gate_kernel rounds it
+                gate = tl.load(gate_ptr + at, mask=col_in, other=0.0).to(tl.float32)
+                silu = (gate / (1.0 + tl.exp(-gate))).to(x.dtype)
+                x = (x.to(tl.float32) * silu.to(tl.float32)).to(x.dtype)
+            tile = rows[:, None] * k + at[None, :]
+            w = tl.load(weight_ptr + tile, mask=row_in[:, None] & col_in[None, :], other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        out = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rows, mask=row_in, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_in)
 
 
 def _launch_options(block: int) -> dict:
@@ -386,10 +417,90 @@ def gated(mlp, x: torch.Tensor) -> torch.Tensor:
     """w1(x) * silu(w2(x)) for rows x [B, hidden]: one product for both when packed."""
     both = gate_weights(mlp)
     if both is None:
-        return silu_gate(mlp.w1(x), mlp.w2(x))
-    out = F.linear(x, both)
+        return silu_gate(project(mlp.w1, x), project(mlp.w2, x))
+    out = matvec(x.contiguous(), both) if _matvec_ready(mlp.w1, x) else F.linear(x, both)
     width = mlp.w1.out_features
     return silu_gate(out[:, :width], out[:, width:])
+
+
+# The layers' products for one row through `matvec`, in every decode step alike (Step.project
+# and QWenMLP route the eager layers' one-row products here too, so that eager and fused steps
+# round alike: on an H200 the greedy tokens of a random real-sized model parted at the fourth
+# when only the fused step used it). None wherever the kernels run by default (`available`);
+# False: cuBLAS everywhere; True: also under Triton's interpreter.
+MATVEC: bool | None = None
+
+
+def matvec_config(k: int) -> dict:
+    """The kernel's blocks for rows of k: a function of k alone, so that a row's product has the
+    same bits in every matrix it is part of (w1 alone, or w1 and w2 packed) and in every run.
+
+    Picked by Triton's autotuner on an H200 among ten configs (benchmarks/results/gpu.md): 16
+    rows of 256 columns a turn for the layers' 4096-wide inputs; 4 rows of 1024 for c_proj's 11008.
+    """
+    if k >= 8192:
+        return {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+
+
+def matvec_runs(device: torch.device) -> bool:
+    """Whether `project` and `mlp_output` use the matvec kernel at batch 1 on `device`."""
+    if MATVEC is None:
+        return available(device)
+    return MATVEC and triton is not None
+
+
+def matvec(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ weight.T (+ bias) for one row x [1, k] and a contiguous weight [n, k]: [1, n].
+
+    `gate` [1, k]: the product takes x * silu(gate) instead (the MLP's gated input). x and gate
+    may be views (the halves of one product's output) whose k values are contiguous.
+    """
+    n, k = weight.shape
+    if x.shape != (1, k) or x.stride(-1) != 1 or not weight.is_contiguous() or n * k >= 2**31:
+        raise ValueError(f"matvec needs one contiguous row of {k} and a contiguous weight below 2^31 "
+                         f"values, got {tuple(x.shape)} and {tuple(weight.shape)}")  # fmt: skip
+    if gate is not None and (gate.shape != x.shape or gate.stride(-1) != 1):
+        raise ValueError(f"matvec's gate must be shaped as x {tuple(x.shape)}, got {tuple(gate.shape)}")
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    config = matvec_config(k)
+    _matvec_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
+        x, x if gate is None else gate, weight, weight if bias is None else bias, out, n, k,
+        HAS_BIAS=bias is not None, GATED=gate is not None, **config,
+    )  # fmt: skip
+    return out
+
+
+def _matvec_ready(linear, x: torch.Tensor) -> bool:
+    # adapters (peft wraps the Linear) keep their own forward; batches go to cuBLAS's matrix kernels
+    return (
+        type(linear) is torch.nn.Linear
+        and x.shape[0] == 1
+        and linear.weight.is_contiguous()
+        and linear.weight.numel() < 2**31
+        and matvec_runs(x.device)
+    )
+
+
+def project(linear, x: torch.Tensor) -> torch.Tensor:
+    """linear(x) for rows x [B, in]: one row through `matvec` where it runs, else the module."""
+    if not _matvec_ready(linear, x):
+        return linear(x)
+    bias = None if linear.bias is None else linear.bias.detach()
+    return matvec(x.contiguous(), linear.weight.detach(), bias)
+
+
+def mlp_output(mlp, x: torch.Tensor) -> torch.Tensor:
+    """c_proj(w1(x) * silu(w2(x))) for rows x [B, hidden]: at batch 1 with packed gate weights, two
+    `matvec` calls, the second computing the gate as it reads its input; else `gated` and c_proj."""
+    both = gate_weights(mlp)
+    if both is None or not _matvec_ready(mlp.c_proj, x) or mlp.c_proj.bias is not None:
+        return project(mlp.c_proj, gated(mlp, x))
+    out = matvec(x.contiguous(), both)
+    width = mlp.w1.out_features
+    return matvec(out[:, :width], mlp.c_proj.weight.detach(), gate=out[:, width:])
 
 
 def run(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
@@ -404,9 +515,9 @@ def run(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
     for layer, block in enumerate(transformer.h):
         attn, mlp = block.attn, block.mlp
         x, normed = add_rms_norm(x, pending, block.ln_1)
-        query = rotary_to_cache(attn.c_attn(normed), step, layer, attn.heads, attn.head_dim)
+        query = rotary_to_cache(project(attn.c_attn, normed), step, layer, attn.heads, attn.head_dim)
         out = attn.attend_to_cache(query, step, layer)[:, :, 0]
-        x, normed = add_rms_norm(x, attn.c_proj(out.reshape(batch, -1)), block.ln_2)
-        pending = mlp.c_proj(gated(mlp, normed))
+        x, normed = add_rms_norm(x, project(attn.c_proj, out.reshape(batch, -1)), block.ln_2)
+        pending = mlp_output(mlp, normed)
     _, normed = add_rms_norm(x, pending, transformer.ln_f)
     return normed[:, None]
