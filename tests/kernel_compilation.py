@@ -61,6 +61,7 @@ def main() -> None:
             else:  # matvec's, as matvec_config gives them with its blocks
                 config = fused_decode.matvec_config(11008 if constants["BLOCK_K"] == 1024 else 4096)
                 options = {key: value for key, value in config.items() if key.startswith("num_")}
+                options["enable_fp_fusion"] = True
             compiled = compile(ASTSource(kernel, signature, constants, attrs), target=target, options=options)
             assert compiled.asm["cubin"], name
             wide_loads = compiled.asm["ptx"].count("ld.global.v4")

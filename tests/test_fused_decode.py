@@ -397,3 +397,17 @@ def test_eager_steps_of_one_row_take_matvec_too(matvec, monkeypatch):
     calls.clear()
     model(input_ids=torch.tensor([[5]])).logits.sum().backward()  # with gradients: the modules
     assert calls == []
+
+
+def test_matvec_gives_a_row_the_same_bits_packed_or_alone(matvec):
+    """The eager steps of a model whose gate weights are apart and the fused steps of the packed
+    model choose the same bits: one product for w1 and w2 (and the gate inside c_proj's) or three."""
+    model = small_model(0.5, torch.bfloat16)
+    cache = prefilled(model, [12])
+    apart_cache, packed_cache = copy(cache), copy(cache)
+    tokens = torch.tensor([3])
+    with torch.inference_mode():
+        apart = decode_step(model, tokens, apart_cache)
+        fused_decode.pack_gate_weights(model)
+        packed = static_decode_step(model, tokens, packed_cache, fused=False)
+    assert torch.equal(packed, apart)

@@ -20,10 +20,11 @@ SDPA runs one program per head, and reads the whole capacity under a mask) and t
   3.35); this kernel at 3.9-5.3 (the 4096 x 4096 c_proj: 32 MB, partly from the L2 cache).
 
 They round where the eager layers round (fp32 inside, the model's dtype wherever eager code
-stores a tensor), without fused multiply-adds; the norm's sum and the attention's sums may add
-up in another order. `static_decode_step` uses them on CUDA when Triton is importable;
-everything else, the prefill included, runs the eager layers, except that `decode_attention`
-serves the attention of every decode step on CUDA, eager or not (`FLASH_DECODING`).
+stores a tensor), without fused multiply-adds but in matvec's sums; the norm's sum and the
+attention's sums may add up in another order. `static_decode_step` uses them on CUDA when
+Triton is importable; everything else, the prefill included, runs the eager layers, except that
+`decode_attention` serves the attention of every decode step on CUDA, eager or not
+(`FLASH_DECODING`), and `matvec` every one-row product of the layers (`MATVEC`).
 """
 
 from __future__ import annotations
@@ -466,9 +467,11 @@ def matvec(
         raise ValueError(f"matvec's gate must be shaped as x {tuple(x.shape)}, got {tuple(gate.shape)}")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     config = matvec_config(k)
+    # fused multiply-adds named, not left to Triton's default (which its version 3.10 changes): the
+    # same bits from one Triton to the next
     _matvec_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
         x, x if gate is None else gate, weight, weight if bias is None else bias, out, n, k,
-        HAS_BIAS=bias is not None, GATED=gate is not None, **config,
+        HAS_BIAS=bias is not None, GATED=gate is not None, enable_fp_fusion=True, **config,
     )  # fmt: skip
     return out
 
