@@ -7,14 +7,19 @@ Run (on a CUDA machine): python -m benchmarks.gpu_profile [--config real] [--jso
   product (cuBLAS). Summed over a decode step's products (every layer and the LM head) it is the
   floor a step reaches with these kernels, next to the bound that the copy bandwidth sets. One
   more row, not in the sum: w1 and w2 as one product, as fused_decode.pack_gate_weights lays them.
+  Each also through fused_decode.matvec (its bias added in), but the LM head's.
 - decode_attention: one layer's attention of a decode step (the real heads, bf16) at a few batch
   sizes and context lengths: SDPA under the static step's mask (memory-efficient kernel) against
   fused_decode.decode_attention cut into 1 to 16 shares, in microseconds, with the largest gap
   between their outputs.
+- matvec_sweep: a graphed fused decode step's time with each of ten block configs for
+  fused_decode.matvec's products of one input width (4096, then 11008), the other keeping its
+  default: which blocks read the weights fastest where, as in decoding, no weight stays in L2.
 - decode_step (eager layers without a graph; replayed as a CUDA graph with the eager layers and
-  with fused_decode's kernels), prefill, image_encode: one call each under
-  torch.profiler: the kernel count, the kernels' summed GPU time, the share of matrix products,
-  the span from the first kernel's start to the last one's end, and the top kernels.
+  with fused_decode's kernels, its products through matvec or cuBLAS), prefill, image_encode:
+  one call each under torch.profiler: the kernel count, the kernels' summed GPU time, the share
+  of matrix products, the span from the first kernel's start to the last one's end, and the top
+  kernels.
 
 Random weights in bf16 (values do not change the speed).
 """
@@ -42,8 +47,8 @@ from .common import add_json_option, json_path, markdown_table, save_record
 from .model_speed import MIB, prompt_ids
 from .run import build_model, memory_bandwidth, model_config
 
-# cuBLAS's Hopper kernels are "nvjet_*"
-MATRIX_KERNELS = ("gemm", "gemv", "xmma", "cutlass", "cublas", "splitk", "nvjet")
+# cuBLAS's Hopper kernels are "nvjet_*"; fused_decode's products "_matvec_kernel"
+MATRIX_KERNELS = ("gemm", "gemv", "xmma", "cutlass", "cublas", "splitk", "nvjet", "matvec")
 
 
 def is_matrix_product(kernel: str) -> bool:
@@ -189,6 +194,61 @@ def attention_row(llm, device: torch.device, batch: int, context: int) -> dict:
     return row
 
 
+# fused_decode.matvec's blocks (rows, columns a turn, warps, stages) tried in a whole graphed step
+MATVEC_CANDIDATES = (
+    (2, 1024, 4, 4), (4, 512, 4, 4), (4, 1024, 4, 3), (8, 256, 4, 4), (8, 512, 4, 3),
+    (8, 512, 8, 3), (16, 256, 4, 3), (16, 512, 8, 3), (32, 128, 4, 4), (8, 1024, 8, 2),
+)  # fmt: skip
+
+
+def blocks(candidate: Sequence[int]) -> dict:
+    rows, columns, warps, stages = candidate
+    return {"BLOCK_N": rows, "BLOCK_K": columns, "num_warps": warps, "num_stages": stages}
+
+
+def matvec_sweep(
+    make_step: Callable[[], Callable[[], None]],
+    timer: Callable[[Callable[[], None]], float],
+    widths: Sequence[int],
+    candidates: Sequence[Sequence[int]] = MATVEC_CANDIDATES,
+) -> list[dict]:
+    """A decode step's time with each candidate's blocks for the products of one input width, the
+    other widths keeping `matvec_config`'s: where no weight stays in the L2 cache, as in decoding
+    (a product timed alone, over and over, may find its weights there). `make_step` makes a step
+    that captures itself when first called; `timer` gives its seconds per call."""
+    default = fused_decode.matvec_config
+    rows = []
+    try:
+        for width in widths:
+            for candidate in candidates:
+                chosen = blocks(candidate)
+                fused_decode.matvec_config = lambda k, width=width, chosen=chosen: (
+                    chosen if k == width else default(k)
+                )
+                row = {"width": width, "blocks": chosen, "default": chosen == default(width)}
+                try:
+                    row["step_ms"] = timer(make_step()) * 1e3
+                except Exception as error:  # a config that does not compile here: keep the others
+                    row["error"] = repr(error)[:200]
+                rows.append(row)
+    finally:
+        fused_decode.matvec_config = default
+    return rows
+
+
+def replay_time(step: Callable[[], None], repeats: int = 20) -> float:
+    """Seconds per call of a graphed step (its first call captures it)."""
+    step()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / repeats
+
+
 def cublas_products(graph_step: Callable[[bool], Callable[[], None]]) -> Callable[[], None]:
     """The fused graphed step with its batch-1 products through cuBLAS (fused_decode.MATVEC off
     while its graph is captured)."""
@@ -267,6 +327,8 @@ def measure(config_name: str) -> dict:
             attention = attention_rows(llm, device)
         except Exception as error:  # keep the rest of the profile
             attention = [{"error": repr(error)}]
+        widths = sorted({llm.hidden_size, llm.projection_size, llm.mlp_width})
+        sweep = matvec_sweep(lambda: graph_step(True), replay_time, widths)
         # the patch embedding both ways: the checkpoint's convolution and the product that replaced it
         conv = visual.conv1
         sections["patch_embedding_us"] = {
@@ -280,8 +342,13 @@ def measure(config_name: str) -> dict:
         "gemv": gemv,
         "gemv_step": gemv_summary,
         "decode_attention": attention,
+        "matvec_sweep": sweep,
         "sections": sections,
     }
+
+
+def sweep_time(row: dict) -> float | str:
+    return row["step_ms"] if "step_ms" in row else row["error"][:80]
 
 
 def config_name(config: dict | None) -> str:
@@ -328,6 +395,22 @@ def report(results: dict) -> str:
             for r in attention
         ]
         lines.append(markdown_table(headers, rows))
+        lines.append("")
+    sweep = results.get("matvec_sweep", [])
+    if sweep:
+        lines.append(
+            "a graphed fused decode step (ms) with matvec's blocks for one input width (* its default)"
+        )
+        lines.append("")
+        rows = [
+            [
+                r["width"],
+                config_name(r["blocks"]) + (" *" if r["default"] else ""),
+                r.get("step_ms", r.get("error")),
+            ]
+            for r in sweep
+        ]
+        lines.append(markdown_table(["input width", "blocks", "step ms"], rows))
         lines.append("")
     rows = []
     for name, section in results["sections"].items():

@@ -15,9 +15,10 @@ SDPA runs one program per head, and reads the whole capacity under a mask) and t
 - `silu_gate`: w1(x) * silu(w2(x)), after one product for w1 and w2 together where
   `pack_gate_weights` laid them side by side (`gated`);
 - `matvec`: a layer's product for one row (`MATVEC`), with c_attn's bias added in and, for the
-  MLP's c_proj, the gate above computed as its input is read. cuBLAS read the layers' weights
-  at 3.4-3.9 TB/s on an H200 whose copy bandwidth is 4.2 (its own bias add took c_attn to
-  3.35); this kernel at 3.9-5.3 (the 4096 x 4096 c_proj: 32 MB, partly from the L2 cache).
+  MLP's c_proj, the gate above computed as its input is read. Alone, cuBLAS read the layers'
+  weights at 3.3-3.9 TB/s on an H200 whose copy bandwidth is 4.2, this kernel at 3.9-4.0 (the
+  4096 x 4096 c_proj at 4.8: its 34 MB partly from the 60 MB L2 cache); in a whole step, where
+  no weight stays in the cache, at 3.2, against cuBLAS's 3.0 (its split-K sums included).
 
 They round where the eager layers round (fp32 inside, the model's dtype wherever eager code
 stores a tensor), without fused multiply-adds but in matvec's sums; the norm's sum and the
@@ -436,8 +437,9 @@ def matvec_config(k: int) -> dict:
     """The kernel's blocks for rows of k: a function of k alone, so that a row's product has the
     same bits in every matrix it is part of (w1 alone, or w1 and w2 packed) and in every run.
 
-    Picked by Triton's autotuner on an H200 among ten configs (benchmarks/results/gpu.md): 16
-    rows of 256 columns a turn for the layers' 4096-wide inputs; 4 rows of 1024 for c_proj's 11008.
+    Triton's autotuner picked them on an H200 among eight configs (benchmarks/README.md): 16
+    rows of 256 columns a turn for c_attn, w1 and w2 (w1 and w2 packed, and the 4096-row c_proj,
+    ran 3% and 9% faster alone with others), 4 rows of 1024 for the MLP's c_proj (11008 wide).
     """
     if k >= 8192:
         return {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3}

@@ -1,0 +1,62 @@
+"""The parts of benchmarks.gpu_profile that run without a GPU (Triton's interpreter): the matvec sweep
+and the report of what it found."""
+
+from __future__ import annotations
+
+import torch
+from benchmarks import gpu_profile
+
+from qwenvl import fused_decode
+from qwenvl.static_decode import static_decode_step
+
+from .conftest import NEEDS_TRITON
+from .test_fused_decode import prefilled, small_model
+
+pytestmark = NEEDS_TRITON
+
+
+def test_matvec_sweep_tries_each_candidate_on_one_width_and_restores_the_blocks(monkeypatch):
+    monkeypatch.setattr(fused_decode, "MATVEC", True)
+    model = small_model(1.0, torch.float32)
+    llm = model.transformer.llm_config
+    cache = prefilled(model, [6])
+    lengths = cache.lengths.clone()
+    widths = [llm.hidden_size, llm.mlp_width]
+    default = fused_decode.matvec_config
+    candidates = [(16, 256, 4, 3), (4, 64, 4, 3), (3, 64, 4, 3)]  # 3 rows: not a power of two
+    used = []
+
+    def make_step():
+        def step() -> None:
+            with torch.inference_mode():
+                static_decode_step(model, torch.tensor([5]), cache, fused=True)
+            cache.lengths.copy_(lengths)
+
+        return step
+
+    def timer(step) -> float:
+        step()  # under the candidate's blocks: what the kernel was launched with
+        used.append({width: fused_decode.matvec_config(width) for width in widths})
+        return 0.002
+
+    rows = gpu_profile.matvec_sweep(make_step, timer, widths, candidates)
+    assert fused_decode.matvec_config is default
+    assert [(r["width"], r["blocks"]["BLOCK_N"]) for r in rows] == [
+        (w, c[0]) for w in widths for c in candidates
+    ]
+    assert [r["default"] for r in rows] == [True, False, False] * 2  # both widths are below 8192
+    assert "error" in rows[2] and "error" in rows[5]  # it compiles nothing else, and the sweep goes on
+    assert [r["step_ms"] for r in rows if "error" not in r] == [2.0] * 4
+    # the width swept takes the candidate's blocks, the other keeps its own
+    assert used[1] == {widths[0]: gpu_profile.blocks(candidates[1]), widths[1]: default(widths[1])}
+    assert used[3] == {widths[0]: default(widths[0]), widths[1]: gpu_profile.blocks(candidates[1])}
+
+    results = {
+        "config": "small", "device_name": "cpu", "memory_bandwidth_bytes_per_s": 1e10, "gemv": [],
+        "gemv_step": {"products_per_step_s": 1e-3, "weight_bytes_per_step": 1e6, "products_gb_per_s": 1.0,
+                      "copy_bound_step_s": 1e-4},
+        "decode_attention": [], "matvec_sweep": rows, "sections": {},
+    }  # fmt: skip
+    report = gpu_profile.report(results)
+    assert f"| {widths[0]} | BLOCK_N=16 BLOCK_K=256 warps=4 stages=3 * | 2 |" in report
+    assert f"| {widths[1]} | BLOCK_N=4 BLOCK_K=64 warps=4 stages=3 | 2 |" in report
