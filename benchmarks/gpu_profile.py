@@ -12,7 +12,7 @@ Run (on a CUDA machine): python -m benchmarks.gpu_profile [--config real] [--jso
   sizes and context lengths: SDPA under the static step's mask (memory-efficient kernel) against
   fused_decode.decode_attention cut into 1 to 16 shares, in microseconds, with the largest gap
   between their outputs.
-- matvec_sweep: a graphed fused decode step's time with each of ten block configs for
+- matvec_sweep: a graphed fused decode step's time with each of fourteen block configs for
   fused_decode.matvec's products of one input width (4096, then 11008), the other keeping its
   default: which blocks read the weights fastest where, as in decoding, no weight stays in L2.
 - decode_step (eager layers without a graph; replayed as a CUDA graph with the eager layers and
@@ -194,10 +194,13 @@ def attention_row(llm, device: torch.device, batch: int, context: int) -> dict:
     return row
 
 
-# fused_decode.matvec's blocks (rows, columns a turn, warps, stages) tried in a whole graphed step
+# fused_decode.matvec's blocks (rows, columns a turn, warps, stages) tried in a whole graphed step:
+# the eight its autotuned version chose among, two more, and four without software pipelining
+# (one stage: the loads go straight to registers, many of them in flight in a wide tile)
 MATVEC_CANDIDATES = (
     (2, 1024, 4, 4), (4, 512, 4, 4), (4, 1024, 4, 3), (8, 256, 4, 4), (8, 512, 4, 3),
     (8, 512, 8, 3), (16, 256, 4, 3), (16, 512, 8, 3), (32, 128, 4, 4), (8, 1024, 8, 2),
+    (2, 2048, 4, 1), (4, 2048, 8, 1), (8, 1024, 8, 1), (16, 512, 8, 1),
 )  # fmt: skip
 
 
