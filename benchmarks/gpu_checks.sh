@@ -43,8 +43,8 @@ timeout 150 "$python" -m pytest -p no:cacheprovider -q tests/test_static_decode.
 echo "== GPU tests: exit $?"
 step run_real_cuda 240 --config real --device cuda
 step run_real_cuda_no_matvec 90 --config real --device cuda --no-matvec --dtypes bf16 --batch-sizes 32
-echo "== gpu_profile_real (limit 150s)"
-timeout 150 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
+echo "== gpu_profile_real (limit 200s)"
+timeout 200 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
 echo "== gpu_profile_real: exit $?"
 step run_real_cuda_sdpa_decode 100 --config real --device cuda --sdpa-decode --dtypes bf16 --batch-sizes 32
 step run_tiny_cuda 120 --config tiny --device cuda --batch-sizes 8
