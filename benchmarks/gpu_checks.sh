@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_checks.sh [OUTDIR]      (default: $OUT, else benchmarks/results)
 #
-# 0. the tests that need a GPU (CUDA-graph steps with and without the fused kernels, the graphed
-#    engine); the figures below check the fast paths' greedy tokens on this machine as well;
+# 0. the tests that need a GPU (the Triton kernels compiled for it, CUDA-graph steps with and
+#    without them, the graphed engine); the figures below check the fast paths' greedy tokens too;
 # 1. `real` (the Qwen-VL-Chat shapes, random weights), fp32 and bf16: the fast path is the decode
 #    step with fused_decode's kernels (batch-1 products through its matvec), captured as a CUDA
 #    graph; then bf16 with the batch-1 products through cuBLAS, for the ratio of the two;
@@ -38,7 +38,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max
 "$python" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
 
 echo "== GPU tests (limit 150s)"
-timeout 150 "$python" -m pytest -p no:cacheprovider -q tests/test_static_decode.py \
+timeout 150 "$python" -m pytest -p no:cacheprovider -q tests/test_kernels_on_gpu.py tests/test_static_decode.py \
     tests/test_engine.py::test_graphed_engine_equals_the_plain_one 2>&1
 echo "== GPU tests: exit $?"
 step run_real_cuda 240 --config real --device cuda

@@ -61,11 +61,13 @@ def test_attention_never_uses_cudnn():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the benchmarks check it there too)")
 @pytest.mark.parametrize("fused", [False, True])
-def test_cuda_graph_steps_equal_plain_steps(tiny_model, tokenizer, fused):
+@pytest.mark.parametrize("rows", [1, 2])  # one row: the layers' products through fused_decode.matvec
+def test_cuda_graph_steps_equal_plain_steps(tiny_model, tokenizer, fused, rows):
     if fused and not fused_decode.available(torch.device("cuda")):
         pytest.skip("needs Triton")
     model = copy.deepcopy(tiny_model).cuda()
     prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("a b c d e f g h i j " * 7)]
+    prompts = prompts[-rows:]
 
     def decode(make_advance) -> torch.Tensor:
         capacity = max(map(len, prompts)) + 9
