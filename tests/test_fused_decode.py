@@ -411,3 +411,18 @@ def test_matvec_gives_a_row_the_same_bits_packed_or_alone(matvec):
         fused_decode.pack_gate_weights(model)
         packed = static_decode_step(model, tokens, packed_cache, fused=False)
     assert torch.equal(packed, apart)
+
+
+def test_eager_and_static_steps_round_alike_with_matvec(flash_decoding, matvec):
+    """As on a GPU, where both take the matvec kernel for one row: the same bits from the plain
+    decode step (keys up to the row's length) and the static one (the whole capacity)."""
+    model = small_model(0.5, torch.bfloat16)
+    cache = prefilled(model, [21])
+    eager_cache, static_cache = copy(cache), copy(cache)
+    tokens = torch.tensor([3])
+    with torch.inference_mode():
+        for _ in range(3):
+            eager = decode_step(model, tokens, eager_cache)
+            static = static_decode_step(model, tokens, static_cache, fused=False)
+            assert torch.equal(eager, static)
+            tokens = eager.argmax(-1)
