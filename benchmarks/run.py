@@ -172,7 +172,7 @@ class FastPath:
     fused: bool | None = None  # fused_decode's kernels; None: wherever they run (CUDA with Triton)
     # fused_decode.FLASH_DECODING for every decode step, the baseline's too; False: SDPA
     flash_decoding: bool | None = None
-    # fused_decode.MATVEC: the fused step's batch-1 products; False: cuBLAS
+    # fused_decode.MATVEC for every one-row decode step, the baseline's too; False: cuBLAS
     matvec: bool | None = None
 
     def runner(self, model: QwenVLForCausalLM, cache: KVCache) -> DecodeRunner:
@@ -442,7 +442,7 @@ def measure_dtype(
     result = {
         "fused_kernels": fast.fuses(device),
         "flash_decoding": fused_decode.flash_decoding(device),
-        "matvec": fast.fuses(device) and fused_decode.matvec_runs(device),
+        "matvec": fused_decode.matvec_runs(device),
         "prompt_tokens": len(prompt),
         "parameters": sum(p.numel() for p in model.parameters()),
         "llm_weight_bytes_per_step": llm_weight_bytes(model),
@@ -686,7 +686,7 @@ def report(results: dict) -> str:
         f"fast path = DecodeRunner mode {results['fast_path_mode']!r}, "
         f"fused decode kernels {'on' if results['fused_kernels'] else 'off'}, "
         f"decode attention {decode_attention_name(results)}"
-        + (", batch-1 products fused_decode.matvec" if results.get("matvec") else ""),
+        + (", one-row products fused_decode.matvec" if results.get("matvec") else ""),
         "",
         markdown_table(["figure", *columns], rows),
         "",
@@ -716,7 +716,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--no-matvec",
         action="store_true",
-        help="the fused step's batch-1 products through cuBLAS (default on CUDA: fused_decode.matvec)",
+        help="one-row decode products through cuBLAS in every step, the baseline's too (default on CUDA: "
+        "fused_decode.matvec)",
     )
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument(
