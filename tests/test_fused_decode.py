@@ -7,6 +7,7 @@ the eager layers to float noise, while bf16 is held to a bf16 step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -426,3 +427,16 @@ def test_eager_and_static_steps_round_alike_with_matvec(flash_decoding, matvec):
             static = static_decode_step(model, tokens, static_cache, fused=False)
             assert torch.equal(eager, static)
             tokens = eager.argmax(-1)
+
+
+def test_model_runs_make_their_device_current_for_triton(monkeypatch):
+    """Triton launches on CUDA's current device: a model on another GPU must make its own current."""
+    assert isinstance(fused_decode.launching_on(torch.device("cpu")), contextlib.nullcontext)
+    entered = []
+    real = fused_decode.launching_on
+    monkeypatch.setattr(fused_decode, "launching_on", lambda device: entered.append(device) or real(device))
+    model = small_model(1.0, torch.float32)
+    cache = prefilled(model, [5])  # the eager layers' run
+    with torch.inference_mode():
+        static_decode_step(model, torch.tensor([3]), cache, fused=True)  # the fused one's
+    assert entered == [torch.device("cpu")] * 2

@@ -30,6 +30,7 @@ Triton is importable; everything else, the prefill included, runs the eager laye
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -40,6 +41,15 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the eager layers do all the work
     triton = None
+
+
+def launching_on(device: torch.device):
+    """A context that makes `device` CUDA's current device while a model on it runs: Triton launches
+    its kernels on the current device, whatever device their tensors are on (a model loaded on
+    cuda:1 while cuda:0 is current would hand them another GPU's memory)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def available(device: torch.device) -> bool:
@@ -515,6 +525,11 @@ def run(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
     done by the norm that follows it. Called inside model.llm.attention_kernels, as
     `transformer.run` holds it (static_decode_step does).
     """
+    with launching_on(embeds.device):
+        return _run_layers(transformer, embeds, step)
+
+
+def _run_layers(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
     batch = embeds.shape[0]
     x, pending = embeds[:, 0].contiguous(), None  # pending: a branch's output, for the next norm to add
     for layer, block in enumerate(transformer.h):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import fused_decode
 from ..cache import KVCache
 from ..config import QwenVLConfig
 from ..cpu_weights import cpu_products
@@ -82,7 +83,8 @@ class QWenModel(nn.Module):
         """The blocks and the final norm over a prepared step (the cache's lengths are the caller's)."""
         x = embeds
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        with attention_kernels():
+        # the device made current: one-query attention and one-row products launch Triton kernels
+        with attention_kernels(), fused_decode.launching_on(embeds.device):
             for layer, block in enumerate(self.h):
                 if recompute and step.cache is None:
                     x = checkpoint(block, x, step, layer, use_reentrant=False)
