@@ -253,27 +253,16 @@ def replay_time(step: Callable[[], None], repeats: int = 20) -> float:
 
 
 def cublas_products(graph_step: Callable[[bool], Callable[[], None]]) -> Callable[[], None]:
-    """The fused graphed step with its batch-1 products through cuBLAS (fused_decode.MATVEC off
-    while its graph is captured)."""
+    """The fused graphed step with its batch-1 products through cuBLAS: captured at once, while
+    fused_decode.MATVEC is off (replays keep what was captured)."""
     saved = fused_decode.MATVEC
     fused_decode.MATVEC = False
-    step = graph_step(True)
-    captured = False
-
-    def run() -> None:
-        nonlocal captured
-        if not captured:  # the first call captures: the setting must hold then
-            fused_decode.MATVEC = False
-            try:
-                step()
-            finally:
-                fused_decode.MATVEC = saved
-            captured = True
-        else:
-            step()
-
-    fused_decode.MATVEC = saved
-    return run
+    try:
+        step = graph_step(True)
+        step()
+    finally:
+        fused_decode.MATVEC = saved
+    return step
 
 
 def measure(config_name: str) -> dict:
