@@ -55,12 +55,24 @@ def copy(cache: KVCache) -> KVCache:
     return cache.select(list(range(cache.batch_size)))
 
 
+@pytest.fixture
+def matvec(monkeypatch):
+    """The layers' one-row products through fused_decode.matvec, as on a GPU."""
+    monkeypatch.setattr(fused_decode, "MATVEC", True)
+
+
 @pytest.mark.parametrize("rotary_pct", [1.0, 0.5])
-def test_fused_step_matches_the_eager_layers_in_fp32(rotary_pct):
+@pytest.mark.parametrize(
+    "lengths, first_tokens",
+    [([5, 11, 8], [3, 500, 42]), ([11], [3])],  # one row: the layers' products through matvec
+)
+def test_fused_step_matches_the_eager_layers_in_fp32(matvec, rotary_pct, lengths, first_tokens):
     model = small_model(rotary_pct, torch.float32)
-    cache = prefilled(model, [5, 11, 8])
+    if len(lengths) == 1:  # as the runners do: the MLP's two matvec calls, the gate inside the second
+        fused_decode.pack_gate_weights(model)
+    cache = prefilled(model, lengths)
     eager_cache, fused_cache = copy(cache), copy(cache)
-    tokens = torch.tensor([3, 500, 42])
+    tokens = torch.tensor(first_tokens)
     with torch.inference_mode():
         for _ in range(3):
             eager = static_decode_step(model, tokens, eager_cache, fused=False)
@@ -70,7 +82,7 @@ def test_fused_step_matches_the_eager_layers_in_fp32(rotary_pct):
     # the norms' sums add up in another order: float noise, from the first layer on
     torch.testing.assert_close(fused_cache.keys, eager_cache.keys, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused_cache.values, eager_cache.values, rtol=1e-5, atol=1e-6)
-    assert fused_cache.lengths.tolist() == eager_cache.lengths.tolist() == [8, 14, 11]
+    assert fused_cache.lengths.tolist() == eager_cache.lengths.tolist() == [n + 3 for n in lengths]
 
 
 def test_fused_step_in_bf16_is_within_a_rounding_step():
@@ -275,13 +287,20 @@ def sdpa_step(model, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return static_decode_step(model, tokens, cache, fused=False)
 
 
-def test_eager_and_static_steps_round_alike_under_flash_decoding(flash_decoding):
+@pytest.mark.parametrize(
+    "lengths, first_tokens",
+    [([9, 30, 17], [3, 500, 42]), ([21], [3])],  # one row: the layers' products through matvec
+)
+def test_eager_and_static_steps_round_alike_under_flash_decoding(
+    flash_decoding, matvec, lengths, first_tokens
+):
     """Why every decode step uses it: the eager step (keys up to the furthest row) and the static
-    step (the whole capacity) then give the same bits, where SDPA's kernels may part in the last."""
+    step (the whole capacity) then give the same bits, where SDPA's kernels may part in the last;
+    so does matvec, which both take for one row, as on a GPU."""
     model = small_model(0.5, torch.bfloat16)
-    cache = prefilled(model, [9, 30, 17])
+    cache = prefilled(model, lengths)
     eager_cache, static_cache = copy(cache), copy(cache)
-    tokens = torch.tensor([3, 500, 42])
+    tokens = torch.tensor(first_tokens)
     with torch.inference_mode():
         for _ in range(3):
             eager = decode_step(model, tokens, eager_cache)
@@ -305,12 +324,6 @@ def test_kernels_compile_for_an_h100(tmp_path):
     # the attention reads its keys and values sixteen bytes at a time
     assert int(wide_loads["_attention_split_kernel"]) > 0
     assert int(wide_loads["_matvec_kernel"]) > 0  # and the products their weights
-
-
-@pytest.fixture
-def matvec(monkeypatch):
-    """The layers' batch-1 products through fused_decode.matvec, as on a GPU."""
-    monkeypatch.setattr(fused_decode, "MATVEC", True)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -364,22 +377,6 @@ def test_projections_take_matvec_for_one_row_only(matvec, monkeypatch):
     assert calls == [(8, 16)]
 
 
-@pytest.mark.parametrize("rotary_pct", [1.0, 0.5])
-def test_fused_step_with_matvec_matches_the_eager_layers(matvec, rotary_pct):
-    model = small_model(rotary_pct, torch.float32)
-    fused_decode.pack_gate_weights(model)  # as the runners do: the MLP's two matvec calls
-    cache = prefilled(model, [11])
-    eager_cache, fused_cache = copy(cache), copy(cache)
-    tokens = torch.tensor([3])
-    with torch.inference_mode():
-        for _ in range(3):
-            eager = static_decode_step(model, tokens, eager_cache, fused=False)
-            fused = static_decode_step(model, tokens, fused_cache, fused=True)
-            torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
-            tokens = eager.argmax(-1)
-    torch.testing.assert_close(fused_cache.keys, eager_cache.keys, rtol=1e-5, atol=1e-6)
-
-
 def test_eager_steps_of_one_row_take_matvec_too(matvec, monkeypatch):
     """So that eager and fused decode steps round alike; batches, training and prefills of several
     tokens keep the modules' products."""
@@ -412,21 +409,6 @@ def test_matvec_gives_a_row_the_same_bits_packed_or_alone(matvec):
         fused_decode.pack_gate_weights(model)
         packed = static_decode_step(model, tokens, packed_cache, fused=False)
     assert torch.equal(packed, apart)
-
-
-def test_eager_and_static_steps_round_alike_with_matvec(flash_decoding, matvec):
-    """As on a GPU, where both take the matvec kernel for one row: the same bits from the plain
-    decode step (keys up to the row's length) and the static one (the whole capacity)."""
-    model = small_model(0.5, torch.bfloat16)
-    cache = prefilled(model, [21])
-    eager_cache, static_cache = copy(cache), copy(cache)
-    tokens = torch.tensor([3])
-    with torch.inference_mode():
-        for _ in range(3):
-            eager = decode_step(model, tokens, eager_cache)
-            static = static_decode_step(model, tokens, static_cache, fused=False)
-            assert torch.equal(eager, static)
-            tokens = eager.argmax(-1)
 
 
 def test_model_runs_make_their_device_current_for_triton(monkeypatch):

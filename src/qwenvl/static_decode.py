@@ -103,7 +103,7 @@ class DecodeRunner:
             return self._step(self.model, tokens, self.cache, self._products)
         self._tokens.copy_(tokens)
         # on the cache's GPU whichever thread calls (a new thread's current device is the first)
-        with torch.cuda.device(self._tokens.device):
+        with fused_decode.launching_on(self._tokens.device):
             if self._graph is None:
                 self._capture()
             self._graph.replay()
