@@ -15,11 +15,13 @@ Run (on a CUDA machine): python -m benchmarks.gpu_profile [--config real] [--jso
 - matvec_sweep: a graphed fused decode step's time with each of fourteen block configs for
   fused_decode.matvec's products of one input width (4096, then 11008), the other keeping its
   default: which blocks read the weights fastest where, as in decoding, no weight stays in L2.
+- dependent_launch: that step with matvec launched as usual and early (fused_decode.
+  DEPENDENT_LAUNCH, on Hopper and later), three times in turns.
 - decode_step (eager layers without a graph; replayed as a CUDA graph with the eager layers and
-  with fused_decode's kernels, its products through matvec or cuBLAS), prefill, image_encode:
-  one call each under torch.profiler: the kernel count, the kernels' summed GPU time, the share
-  of matrix products, the span from the first kernel's start to the last one's end, and the top
-  kernels.
+  with fused_decode's kernels, its products through matvec, matvec launched early, or cuBLAS),
+  prefill, image_encode: one call each under torch.profiler: the kernel count, the kernels' summed
+  GPU time, the share of matrix products, the span from the first kernel's start to the last
+  one's end, and the top kernels.
 
 Random weights in bf16 (values do not change the speed).
 """
@@ -252,17 +254,30 @@ def replay_time(step: Callable[[], None], repeats: int = 20) -> float:
     return start.elapsed_time(end) / 1e3 / repeats
 
 
-def cublas_products(graph_step: Callable[[bool], Callable[[], None]]) -> Callable[[], None]:
-    """The fused graphed step with its batch-1 products through cuBLAS: captured at once, while
-    fused_decode.MATVEC is off (replays keep what was captured)."""
-    saved = fused_decode.MATVEC
-    fused_decode.MATVEC = False
+def captured_while(graph_step: Callable[[bool], Callable[[], None]], **settings) -> Callable[[], None]:
+    """The fused graphed step captured at once under fused_decode's `settings` (MATVEC=False: its
+    batch-1 products through cuBLAS); replays keep what was captured."""
+    saved = {name: getattr(fused_decode, name) for name in settings}
+    for name, value in settings.items():
+        setattr(fused_decode, name, value)
     try:
         step = graph_step(True)
         step()
     finally:
-        fused_decode.MATVEC = saved
+        for name, value in saved.items():
+            setattr(fused_decode, name, value)
     return step
+
+
+def dependent_launch_timings(
+    graph_step: Callable[[bool], Callable[[], None]],
+    timer: Callable[[Callable[[], None]], float],
+    rounds: int = 3,
+) -> list[dict]:
+    """The graphed fused step's ms with matvec launched as usual and early (DEPENDENT_LAUNCH), in
+    turns: a pair per round."""
+    usual, early = graph_step(True), captured_while(graph_step, DEPENDENT_LAUNCH=True)
+    return [{"usual_ms": timer(usual) * 1e3, "early_ms": timer(early) * 1e3} for _ in range(rounds)]
 
 
 def measure(config_name: str) -> dict:
@@ -309,7 +324,8 @@ def measure(config_name: str) -> dict:
             ("decode_step_eager_layers_no_graph", eager_step),
             ("decode_step_graph_eager_layers", graph_step(False)),
             ("decode_step_graph_fused", graph_step(True)),
-            ("decode_step_graph_fused_cublas_products", cublas_products(graph_step)),
+            ("decode_step_graph_fused_cublas_products", captured_while(graph_step, MATVEC=False)),
+            ("decode_step_graph_fused_dependent_launch", captured_while(graph_step, DEPENDENT_LAUNCH=True)),
         ):
             try:
                 sections[name] = kernel_breakdown(fn)
@@ -321,6 +337,8 @@ def measure(config_name: str) -> dict:
             attention = [{"error": repr(error)}]
         widths = sorted({llm.hidden_size, llm.projection_size, llm.mlp_width})
         sweep = matvec_sweep(lambda: graph_step(True), replay_time, widths)
+        hopper = torch.cuda.get_device_capability(device) >= (9, 0)
+        early = dependent_launch_timings(graph_step, replay_time) if hopper else []
         # the patch embedding both ways: the checkpoint's convolution and the product that replaced it
         conv = visual.conv1
         sections["patch_embedding_us"] = {
@@ -335,6 +353,7 @@ def measure(config_name: str) -> dict:
         "gemv_step": gemv_summary,
         "decode_attention": attention,
         "matvec_sweep": sweep,
+        "dependent_launch": early,
         "sections": sections,
     }
 
@@ -404,6 +423,13 @@ def report(results: dict) -> str:
         ]
         lines.append(markdown_table(["input width", "blocks", "step ms"], rows))
         lines.append("")
+    early = results.get("dependent_launch", [])
+    if early:
+        pairs = ", ".join(f"{r['usual_ms']:.3f} / {r['early_ms']:.3f}" for r in early)
+        lines += [
+            f"a graphed fused decode step (ms), matvec launched as usual / early, in turns: {pairs}",
+            "",
+        ]
     rows = []
     for name, section in results["sections"].items():
         if name == "patch_embedding_us":

@@ -1,8 +1,8 @@
 """One benchmark run: decode fast path vs a growing-cache eager baseline, dtypes, batching, prefix reuse.
 
 Run: .venv/bin/python -m benchmarks.run --config tiny|mid|real --device cpu|cuda [--compile] [--no-fused]
-     [--sdpa-decode] [--no-matvec] [--dtypes fp32 bf16] [--batch-sizes 8 32 64] [--engine-tokens 64]
-     [--[no-]load-time] [--threads N] [--json PATH]
+     [--sdpa-decode] [--no-matvec] [--dependent-launch] [--dtypes fp32 bf16] [--batch-sizes 8 32 64]
+     [--engine-tokens 64] [--[no-]load-time] [--threads N] [--json PATH]
 
 The model has random weights (values do not change the speed); each dtype is measured in a
 process of its own. Every ratio compares figures measured in this same run, on this same machine:
@@ -51,7 +51,7 @@ from qwenvl.cache import KVCache
 from qwenvl.chat_format import DEFAULT_SYSTEM
 from qwenvl.config import LLMConfig
 from qwenvl.engine import Engine
-from qwenvl.generation import SamplingParams, choose_tokens, decode_step, prefill
+from qwenvl.generation import SamplingParams, choose_tokens, decode_step, prefill, tokens_a_step_ahead
 from qwenvl.static_decode import DecodeRunner, fuses_by_default
 
 from .common import (
@@ -174,6 +174,8 @@ class FastPath:
     flash_decoding: bool | None = None
     # fused_decode.MATVEC for every one-row decode step, the baseline's too; False: cuBLAS
     matvec: bool | None = None
+    # fused_decode.DEPENDENT_LAUNCH for every decode step, the baseline's too
+    dependent_launch: bool = False
 
     def runner(self, model: QwenVLForCausalLM, cache: KVCache) -> DecodeRunner:
         return DecodeRunner(model, cache, self.mode, self.fused)
@@ -213,14 +215,18 @@ def decode_run(
     with torch.inference_mode():
         rows_features = None if features is None else features.repeat(batch, 1, 1)
         logits = prefill(model, [prompt] * batch, cache, rows_features)
-    generated = [choose_tokens(logits, GREEDY, None, None)]
 
-    def step() -> None:
+    def following(tokens: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            generated.append(choose_tokens(advance(generated[-1]), GREEDY, None, None))
+            return choose_tokens(advance(tokens), GREEDY, None, None)
 
-    timing = timed(step, param.device, warmup=warmup, repeats=steps)
-    return timing, torch.stack(generated, 1).tolist()
+    # the loop of generation (stream_tokens): each step's tokens read by the host, on a GPU while
+    # it computes the next step; a step's time is then that of the device, once steady
+    first = choose_tokens(logits, GREEDY, None, None)
+    generated = tokens_a_step_ahead(first, following, 1 + warmup + steps)
+    steps_tokens = [next(generated)]
+    timing = time_call(lambda: steps_tokens.append(next(generated)), warmup=warmup, repeats=steps)
+    return timing, [list(row) for row in zip(*steps_tokens, strict=True)]
 
 
 def fast_path(
@@ -229,10 +235,11 @@ def fast_path(
     fused: bool | None,
     flash_decoding: bool | None = None,
     matvec: bool | None = None,
+    dependent_launch: bool = False,
 ) -> FastPath:
     """--compile: inductor's kernels (captured as a CUDA graph on a GPU); else the static step."""
     mode = "compile" if compile_ else "cuda_graph" if device.type == "cuda" else "static"
-    return FastPath(mode, fused, flash_decoding, matvec)
+    return FastPath(mode, fused, flash_decoding, matvec, dependent_launch)
 
 
 def greedy_tokens_equal(
@@ -414,6 +421,7 @@ def measure_dtype(
     torch.set_num_threads(threads)
     fused_decode.FLASH_DECODING = fast.flash_decoding  # this process's own settings
     fused_decode.MATVEC = fast.matvec
+    fused_decode.DEPENDENT_LAUNCH = fast.dependent_launch
     tokenizer = QwenVLTokenizer()
     model = build_model(config, DTYPES[dtype_name], device)
     prompt = prompt_ids(tokenizer)
@@ -443,6 +451,7 @@ def measure_dtype(
         "fused_kernels": fast.fuses(device),
         "flash_decoding": fused_decode.flash_decoding(device),
         "matvec": fused_decode.matvec_runs(device),
+        "dependent_launch": fused_decode.dependent_launch(device),
         "prompt_tokens": len(prompt),
         "parameters": sum(p.numel() for p in model.parameters()),
         "llm_weight_bytes_per_step": llm_weight_bytes(model),
@@ -483,6 +492,7 @@ def measure(
     fused: bool | None = None,
     flash_decoding: bool | None = None,
     matvec: bool | None = None,
+    dependent_launch: bool = False,
     bandwidth_mb: int | None = None,
     equal_steps: int = EQUAL_STEPS,
     engine_tokens: int = 64,
@@ -497,7 +507,7 @@ def measure(
         raise ValueError("config 'real' (9.6B parameters) is only meaningful on a GPU: use --device cuda")
     device = torch.device(device_name)
     config = model_config(config_name)
-    fast = fast_path(device, compile_, fused, flash_decoding, matvec)
+    fast = fast_path(device, compile_, fused, flash_decoding, matvec, dependent_launch)
     if bandwidth_mb is None:  # well past the last-level cache: 60 MB of L2 on an H200
         bandwidth_mb = 2048 if device.type == "cuda" else 256
     # before the models and after them: one reading came out 12% lower after the real model's
@@ -542,6 +552,7 @@ def measure(
         "fused_kernels": all(r["fused_kernels"] for r in dtypes.values()),
         "flash_decoding": all(r["flash_decoding"] for r in dtypes.values()),
         "matvec": all(r["matvec"] for r in dtypes.values()),
+        "dependent_launch": all(r["dependent_launch"] for r in dtypes.values()),
         "decode_steps": steps,
         "decode_warmup_steps": warmup,
         "batch_sizes": [1, *batch_sizes],
@@ -686,7 +697,8 @@ def report(results: dict) -> str:
         f"fast path = DecodeRunner mode {results['fast_path_mode']!r}, "
         f"fused decode kernels {'on' if results['fused_kernels'] else 'off'}, "
         f"decode attention {decode_attention_name(results)}"
-        + (", one-row products fused_decode.matvec" if results.get("matvec") else ""),
+        + (", one-row products fused_decode.matvec" if results.get("matvec") else "")
+        + (", launched early (programmatic dependent launch)" if results.get("dependent_launch") else ""),
         "",
         markdown_table(["figure", *columns], rows),
         "",
@@ -718,6 +730,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="one-row decode products through cuBLAS in every step, the baseline's too (default on CUDA: "
         "fused_decode.matvec)",
+    )
+    parser.add_argument(
+        "--dependent-launch",
+        action="store_true",
+        help="matvec launched early, reading weights while the kernel before it ends (fused_decode."
+        "DEPENDENT_LAUNCH; CUDA capability 9.0+), in every step, the baseline's too (default: off)",
     )
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument(
@@ -762,6 +780,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         fused=False if args.no_fused else None,
         flash_decoding=False if args.sdpa_decode else None,
         matvec=False if args.no_matvec else None,
+        dependent_launch=args.dependent_launch,
         engine_tokens=args.engine_tokens,
         load_time=args.config != "real" if args.load_time is None else args.load_time,
     )

@@ -1,6 +1,8 @@
 """Compile every fused_decode kernel for an H100 (sm_90) without a GPU.
 
-Prints each kernel's name and the 16-byte loads in its code (of its last variant).
+Prints each kernel's name, the 16-byte loads in its code, its programmatic-dependent-launch
+instructions (`griddepcontrol`: waits, then launches), and whether a global load comes before its
+wait, all of its last variant (the one with DEPENDENT_LAUNCH's instructions).
 
 Run by test_fused_decode in a process without TRITON_INTERPRET. The argument types are those of
 a bf16 decode step of Qwen-VL's shapes; those not named are bf16 pointers, or int32 strides.
@@ -14,7 +16,10 @@ from triton.compiler import ASTSource, compile
 from qwenvl import fused_decode
 
 KERNELS = {
-    "_add_rms_norm_kernel": ({"width": "i32", "eps": "fp32"}, [{"HAS_DELTA": True, "BLOCK": 4096}]),
+    "_add_rms_norm_kernel": (
+        {"width": "i32", "eps": "fp32"},
+        [{"HAS_DELTA": True, "BLOCK": 4096, "EARLY_NEXT": early} for early in (False, True)],
+    ),
     "_rotary_to_cache_kernel": (
         {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "position_ptr": "*i64", "heads": "i32", "head_dim": "i32",
          "rot_dim": "i32"},
@@ -25,17 +30,18 @@ KERNELS = {
          "heads": "i32", "head_dim": "i32", "scale": "fp32", "query_row_stride": "i32",
          "query_head_stride": "i32"},
         # shares combined after, and the one share that writes the output itself
-        [{"SPLITS": splits, "BLOCK_KEYS": fused_decode.KEYS_PER_BLOCK, "BLOCK": 128} for splits in (6, 1)],
+        [{"SPLITS": splits, "BLOCK_KEYS": fused_decode.KEYS_PER_BLOCK, "BLOCK": 128, "EARLY_NEXT": early}
+         for splits, early in ((6, False), (1, True))],
     ),
     "_attention_combine_kernel": (
         {"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "head_dim": "i32"},
-        [{"SPLITS": 6, "BLOCK_SPLITS": 8, "BLOCK": 128}],
+        [{"SPLITS": 6, "BLOCK_SPLITS": 8, "BLOCK": 128, "EARLY_NEXT": early} for early in (False, True)],
     ),
     "_silu_gate_kernel": ({"width": "i32"}, [{"BLOCK": 1024}]),
     "_matvec_kernel": (
         {"n": "i32", "k": "i32"},
-        [{"HAS_BIAS": True, "GATED": False, "BLOCK_N": 16, "BLOCK_K": 256},
-         {"HAS_BIAS": False, "GATED": True, "BLOCK_N": 4, "BLOCK_K": 1024}],
+        [{"HAS_BIAS": True, "GATED": False, "BLOCK_N": 16, "BLOCK_K": 256, "EARLY": False},
+         {"HAS_BIAS": False, "GATED": True, "BLOCK_N": 4, "BLOCK_K": 1024, "EARLY": True}],
     ),
 }  # fmt: skip
 
@@ -64,8 +70,12 @@ def main() -> None:
                 options["enable_fp_fusion"] = True
             compiled = compile(ASTSource(kernel, signature, constants, attrs), target=target, options=options)
             assert compiled.asm["cubin"], name
-            wide_loads = compiled.asm["ptx"].count("ld.global.v4")
-        print(name, wide_loads, flush=True)
+            ptx = compiled.asm["ptx"]
+        waits, launches = ptx.count("griddepcontrol.wait"), ptx.count("griddepcontrol.launch_dependents")
+        load_first = "ld.global" in ptx and (
+            not waits or ptx.index("ld.global") < ptx.index("griddepcontrol.wait")
+        )
+        print(name, ptx.count("ld.global.v4"), waits, launches, int(load_first), flush=True)
 
 
 if __name__ == "__main__":

@@ -319,11 +319,17 @@ def test_kernels_compile_for_an_h100(tmp_path):
     script = Path(__file__).with_name("kernel_compilation.py")
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
-    wide_loads = dict(line.split() for line in done.stdout.splitlines())
-    assert {name for name in dir(fused_decode) if name.endswith("_kernel")} <= wide_loads.keys()
+    kernels = {name: [int(n) for n in facts] for name, *facts in map(str.split, done.stdout.splitlines())}
+    assert {name for name in dir(fused_decode) if name.endswith("_kernel")} <= kernels.keys()
+    wide_loads = {name: facts[0] for name, facts in kernels.items()}
     # the attention reads its keys and values sixteen bytes at a time
-    assert int(wide_loads["_attention_split_kernel"]) > 0
-    assert int(wide_loads["_matvec_kernel"]) > 0  # and the products their weights
+    assert wide_loads["_attention_split_kernel"] > 0
+    assert wide_loads["_matvec_kernel"] > 0  # and the products their weights
+    # DEPENDENT_LAUNCH: a matvec reads weights, waits for the kernel before, and lets the next start;
+    # the kernels before a matvec let it start and wait for nothing
+    assert kernels["_matvec_kernel"][1:] == [1, 1, 1]
+    for name in ("_add_rms_norm_kernel", "_attention_split_kernel", "_attention_combine_kernel"):
+        assert kernels[name][1:3] == [0, 1], name
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -363,6 +369,48 @@ def test_matvec_runs_only_on_cuda_unless_asked(monkeypatch):
     assert fused_decode.matvec_runs(torch.device("cpu")) is False
     monkeypatch.setattr(fused_decode, "MATVEC", True)
     assert fused_decode.matvec_runs(torch.device("cpu")) is True
+
+
+def test_dependent_launch_runs_only_where_asked_on_hopper_and_later(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(fused_decode, "available", lambda device: device.type == "cuda")
+    monkeypatch.setattr(fused_decode, "capability", lambda device: (9, 0))
+    assert not fused_decode.dependent_launch(cuda)  # off until measured
+    monkeypatch.setattr(fused_decode, "DEPENDENT_LAUNCH", True)
+    assert fused_decode.dependent_launch(cuda)
+    assert not fused_decode.dependent_launch(torch.device("cpu"))  # the interpreter has no grids to wait on
+    monkeypatch.setattr(fused_decode, "capability", lambda device: (8, 0))
+    assert not fused_decode.dependent_launch(cuda)
+
+
+def test_dependent_launch_launches_matvec_early_and_lets_it_start_early(monkeypatch):
+    """The flags each launch gets where dependent launch runs (the kernels' code: kernel_compilation)."""
+    launches = {}
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **flags: launches.setdefault(self.name, flags)
+
+    for name in (
+        "_add_rms_norm_kernel",
+        "_attention_split_kernel",
+        "_attention_combine_kernel",
+        "_matvec_kernel",
+    ):
+        monkeypatch.setattr(fused_decode, name, Recorder(name))
+    monkeypatch.setattr(fused_decode, "dependent_launch", lambda device: True)
+    norm = SimpleNamespace(weight=torch.ones(16), eps=1e-6)
+    fused_decode.add_rms_norm(torch.randn(1, 16), None, norm)
+    fused_decode.matvec(torch.randn(1, 16), torch.randn(8, 16))
+    cache = SimpleNamespace(keys=torch.zeros(1, 1, 4, 2, 8), values=torch.zeros(1, 1, 4, 2, 8))
+    step = SimpleNamespace(cache=cache, positions=torch.tensor([3]))
+    fused_decode.decode_attention(torch.randn(1, 2, 1, 8), step, 0, splits=2)
+    assert launches["_matvec_kernel"]["EARLY"] and launches["_matvec_kernel"]["launch_pdl"]
+    for name in ("_add_rms_norm_kernel", "_attention_split_kernel", "_attention_combine_kernel"):
+        assert launches[name]["EARLY_NEXT"] and "launch_pdl" not in launches[name], name
 
 
 def test_projections_take_matvec_for_one_row_only(matvec, monkeypatch):

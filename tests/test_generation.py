@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwenvl import make_context
+from qwenvl import generation, make_context
 from qwenvl.cache import KVCache
 from qwenvl.generation import (
     PromptTooLongError,
@@ -17,6 +17,7 @@ from qwenvl.generation import (
     generate_tokens,
     prefill,
     stream_tokens,
+    tokens_a_step_ahead,
 )
 
 pytestmark = pytest.mark.usefixtures("in_golden_dir")
@@ -97,6 +98,37 @@ def test_streaming_yields_each_step(tiny_model, tokenizer):
     prompt = prompt_of(tokenizer, "The capital of France is")
     steps = list(stream_tokens(tiny_model, [prompt], SamplingParams(max_new_tokens=6)))
     assert [s[0] for s in steps] == generate_tokens(tiny_model, [prompt], SamplingParams(max_new_tokens=6))[0]
+
+
+def test_tokens_come_a_step_ahead_on_a_gpu_and_when_asked_on_cpu(monkeypatch):
+    events = []
+
+    def following(tokens: torch.Tensor) -> torch.Tensor:
+        events.append(("step", tokens.item()))
+        return tokens + 1
+
+    steps = tokens_a_step_ahead(torch.tensor([0]), following, 3)
+    assert next(steps) == [0] and events == []
+    assert next(steps) == [1] and events == [("step", 0)]
+    assert list(steps) == [[2]] and events == [("step", 0), ("step", 1)]
+
+    class OnGpu:  # stands for a CUDA tensor
+        is_cuda = True
+
+        def __init__(self, value: int):
+            self.value = value
+
+    def to_host(tokens: OnGpu):
+        events.append(("copy", tokens.value))
+        return lambda: [tokens.value]
+
+    events.clear()
+    monkeypatch.setattr(generation, "to_host", to_host)
+    steps = tokens_a_step_ahead(OnGpu(0), lambda t: events.append(("step", t.value)) or OnGpu(t.value + 1), 3)
+    assert next(steps) == [0]
+    assert events == [("copy", 0), ("step", 0)]  # the next step is queued before the host waits
+    assert list(steps) == [[1], [2]]
+    assert events == [("copy", 0), ("step", 0), ("copy", 1), ("step", 1), ("copy", 2)]  # none past the last
 
 
 def test_chat_stream_grows_to_the_chat_reply(tiny_model, tokenizer):

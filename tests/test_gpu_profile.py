@@ -60,3 +60,31 @@ def test_matvec_sweep_tries_each_candidate_on_one_width_and_restores_the_blocks(
     report = gpu_profile.report(results)
     assert f"| {widths[0]} | BLOCK_N=16 BLOCK_K=256 warps=4 stages=3 * | 2 |" in report
     assert f"| {widths[1]} | BLOCK_N=4 BLOCK_K=64 warps=4 stages=3 | 2 |" in report
+
+
+def test_dependent_launch_timings_capture_the_early_step_under_the_flag_and_restore_it():
+    flags = []
+
+    def graph_step(fused: bool):
+        assert fused
+        captured = fused_decode.DEPENDENT_LAUNCH  # a graph keeps what it captured
+
+        def step() -> None:
+            flags.append(captured)
+
+        return step
+
+    timings = iter([0.004, 0.003] * 3)
+    rounds = gpu_profile.dependent_launch_timings(graph_step, lambda step: step() or next(timings))
+    assert fused_decode.DEPENDENT_LAUNCH is False
+    assert flags == [True] + [False, True] * 3  # captured at once, then timed in turns
+    assert rounds == [{"usual_ms": 4.0, "early_ms": 3.0}] * 3
+    results = {
+        "config": "small", "device_name": "cpu", "memory_bandwidth_bytes_per_s": 1e10, "gemv": [],
+        "gemv_step": {"products_per_step_s": 1e-3, "weight_bytes_per_step": 1e6, "products_gb_per_s": 1.0,
+                      "copy_bound_step_s": 1e-4},
+        "dependent_launch": rounds, "sections": {},
+    }  # fmt: skip
+    assert "matvec launched as usual / early, in turns: 4.000 / 3.000, 4.000 / 3.000" in gpu_profile.report(
+        results
+    )

@@ -58,3 +58,38 @@ def test_silu_gate_and_add_rms_norm_within_rounding():
         total.float() * torch.rsqrt(total.float().pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.float()
     )
     assert (normed.float() - exact).abs().max() <= 2**-6 * exact.abs().max()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="needs Hopper or later",
+)
+@pytest.mark.parametrize("graphed", [False, True])
+def test_dependent_launch_keeps_every_bit(graphed, monkeypatch):
+    """matvec launched early reads its input only once the kernel before has written it: a norm, then
+    a product, then the gated product of its halves, each reading what the one before wrote."""
+    torch.manual_seed(3)
+    norm = torch.nn.Module()
+    norm.weight, norm.eps = (torch.rand(4096, device="cuda") + 0.5).bfloat16(), 1e-6
+    x, delta = random(1, 4096), random(1, 4096)
+    both, c_proj = random(22016, 4096, scale=0.02), random(4096, 11008, scale=0.01)
+
+    def chain() -> torch.Tensor:
+        _, normed = fused_decode.add_rms_norm(x, delta, norm)
+        out = fused_decode.matvec(normed, both)
+        return fused_decode.matvec(out[:, :11008], c_proj, gate=out[:, 11008:])
+
+    def run() -> torch.Tensor:
+        if not graphed:
+            return chain()
+        chain()  # compiles the kernels before capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        graph.replay()
+        return out
+
+    plain = run()
+    monkeypatch.setattr(fused_decode, "DEPENDENT_LAUNCH", True)
+    assert fused_decode.dependent_launch(x.device)
+    assert torch.equal(run(), plain)

@@ -9,7 +9,7 @@ import torch
 
 from qwenvl import fused_decode
 from qwenvl.cache import KVCache
-from qwenvl.generation import decode_step, prefill
+from qwenvl.generation import SamplingParams, decode_step, generate_tokens, prefill
 from qwenvl.model.llm import attention_kernels
 from qwenvl.static_decode import DecodeRunner
 
@@ -17,7 +17,9 @@ pytestmark = pytest.mark.usefixtures("in_golden_dir")
 
 
 def decode_with(model, prompts, steps, advance):
-    cache = KVCache(model.transformer.llm_config, len(prompts), max(map(len, prompts)) + steps + 1)
+    capacity = max(map(len, prompts)) + steps + 1
+    device = next(model.parameters()).device
+    cache = KVCache(model.transformer.llm_config, len(prompts), capacity, device=device)
     logits = prefill(model, prompts, cache)
     outputs = []
     with torch.no_grad():
@@ -60,11 +62,19 @@ def test_attention_never_uses_cudnn():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the benchmarks check it there too)")
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(
+    "fused, dependent_launch", [(False, False), (True, False), (True, True)]
+)  # fmt: skip
 @pytest.mark.parametrize("rows", [1, 2])  # one row: the layers' products through fused_decode.matvec
-def test_cuda_graph_steps_equal_plain_steps(tiny_model, tokenizer, fused, rows):
+def test_cuda_graph_steps_equal_plain_steps(
+    tiny_model, tokenizer, fused, dependent_launch, rows, monkeypatch
+):
     if fused and not fused_decode.available(torch.device("cuda")):
         pytest.skip("needs Triton")
+    if dependent_launch:
+        if torch.cuda.get_device_capability() < (9, 0):
+            pytest.skip("needs Hopper or later")
+        monkeypatch.setattr(fused_decode, "DEPENDENT_LAUNCH", True)
     model = copy.deepcopy(tiny_model).cuda()
     prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("a b c d e f g h i j " * 7)]
     prompts = prompts[-rows:]
@@ -83,3 +93,19 @@ def test_cuda_graph_steps_equal_plain_steps(tiny_model, tokenizer, fused, rows):
     plain = decode(lambda cache: lambda tokens: decode_step(model, tokens, cache))
     graphed = decode(lambda cache: DecodeRunner(model, cache, "cuda_graph", fused=fused))
     assert torch.equal(graphed, plain)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the benchmarks check it there too)")
+def test_generation_reads_each_step_off_the_gpu_while_the_next_runs(tiny_model, tokenizer):
+    """stream_tokens reads a step's tokens while the GPU runs the next: the tokens of a loop that
+    waits for each step, and a stop word still ends the row where it comes."""
+    model = copy.deepcopy(tiny_model).cuda()
+    prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("a b c d e f g h i j " * 7)]
+    waited, _ = decode_with(model, prompts, 8, lambda cache: lambda tokens: decode_step(model, tokens, cache))
+    for mode in ("plain", "cuda_graph"):
+        params = SamplingParams(max_new_tokens=8, decode_mode=mode)
+        assert generate_tokens(model, prompts, params) == waited.tolist(), mode
+    stop = waited[0, 2].item()
+    params = SamplingParams(max_new_tokens=8, stop_words_ids=((stop,),))
+    first = waited[0].tolist()
+    assert generate_tokens(model, prompts[:1], params)[0] == first[: first.index(stop) + 1]

@@ -25,7 +25,8 @@ stores a tensor), without fused multiply-adds but in matvec's sums; the norm's s
 attention's sums may add up in another order. `static_decode_step` uses them on CUDA when
 Triton is importable; everything else, the prefill included, runs the eager layers, except that
 `decode_attention` serves the attention of every decode step on CUDA, eager or not
-(`FLASH_DECODING`), and `matvec` every one-row product of the layers (`MATVEC`).
+(`FLASH_DECODING`), and `matvec` every one-row product of the layers (`MATVEC`), launched early
+where asked (`DEPENDENT_LAUNCH`).
 """
 
 from __future__ import annotations
@@ -65,8 +66,10 @@ if triton is not None:
     @triton.jit
     def _add_rms_norm_kernel(
         x_ptr, delta_ptr, weight_ptr, residual_ptr, normed_ptr, width, eps, HAS_DELTA: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, EARLY_NEXT: tl.constexpr,
     ):  # fmt: skip
+        if EARLY_NEXT:  # the matvec after may start reading its weights (DEPENDENT_LAUNCH)
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < width
@@ -128,10 +131,12 @@ if triton is not None:
         heads, head_dim, scale, query_row_stride, query_head_stride,
         key_row_stride, key_head_stride, key_position_stride,
         value_row_stride, value_head_stride, value_position_stride,
-        SPLITS: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK: tl.constexpr,
+        SPLITS: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK: tl.constexpr, EARLY_NEXT: tl.constexpr,
     ):  # fmt: skip
         # One query (row, head) against one of SPLITS equal shares of the keys it sees (0..its
         # position): the online softmax of flash attention over blocks of keys, without matrix units.
+        if EARLY_NEXT:
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -178,8 +183,10 @@ if triton is not None:
     @triton.jit
     def _attention_combine_kernel(
         part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, head_dim,
-        SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+        SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr, EARLY_NEXT: tl.constexpr,
     ):  # fmt: skip
+        if EARLY_NEXT:
+            tl.extra.cuda.gdc_launch_dependents()
         query = tl.program_id(0)  # row * heads + head
         splits = tl.arange(0, BLOCK_SPLITS)
         used = splits < SPLITS
@@ -215,9 +222,12 @@ if triton is not None:
     def _matvec_kernel(
         x_ptr, gate_ptr, weight_ptr, bias_ptr, out_ptr, n, k,
         HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EARLY: tl.constexpr,
     ):  # fmt: skip
         # BLOCK_N output rows per program, each a dot product of a weight row with x (of k). Each
         # row's sums depend on the config alone (`matvec_config`), not on n or on where the row is
+        if EARLY:  # launched early itself (DEPENDENT_LAUNCH), it lets the next kernel launch early
+            tl.extra.cuda.gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_in = rows < n
         cols = tl.arange(0, BLOCK_K)
@@ -225,13 +235,16 @@ if triton is not None:
         for first in range(0, k, BLOCK_K):
             at = first + cols
             col_in = at < k
+            tile = rows[:, None] * k + at[None, :]
+            w = tl.load(weight_ptr + tile, mask=row_in[:, None] & col_in[None, :], other=0.0)
+            if EARLY:
+                if first == 0:  # the first weights read, wait for the kernel before to finish
+                    tl.extra.cuda.gdc_wait()
             x = tl.load(x_ptr + at, mask=col_in, other=0.0)
             if GATED:  # x * silu(gate), rounded as _silu_gate_kernel rounds it
                 gate = tl.load(gate_ptr + at, mask=col_in, other=0.0).to(tl.float32)
                 silu = (gate / (1.0 + tl.exp(-gate))).to(x.dtype)
                 x = (x.to(tl.float32) * silu.to(tl.float32)).to(x.dtype)
-            tile = rows[:, None] * k + at[None, :]
-            w = tl.load(weight_ptr + tile, mask=row_in[:, None] & col_in[None, :], other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         out = tl.sum(acc, axis=1)
         if HAS_BIAS:
@@ -252,7 +265,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[tor
     normed = torch.empty_like(x)
     _add_rms_norm_kernel[(x.shape[0],)](
         x, x if delta is None else delta, norm.weight, residual, normed, width, norm.eps,
-        HAS_DELTA=delta is not None, BLOCK=block, **_launch_options(block),
+        HAS_DELTA=delta is not None, BLOCK=block, EARLY_NEXT=dependent_launch(x.device),
+        **_launch_options(block),
     )  # fmt: skip
     return residual, normed
 
@@ -339,17 +353,20 @@ def decode_attention(query: torch.Tensor, step, layer: int, splits: int | None =
     else:  # the one share writes the output itself
         part_acc = part_max = part_sum = out
     block = triton.next_power_of_2(head_dim)
+    early_next = dependent_launch(query.device)  # c_proj's matvec comes next
     _attention_split_kernel[(batch, heads, splits)](
         query, keys, values, step.positions, out, part_acc, part_max, part_sum,
         heads, head_dim, head_dim**-0.5, query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
-        SPLITS=splits, BLOCK_KEYS=KEYS_PER_BLOCK, BLOCK=block, **_launch_options(block),
+        SPLITS=splits, BLOCK_KEYS=KEYS_PER_BLOCK, BLOCK=block, EARLY_NEXT=early_next,
+        **_launch_options(block),
     )  # fmt: skip
     if splits > 1:
         _attention_combine_kernel[(batch * heads,)](
             part_acc, part_max, part_sum, out, head_dim,
-            SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK=block, **_launch_options(block),
+            SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK=block, EARLY_NEXT=early_next,
+            **_launch_options(block),
         )  # fmt: skip
     return out
 
@@ -463,6 +480,26 @@ def matvec_runs(device: torch.device) -> bool:
     return MATVEC and triton is not None
 
 
+# Programmatic dependent launch (CUDA capability 9.0 and later) for `matvec`: its programs start
+# while the kernel before it still runs, read their first tile of weights (which nothing in a
+# decode step writes), then wait for that kernel's output; the kernels before a matvec (the norms,
+# the attention, matvec itself) let the next kernel launch as soon as they start. Each kernel
+# boundary then costs less than the few microseconds a launch and a first read take, over four
+# products a layer. The bits stay the same. Off until measured on a GPU (benchmarks.run
+# --dependent-launch); the kernels cannot run it under Triton's interpreter.
+DEPENDENT_LAUNCH = False
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether `matvec` launches early (DEPENDENT_LAUNCH) on `device`."""
+    return DEPENDENT_LAUNCH and available(device) and capability(device) >= (9, 0)
+
+
+@functools.cache
+def capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def matvec(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -479,11 +516,13 @@ def matvec(
         raise ValueError(f"matvec's gate must be shaped as x {tuple(x.shape)}, got {tuple(gate.shape)}")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     config = matvec_config(k)
+    early = dependent_launch(x.device)
     # fused multiply-adds named, not left to Triton's default (which its version 3.10 changes): the
     # same bits from one Triton to the next
     _matvec_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
         x, x if gate is None else gate, weight, weight if bias is None else bias, out, n, k,
-        HAS_BIAS=bias is not None, GATED=gate is not None, enable_fp_fusion=True, **config,
+        HAS_BIAS=bias is not None, GATED=gate is not None, EARLY=early, enable_fp_fusion=True,
+        **({"launch_pdl": True} if early else {}), **config,
     )  # fmt: skip
     return out
 

@@ -185,6 +185,46 @@ def make_decoder(model, cache: KVCache, mode: str = "auto") -> Callable[[torch.T
 # -- the loop ---------------------------------------------------------------------------------------
 
 
+def to_host(tokens: torch.Tensor) -> Callable[[], list[int]]:
+    """Starts copying `tokens` [B] off a GPU; the function returned waits for that copy alone (not
+    for what the GPU was given after it) and returns them as a list."""
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list[int]:
+        copied.synchronize()
+        return host.tolist()
+
+    return wait
+
+
+def tokens_a_step_ahead(
+    first: torch.Tensor, following: Callable[[torch.Tensor], torch.Tensor], steps: int
+) -> Iterator[list[int]]:
+    """Yield `steps` steps' tokens [B] as lists, `first` then each `following(previous)`; on a GPU
+    while it already computes the step after the one yielded.
+
+    A GPU would otherwise idle each step while the host reads a token and launches the next step
+    (0.13 ms of a 4.5 ms batch-1 step on an H200). A caller that stops early there leaves one step
+    computed for nothing (its cache rows a token longer than the tokens kept). On CPU nothing
+    runs while the host reads, and a step is computed only once it is asked for.
+    """
+    tokens = first
+    for step in range(steps):
+        last = step == steps - 1
+        if tokens.is_cuda:
+            read = to_host(tokens)
+            if not last:
+                tokens = following(tokens)
+            yield read()
+        else:
+            yield tokens.tolist()
+            if not last:
+                tokens = following(tokens)
+
+
 def is_finished(token: int, generated: list[int], params: SamplingParams) -> bool:
     """Whether `token`, just appended to `generated`, ends the sequence (end-of-text or a stop word)."""
     if token == params.eos_token_id:
@@ -249,10 +289,16 @@ def stream_tokens(
         model, [p[start:] for p, start in zip(prompts, starts, strict=True)], cache, image_features
     )
     advance = make_decoder(model, cache, params.decode_mode)
-    for step in range(max_new):
-        tokens = choose_tokens(logits, params, seen, generator)
+
+    def following(tokens: torch.Tensor) -> torch.Tensor:
+        if seen is not None:
+            seen[torch.arange(len(prompts), device=param.device), tokens] = True
+        return choose_tokens(advance(tokens), params, seen, generator)
+
+    first = choose_tokens(logits, params, seen, generator)
+    for tokens in tokens_a_step_ahead(first, following, max_new):
         out: list[int | None] = []
-        for i, token in enumerate(tokens.tolist()):
+        for i, token in enumerate(tokens):
             if done[i]:
                 out.append(None)
                 continue
@@ -261,11 +307,8 @@ def stream_tokens(
             if is_finished(token, generated[i], params):
                 done[i] = True
         yield out
-        if all(done) or step == max_new - 1:
+        if all(done):
             return
-        if seen is not None:
-            seen[torch.arange(len(prompts), device=param.device), tokens] = True
-        logits = advance(tokens)
 
 
 def generate_tokens(
