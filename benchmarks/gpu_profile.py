@@ -196,19 +196,24 @@ def attention_row(llm, device: torch.device, batch: int, context: int) -> dict:
     return row
 
 
-# fused_decode.matvec's blocks (rows, columns a turn, warps, stages) tried in a whole graphed step:
-# the eight its autotuned version chose among, two more, and four without software pipelining
-# (one stage: the loads go straight to registers, many of them in flight in a wide tile)
+# fused_decode.matvec's configs (rows, columns a turn, warps, AHEAD, X_PER_THREAD) tried in a whole
+# graphed step: the defaults' blocks read each way, and other blocks. (Its loop is not software-
+# pipelined, so num_stages, once among the candidates, changes nothing.)
 MATVEC_CANDIDATES = (
-    (2, 1024, 4, 4), (4, 512, 4, 4), (4, 1024, 4, 3), (8, 256, 4, 4), (8, 512, 4, 3),
-    (8, 512, 8, 3), (16, 256, 4, 3), (16, 512, 8, 3), (32, 128, 4, 4), (8, 1024, 8, 2),
-    (2, 2048, 4, 1), (4, 2048, 8, 1), (8, 1024, 8, 1), (16, 512, 8, 1),
+    (16, 256, 4, False, False), (16, 256, 4, True, False), (16, 256, 4, False, True),
+    (16, 256, 4, True, True), (4, 1024, 4, False, False), (4, 1024, 4, True, False),
+    (4, 1024, 4, False, True), (4, 1024, 4, True, True), (8, 256, 4, False, False),
+    (8, 256, 4, True, True), (8, 512, 4, True, False), (16, 512, 8, False, False),
+    (2, 2048, 4, False, False), (32, 128, 4, False, False),
 )  # fmt: skip
 
 
-def blocks(candidate: Sequence[int]) -> dict:
-    rows, columns, warps, stages = candidate
-    return {"BLOCK_N": rows, "BLOCK_K": columns, "num_warps": warps, "num_stages": stages}
+def blocks(candidate: Sequence) -> dict:
+    rows, columns, warps, ahead, x_per_thread = candidate
+    return {
+        "BLOCK_N": rows, "BLOCK_K": columns, "num_warps": warps, "num_stages": 3, "AHEAD": ahead,
+        "X_PER_THREAD": x_per_thread,
+    }  # fmt: skip
 
 
 def matvec_sweep(
@@ -363,9 +368,13 @@ def sweep_time(row: dict) -> float | str:
 
 
 def config_name(config: dict | None) -> str:
+    """BLOCK_N=16 BLOCK_K=256 warps=4, then the ways of reading that are on (AHEAD, X_PER_THREAD)."""
     if config is None:
         return "-"
-    return " ".join(f"{k.removeprefix('num_')}={v}" for k, v in config.items())
+    sizes = [
+        f"{k.removeprefix('num_')}={v}" for k, v in config.items() if type(v) is int and k != "num_stages"
+    ]
+    return " ".join(sizes + [k for k, v in config.items() if v is True])
 
 
 def shape(row: dict) -> str:

@@ -38,10 +38,12 @@ KERNELS = {
         [{"SPLITS": 6, "BLOCK_SPLITS": 8, "BLOCK": 128, "EARLY_NEXT": early} for early in (False, True)],
     ),
     "_silu_gate_kernel": ({"width": "i32"}, [{"BLOCK": 1024}]),
+    # matvec's take the rest of their constants from matvec_config, at the width of "k"
     "_matvec_kernel": (
         {"n": "i32", "k": "i32"},
-        [{"HAS_BIAS": True, "GATED": False, "BLOCK_N": 16, "BLOCK_K": 256, "EARLY": False},
-         {"HAS_BIAS": False, "GATED": True, "BLOCK_N": 4, "BLOCK_K": 1024, "EARLY": True}],
+        [{"k": 4096, "HAS_BIAS": True, "GATED": False, "EARLY": False},
+         {"k": 11008, "HAS_BIAS": False, "GATED": True, "EARLY": False, "AHEAD": True, "X_PER_THREAD": True},
+         {"k": 11008, "HAS_BIAS": False, "GATED": True, "EARLY": True}],
     ),
 }  # fmt: skip
 
@@ -54,20 +56,21 @@ def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     for name, (types, cases) in KERNELS.items():
         kernel = getattr(fused_decode, name)
-        for constants in cases:
+        for case in cases:
+            constants = dict(case)
+            options = {"enable_fp_fusion": True}  # matvec's; the others' from _launch_options
+            if "k" in constants:
+                config = fused_decode.matvec_config(constants.pop("k"))
+                for key, value in config.items():
+                    (options if key.startswith("num_") else constants).setdefault(key, value)
+            else:
+                options = fused_decode._launch_options(constants["BLOCK"])
             signature = {arg: types.get(arg, default_type(arg)) for arg in kernel.arg_names}
             signature.update(dict.fromkeys(constants, "constexpr"))
             # as a launch specialises them at Qwen-VL's shapes: every pointer and integer is a
             # multiple of 16 (without it, loads of two bytes instead of sixteen)
             aligned = [i for i, arg in enumerate(kernel.arg_names) if signature[arg].startswith(("*", "i"))]
             attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
-            # what the launches pass
-            if "BLOCK" in constants:
-                options = fused_decode._launch_options(constants["BLOCK"])
-            else:  # matvec's, as matvec_config gives them with its blocks
-                config = fused_decode.matvec_config(11008 if constants["BLOCK_K"] == 1024 else 4096)
-                options = {key: value for key, value in config.items() if key.startswith("num_")}
-                options["enable_fp_fusion"] = True
             compiled = compile(ASTSource(kernel, signature, constants, attrs), target=target, options=options)
             assert compiled.asm["cubin"], name
             ptx = compiled.asm["ptx"]

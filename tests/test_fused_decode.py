@@ -348,6 +348,28 @@ def test_matvec_is_the_linear_layer(bias):
         torch.testing.assert_close(gated, linear(up * F.silu(gate)))
 
 
+@pytest.mark.parametrize("ahead, x_per_thread", [(True, False), (False, True), (True, True)])
+def test_matvec_reads_its_tiles_any_way_for_the_same_sums(ahead, x_per_thread, monkeypatch):
+    """matvec_config's ways of reading (the next tile ahead, x per thread) leave every bit as it is
+    (on a GPU too: test_kernels_on_gpu), at ragged sizes, with the gate inside."""
+    weight, x, gate = torch.randn(37, 150), torch.randn(1, 150), torch.randn(1, 150)
+    small = {
+        "BLOCK_N": 4,
+        "BLOCK_K": 64,
+        "num_warps": 4,
+        "num_stages": 3,
+        "AHEAD": False,
+        "X_PER_THREAD": False,
+    }
+    monkeypatch.setattr(fused_decode, "matvec_config", lambda k: small)
+    plain, gated = fused_decode.matvec(x, weight), fused_decode.matvec(x, weight, gate=gate)
+    monkeypatch.setattr(
+        fused_decode, "matvec_config", lambda k: dict(small, AHEAD=ahead, X_PER_THREAD=x_per_thread)
+    )
+    assert torch.equal(fused_decode.matvec(x, weight), plain)
+    assert torch.equal(fused_decode.matvec(x, weight, gate=gate), gated)
+
+
 def test_matvec_in_bf16_is_within_a_rounding_step():
     weight, x = torch.randn(64, 1000).bfloat16(), torch.randn(1, 1000).bfloat16()
     expected = x.float() @ weight.float().T

@@ -23,7 +23,8 @@ def test_matvec_sweep_tries_each_candidate_on_one_width_and_restores_the_blocks(
     lengths = cache.lengths.clone()
     widths = [llm.hidden_size, llm.mlp_width]
     default = fused_decode.matvec_config
-    candidates = [(16, 256, 4, 3), (4, 64, 4, 3), (3, 64, 4, 3)]  # 3 rows: not a power of two
+    # 3 rows: not a power of two
+    candidates = [(16, 256, 4, False, False), (4, 64, 4, True, True), (3, 64, 4, False, False)]
     used = []
 
     def make_step():
@@ -58,8 +59,8 @@ def test_matvec_sweep_tries_each_candidate_on_one_width_and_restores_the_blocks(
         "decode_attention": [], "matvec_sweep": rows, "sections": {},
     }  # fmt: skip
     report = gpu_profile.report(results)
-    assert f"| {widths[0]} | BLOCK_N=16 BLOCK_K=256 warps=4 stages=3 * | 2 |" in report
-    assert f"| {widths[1]} | BLOCK_N=4 BLOCK_K=64 warps=4 stages=3 | 2 |" in report
+    assert f"| {widths[0]} | BLOCK_N=16 BLOCK_K=256 warps=4 * | 2 |" in report
+    assert f"| {widths[1]} | BLOCK_N=4 BLOCK_K=64 warps=4 AHEAD X_PER_THREAD | 2 |" in report
 
 
 def test_dependent_launch_timings_capture_the_early_step_under_the_flag_and_restore_it():

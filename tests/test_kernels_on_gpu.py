@@ -42,6 +42,25 @@ def test_matvec_gives_a_row_the_same_bits_packed_or_alone():
     assert torch.equal(gated_inside, gated_apart)
 
 
+@pytest.mark.parametrize("ahead, x_per_thread", [(True, False), (False, True), (True, True)])
+def test_matvec_reads_its_tiles_any_way_for_the_same_bits(ahead, x_per_thread, monkeypatch):
+    """What lets benchmarks/gpu_profile.py's matvec_sweep choose how the kernel reads by speed alone."""
+    torch.manual_seed(4)
+    cases = []
+    for n, k in ((12288, 4096), (4096, 11008)):
+        weight, x, gate = random(n, k, scale=0.02), random(1, k), random(1, k)
+        cases.append(
+            (weight, x, gate, fused_decode.matvec(x, weight), fused_decode.matvec(x, weight, gate=gate))
+        )
+    default = fused_decode.matvec_config
+    monkeypatch.setattr(
+        fused_decode, "matvec_config", lambda k: dict(default(k), AHEAD=ahead, X_PER_THREAD=x_per_thread)
+    )
+    for weight, x, gate, plain, gated in cases:
+        assert torch.equal(fused_decode.matvec(x, weight), plain), weight.shape
+        assert torch.equal(fused_decode.matvec(x, weight, gate=gate), gated), weight.shape
+
+
 def test_silu_gate_and_add_rms_norm_within_rounding():
     torch.manual_seed(2)
     up, gate = random(3, 11008), random(3, 11008, scale=4)

@@ -219,33 +219,61 @@ if triton is not None:
         tl.store(out_ptr + row * width + cols, product, mask=inside)
 
     @triton.jit
+    def _weight_tile(weight_ptr, rows, row_in, at, k):
+        # weights [rows, columns at]; nothing (zeros) past the matrix's edges
+        return tl.load(
+            weight_ptr + rows[:, None] * k + at[None, :], mask=row_in[:, None] & (at < k)[None, :], other=0.0
+        )
+
+    @triton.jit
+    def _matvec_input(x_ptr, gate_ptr, at, inside, GATED: tl.constexpr):
+        # x at the offsets `at` (of any shape); GATED: x * silu(gate), rounded as _silu_gate_kernel does
+        x = tl.load(x_ptr + at, mask=inside, other=0.0)
+        if GATED:
+            gate = tl.load(gate_ptr + at, mask=inside, other=0.0).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(x.dtype)
+            x = (x.to(tl.float32) * silu.to(tl.float32)).to(x.dtype)
+        return x
+
+    @triton.jit
     def _matvec_kernel(
         x_ptr, gate_ptr, weight_ptr, bias_ptr, out_ptr, n, k,
         HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EARLY: tl.constexpr,
+        AHEAD: tl.constexpr, X_PER_THREAD: tl.constexpr, EARLY: tl.constexpr,
     ):  # fmt: skip
         # BLOCK_N output rows per program, each a dot product of a weight row with x (of k). Each
-        # row's sums depend on the config alone (`matvec_config`), not on n or on where the row is
+        # row's sums depend on the blocks and warps alone (`matvec_config`), not on n, on where the
+        # row is, or on how the tiles are read:
+        # - AHEAD: the next tile of weights is read before this one is summed (two in flight);
+        # - X_PER_THREAD: each thread reads the columns of x it needs itself, from L1 for all but
+        #   its first row, where otherwise one read is shared out through shared memory (barriers
+        #   at every turn of the loop).
         if EARLY:  # launched early itself (DEPENDENT_LAUNCH), it lets the next kernel launch early
             tl.extra.cuda.gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_in = rows < n
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        if AHEAD:
+            ahead = _weight_tile(weight_ptr, rows, row_in, cols, k)
         for first in range(0, k, BLOCK_K):
             at = first + cols
             col_in = at < k
-            tile = rows[:, None] * k + at[None, :]
-            w = tl.load(weight_ptr + tile, mask=row_in[:, None] & col_in[None, :], other=0.0)
+            if AHEAD:
+                w = ahead
+                ahead = _weight_tile(weight_ptr, rows, row_in, at + BLOCK_K, k)
+            else:
+                tile = rows[:, None] * k + at[None, :]
+                w = tl.load(weight_ptr + tile, mask=row_in[:, None] & col_in[None, :], other=0.0)
             if EARLY:
-                if first == 0:  # the first weights read, wait for the kernel before to finish
+                if first == 0:  # its first weights read, it waits for the kernel before to finish
                     tl.extra.cuda.gdc_wait()
-            x = tl.load(x_ptr + at, mask=col_in, other=0.0)
-            if GATED:  # x * silu(gate), rounded as _silu_gate_kernel rounds it
-                gate = tl.load(gate_ptr + at, mask=col_in, other=0.0).to(tl.float32)
-                silu = (gate / (1.0 + tl.exp(-gate))).to(x.dtype)
-                x = (x.to(tl.float32) * silu.to(tl.float32)).to(x.dtype)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            if X_PER_THREAD:
+                spread = tl.broadcast_to(at[None, :], (BLOCK_N, BLOCK_K))
+                x = _matvec_input(x_ptr, gate_ptr, spread, spread < k, GATED).to(tl.float32)
+            else:
+                x = _matvec_input(x_ptr, gate_ptr, at, col_in, GATED).to(tl.float32)[None, :]
+            acc += w.to(tl.float32) * x
         out = tl.sum(acc, axis=1)
         if HAS_BIAS:
             out += tl.load(bias_ptr + rows, mask=row_in, other=0.0).to(tl.float32)
@@ -467,10 +495,13 @@ def matvec_config(k: int) -> dict:
     Triton's autotuner picked them on an H200 among eight configs (benchmarks/README.md): 16
     rows of 256 columns a turn for c_attn, w1 and w2 (w1 and w2 packed, and the 4096-row c_proj,
     ran 3% and 9% faster alone with others), 4 rows of 1024 for the MLP's c_proj (11008 wide).
+    How the kernel reads its tiles (AHEAD, X_PER_THREAD; num_stages, which its loop does not use)
+    leaves the bits as they are: benchmarks/gpu_profile.py's matvec_sweep tries each way.
     """
+    how = {"AHEAD": False, "X_PER_THREAD": False, "num_stages": 3}
     if k >= 8192:
-        return {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+        return {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, **how}
+    return {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, **how}
 
 
 def matvec_runs(device: torch.device) -> bool:
