@@ -2,7 +2,7 @@
 
 Prints each kernel's name, the 16-byte loads in its code, its programmatic-dependent-launch
 instructions (`griddepcontrol`: waits, then launches), and whether a global load comes before its
-wait, all of its last variant (the one with DEPENDENT_LAUNCH's instructions).
+wait, all of its last variant (the one with DEPENDENT_LAUNCH's instructions, EARLY).
 
 Run by test_fused_decode in a process without TRITON_INTERPRET. The argument types are those of
 a bf16 decode step of Qwen-VL's shapes; those not named are bf16 pointers, or int32 strides.
@@ -10,6 +10,7 @@ a bf16 decode step of Qwen-VL's shapes; those not named are bf16 pointers, or in
 
 from __future__ import annotations
 
+import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
@@ -18,26 +19,26 @@ from qwenvl import fused_decode
 KERNELS = {
     "_add_rms_norm_kernel": (
         {"width": "i32", "eps": "fp32"},
-        [{"HAS_DELTA": True, "BLOCK": 4096, "EARLY_NEXT": early} for early in (False, True)],
+        [{"HAS_DELTA": True, "BLOCK": 4096, "EARLY": early} for early in (False, True)],
     ),
     "_rotary_to_cache_kernel": (
         {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "position_ptr": "*i64", "heads": "i32", "head_dim": "i32",
          "rot_dim": "i32"},
-        [{"HAS_LOGN": True, "BLOCK": 128}],
+        [{"HAS_LOGN": True, "BLOCK": 128, "EARLY": early} for early in (False, True)],
     ),
     "_attention_split_kernel": (
         {"position_ptr": "*i64", "part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32",
          "heads": "i32", "head_dim": "i32", "scale": "fp32", "query_row_stride": "i32",
          "query_head_stride": "i32"},
         # shares combined after, and the one share that writes the output itself
-        [{"SPLITS": splits, "BLOCK_KEYS": fused_decode.KEYS_PER_BLOCK, "BLOCK": 128, "EARLY_NEXT": early}
+        [{"SPLITS": splits, "BLOCK_KEYS": fused_decode.KEYS_PER_BLOCK, "BLOCK": 128, "EARLY": early}
          for splits, early in ((6, False), (1, True))],
     ),
     "_attention_combine_kernel": (
         {"part_acc_ptr": "*fp32", "part_max_ptr": "*fp32", "part_sum_ptr": "*fp32", "head_dim": "i32"},
-        [{"SPLITS": 6, "BLOCK_SPLITS": 8, "BLOCK": 128, "EARLY_NEXT": early} for early in (False, True)],
+        [{"SPLITS": 6, "BLOCK_SPLITS": 8, "BLOCK": 128, "EARLY": early} for early in (False, True)],
     ),
-    "_silu_gate_kernel": ({"width": "i32"}, [{"BLOCK": 1024}]),
+    "_silu_gate_kernel": ({"width": "i32"}, [{"BLOCK": 1024, "EARLY": early} for early in (False, True)]),
     # matvec's take the rest of their constants from matvec_config, at the width of "k"
     "_matvec_kernel": (
         {"n": "i32", "k": "i32"},
@@ -64,7 +65,8 @@ def main() -> None:
                 for key, value in config.items():
                     (options if key.startswith("num_") else constants).setdefault(key, value)
             else:
-                options = fused_decode._launch_options(constants["BLOCK"])
+                launch = fused_decode._launch_options(constants["BLOCK"], torch.device("cpu"))
+                options = {key: launch[key] for key in ("num_warps", "enable_fp_fusion")}
             signature = {arg: types.get(arg, default_type(arg)) for arg in kernel.arg_names}
             signature.update(dict.fromkeys(constants, "constexpr"))
             # as a launch specialises them at Qwen-VL's shapes: every pointer and integer is a

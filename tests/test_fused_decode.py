@@ -325,11 +325,10 @@ def test_kernels_compile_for_an_h100(tmp_path):
     # the attention reads its keys and values sixteen bytes at a time
     assert wide_loads["_attention_split_kernel"] > 0
     assert wide_loads["_matvec_kernel"] > 0  # and the products their weights
-    # DEPENDENT_LAUNCH: a matvec reads weights, waits for the kernel before, and lets the next start;
-    # the kernels before a matvec let it start and wait for nothing
-    assert kernels["_matvec_kernel"][1:] == [1, 1, 1]
-    for name in ("_add_rms_norm_kernel", "_attention_split_kernel", "_attention_combine_kernel"):
-        assert kernels[name][1:3] == [0, 1], name
+    # DEPENDENT_LAUNCH: each kernel waits for the one before and lets the next start; matvec reads
+    # weights before it waits, the others nothing
+    for name, (_, waits, launches, load_first) in kernels.items():
+        assert (waits, launches, load_first) == (1, 1, name == "_matvec_kernel"), name
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -405,7 +404,7 @@ def test_dependent_launch_runs_only_where_asked_on_hopper_and_later(monkeypatch)
     assert not fused_decode.dependent_launch(cuda)
 
 
-def test_dependent_launch_launches_matvec_early_and_lets_it_start_early(monkeypatch):
+def test_dependent_launch_launches_every_kernel_early(monkeypatch):
     """The flags each launch gets where dependent launch runs (the kernels' code: kernel_compilation)."""
     launches = {}
 
@@ -416,23 +415,22 @@ def test_dependent_launch_launches_matvec_early_and_lets_it_start_early(monkeypa
         def __getitem__(self, grid):
             return lambda *args, **flags: launches.setdefault(self.name, flags)
 
-    for name in (
-        "_add_rms_norm_kernel",
-        "_attention_split_kernel",
-        "_attention_combine_kernel",
-        "_matvec_kernel",
-    ):
+    kernels = [name for name in dir(fused_decode) if name.endswith("_kernel")]
+    for name in kernels:
         monkeypatch.setattr(fused_decode, name, Recorder(name))
     monkeypatch.setattr(fused_decode, "dependent_launch", lambda device: True)
     norm = SimpleNamespace(weight=torch.ones(16), eps=1e-6)
     fused_decode.add_rms_norm(torch.randn(1, 16), None, norm)
     fused_decode.matvec(torch.randn(1, 16), torch.randn(8, 16))
-    cache = SimpleNamespace(keys=torch.zeros(1, 1, 4, 2, 8), values=torch.zeros(1, 1, 4, 2, 8))
-    step = SimpleNamespace(cache=cache, positions=torch.tensor([3]))
-    fused_decode.decode_attention(torch.randn(1, 2, 1, 8), step, 0, splits=2)
-    assert launches["_matvec_kernel"]["EARLY"] and launches["_matvec_kernel"]["launch_pdl"]
-    for name in ("_add_rms_norm_kernel", "_attention_split_kernel", "_attention_combine_kernel"):
-        assert launches[name]["EARLY_NEXT"] and "launch_pdl" not in launches[name], name
+    fused_decode.silu_gate(torch.randn(1, 16), torch.randn(1, 16))
+    cache = SimpleNamespace(keys=torch.zeros(1, 1, 2, 4, 8), values=torch.zeros(1, 1, 2, 4, 8))
+    rotary = SimpleNamespace(cos=torch.ones(1, 8), signed_sin=torch.zeros(1, 8))
+    step = SimpleNamespace(cache=cache, rotary=rotary, logn=None, positions=torch.tensor([3]))
+    query = fused_decode.rotary_to_cache(torch.randn(1, 3 * 2 * 8), step, 0, 2, 8)
+    fused_decode.decode_attention(query, step, 0, splits=2)
+    assert launches.keys() == set(kernels)
+    for name, flags in launches.items():
+        assert flags["EARLY"] and flags["launch_pdl"], name
 
 
 def test_projections_take_matvec_for_one_row_only(matvec, monkeypatch):

@@ -1,6 +1,6 @@
 """A decode step's small work in fewer GPU kernels (Triton), so batch-1 decoding nears the memory bound.
 
-Batch-1 decoding reads every LLM weight once per token: 13.5 GB for Qwen-VL in bf16, in five
+Batch-1 decoding reads every LLM weight once per token: 14.2 GB for Qwen-VL in bf16, in five
 matrix-vector products per layer, 5.5 ms on an H100. Around them the eager layers launch some
 twenty small kernels per layer (norms, rotary, cache writes, residual adds), a few microseconds
 each even inside a CUDA graph: a graphed step took 7.9 ms (`benchmarks/gpu_profile.py`), and
@@ -18,7 +18,7 @@ SDPA runs one program per head, and reads the whole capacity under a mask) and t
   MLP's c_proj, the gate above computed as its input is read. Alone, cuBLAS read the layers'
   weights at 3.3-3.9 TB/s on an H200 whose copy bandwidth is 4.2, this kernel at 3.9-4.0 (the
   4096 x 4096 c_proj at 4.8: its 34 MB partly from the 60 MB L2 cache); in a whole step, where
-  no weight stays in the cache, at 3.2, against cuBLAS's 3.0 (its split-K sums included).
+  no weight stays in the cache, at 3.7, against cuBLAS's 3.5 (its split-K sums included).
 
 They round where the eager layers round (fp32 inside, the model's dtype wherever eager code
 stores a tensor), without fused multiply-adds but in matvec's sums; the norm's sum and the
@@ -64,12 +64,19 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _launched_early():
+        # DEPENDENT_LAUNCH: the next kernel may launch now, and this one waits for the one before
+        # it to finish (and with it every kernel before) before it reads or writes anything
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _add_rms_norm_kernel(
         x_ptr, delta_ptr, weight_ptr, residual_ptr, normed_ptr, width, eps, HAS_DELTA: tl.constexpr,
-        BLOCK: tl.constexpr, EARLY_NEXT: tl.constexpr,
+        BLOCK: tl.constexpr, EARLY: tl.constexpr,
     ):  # fmt: skip
-        if EARLY_NEXT:  # the matvec after may start reading its weights (DEPENDENT_LAUNCH)
-            tl.extra.cuda.gdc_launch_dependents()
+        if EARLY:
+            _launched_early()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         inside = cols < width
@@ -91,8 +98,10 @@ if triton is not None:
         qkv_ptr, cos_ptr, sin_ptr, logn_ptr, position_ptr, query_ptr, keys_ptr, values_ptr,
         heads, head_dim, rot_dim,
         cache_row_stride, cache_head_stride, cache_position_stride,
-        HAS_LOGN: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_LOGN: tl.constexpr, BLOCK: tl.constexpr, EARLY: tl.constexpr,
     ):  # fmt: skip
+        if EARLY:
+            _launched_early()
         row = tl.program_id(0)
         head = tl.program_id(1)
         channels = tl.arange(0, BLOCK)
@@ -131,12 +140,12 @@ if triton is not None:
         heads, head_dim, scale, query_row_stride, query_head_stride,
         key_row_stride, key_head_stride, key_position_stride,
         value_row_stride, value_head_stride, value_position_stride,
-        SPLITS: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK: tl.constexpr, EARLY_NEXT: tl.constexpr,
+        SPLITS: tl.constexpr, BLOCK_KEYS: tl.constexpr, BLOCK: tl.constexpr, EARLY: tl.constexpr,
     ):  # fmt: skip
         # One query (row, head) against one of SPLITS equal shares of the keys it sees (0..its
         # position): the online softmax of flash attention over blocks of keys, without matrix units.
-        if EARLY_NEXT:
-            tl.extra.cuda.gdc_launch_dependents()
+        if EARLY:
+            _launched_early()
         row = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -160,13 +169,14 @@ if triton is not None:
             tile_mask = present[:, None] & inside[None, :]
             key_tile = key_base + keys_at[:, None] * key_position_stride + channels[None, :]
             k = tl.load(keys_ptr + key_tile, mask=tile_mask, other=0.0).to(tl.float32)
+            # the values are read with the keys (not once the scores are known): one wait for memory a turn
+            value_tile = value_base + keys_at[:, None] * value_position_stride + channels[None, :]
+            v = tl.load(values_ptr + value_tile, mask=tile_mask, other=0.0)
             scores = tl.where(present, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
             new_max = tl.maximum(running_max, tl.max(scores, axis=0))
             decay = tl.exp(running_max - new_max)
             weights = tl.exp(scores - new_max)
             running_sum = running_sum * decay + tl.sum(weights, axis=0)
-            value_tile = value_base + keys_at[:, None] * value_position_stride + channels[None, :]
-            v = tl.load(values_ptr + value_tile, mask=tile_mask, other=0.0)
             # the weights meet the values in the values' dtype, as flash attention's kernels round them
             rounded = weights.to(v.dtype).to(tl.float32)
             acc = acc * decay[:, None] + tl.sum(rounded[:, None] * v.to(tl.float32), axis=0)[None, :]
@@ -183,10 +193,10 @@ if triton is not None:
     @triton.jit
     def _attention_combine_kernel(
         part_acc_ptr, part_max_ptr, part_sum_ptr, out_ptr, head_dim,
-        SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr, EARLY_NEXT: tl.constexpr,
+        SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK: tl.constexpr, EARLY: tl.constexpr,
     ):  # fmt: skip
-        if EARLY_NEXT:
-            tl.extra.cuda.gdc_launch_dependents()
+        if EARLY:
+            _launched_early()
         query = tl.program_id(0)  # row * heads + head
         splits = tl.arange(0, BLOCK_SPLITS)
         used = splits < SPLITS
@@ -206,8 +216,11 @@ if triton is not None:
 
     @triton.jit
     def _silu_gate_kernel(
-        up_ptr, gate_ptr, out_ptr, width, up_row_stride, gate_row_stride, BLOCK: tl.constexpr
+        up_ptr, gate_ptr, out_ptr, width, up_row_stride, gate_row_stride,
+        BLOCK: tl.constexpr, EARLY: tl.constexpr,
     ):  # fmt: skip
+        if EARLY:
+            _launched_early()
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < width
@@ -248,7 +261,7 @@ if triton is not None:
         # - X_PER_THREAD: each thread reads the columns of x it needs itself, from L1 for all but
         #   its first row, where otherwise one read is shared out through shared memory (barriers
         #   at every turn of the loop).
-        if EARLY:  # launched early itself (DEPENDENT_LAUNCH), it lets the next kernel launch early
+        if EARLY:  # as _launched_early, but it reads its first weights before it waits
             tl.extra.cuda.gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_in = rows < n
@@ -280,9 +293,16 @@ if triton is not None:
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_in)
 
 
-def _launch_options(block: int) -> dict:
+def _launch_options(block: int, device: torch.device) -> dict:
     # no fused multiply-adds: eager kernels round each product and each sum
-    return {"num_warps": 8 if block >= 2048 else 4, "enable_fp_fusion": False}
+    return {"num_warps": 8 if block >= 2048 else 4, "enable_fp_fusion": False, **_early(device)}
+
+
+def _early(device: torch.device) -> dict:
+    """DEPENDENT_LAUNCH's flags: the kernel's code (EARLY) and its launch's (launch_pdl)."""
+    if dependent_launch(device):
+        return {"EARLY": True, "launch_pdl": True}
+    return {"EARLY": False}
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,8 +313,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm) -> tuple[tor
     normed = torch.empty_like(x)
     _add_rms_norm_kernel[(x.shape[0],)](
         x, x if delta is None else delta, norm.weight, residual, normed, width, norm.eps,
-        HAS_DELTA=delta is not None, BLOCK=block, EARLY_NEXT=dependent_launch(x.device),
-        **_launch_options(block),
+        HAS_DELTA=delta is not None, BLOCK=block, **_launch_options(block, x.device),
     )  # fmt: skip
     return residual, normed
 
@@ -314,7 +333,7 @@ def rotary_to_cache(qkv: torch.Tensor, step, layer: int, heads: int, head_dim: i
         query, keys, values,
         heads, head_dim, rotary.cos.shape[-1],
         keys.stride(0), keys.stride(1), keys.stride(2),
-        HAS_LOGN=step.logn is not None, BLOCK=block, **_launch_options(block),
+        HAS_LOGN=step.logn is not None, BLOCK=block, **_launch_options(block, qkv.device),
     )  # fmt: skip
     return query
 
@@ -381,20 +400,18 @@ def decode_attention(query: torch.Tensor, step, layer: int, splits: int | None =
     else:  # the one share writes the output itself
         part_acc = part_max = part_sum = out
     block = triton.next_power_of_2(head_dim)
-    early_next = dependent_launch(query.device)  # c_proj's matvec comes next
     _attention_split_kernel[(batch, heads, splits)](
         query, keys, values, step.positions, out, part_acc, part_max, part_sum,
         heads, head_dim, head_dim**-0.5, query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
-        SPLITS=splits, BLOCK_KEYS=KEYS_PER_BLOCK, BLOCK=block, EARLY_NEXT=early_next,
-        **_launch_options(block),
+        SPLITS=splits, BLOCK_KEYS=KEYS_PER_BLOCK, BLOCK=block, **_launch_options(block, query.device),
     )  # fmt: skip
     if splits > 1:
         _attention_combine_kernel[(batch * heads,)](
             part_acc, part_max, part_sum, out, head_dim,
-            SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK=block, EARLY_NEXT=early_next,
-            **_launch_options(block),
+            SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK=block,
+            **_launch_options(block, query.device),
         )  # fmt: skip
     return out
 
@@ -411,7 +428,7 @@ def silu_gate(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, width, dtype=up.dtype, device=up.device)
     block = 1024
     _silu_gate_kernel[(rows, triton.cdiv(width, block))](
-        up, gate, out, width, up.stride(0), gate.stride(0), BLOCK=block, **_launch_options(block)
+        up, gate, out, width, up.stride(0), gate.stride(0), BLOCK=block, **_launch_options(block, up.device)
     )
     return out
 
@@ -511,18 +528,17 @@ def matvec_runs(device: torch.device) -> bool:
     return MATVEC and triton is not None
 
 
-# Programmatic dependent launch (CUDA capability 9.0 and later) for `matvec`: its programs start
-# while the kernel before it still runs, read their first tile of weights (which nothing in a
-# decode step writes), then wait for that kernel's output; the kernels before a matvec (the norms,
-# the attention, matvec itself) let the next kernel launch as soon as they start. Each kernel
-# boundary then costs less than the few microseconds a launch and a first read take, over four
-# products a layer. The bits stay the same. Off until measured on a GPU (benchmarks.run
-# --dependent-launch); the kernels cannot run it under Triton's interpreter.
+# Programmatic dependent launch (CUDA capability 9.0 and later) for every kernel here: each lets
+# the next launch as soon as it starts, and waits for the one before it to finish before it reads
+# anything, but `matvec`, which first reads a tile of weights (nothing in a decode step writes
+# them). A kernel boundary then costs less than a launch and, before a product, a first read from
+# memory: 128 products and about 190 other kernels a step. The bits stay the same. Off until
+# measured on a GPU (benchmarks.run --dependent-launch); Triton's interpreter cannot run it.
 DEPENDENT_LAUNCH = False
 
 
 def dependent_launch(device: torch.device) -> bool:
-    """Whether `matvec` launches early (DEPENDENT_LAUNCH) on `device`."""
+    """Whether the kernels launch early (DEPENDENT_LAUNCH) on `device`."""
     return DEPENDENT_LAUNCH and available(device) and capability(device) >= (9, 0)
 
 
@@ -547,13 +563,12 @@ def matvec(
         raise ValueError(f"matvec's gate must be shaped as x {tuple(x.shape)}, got {tuple(gate.shape)}")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     config = matvec_config(k)
-    early = dependent_launch(x.device)
     # fused multiply-adds named, not left to Triton's default (which its version 3.10 changes): the
     # same bits from one Triton to the next
     _matvec_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
         x, x if gate is None else gate, weight, weight if bias is None else bias, out, n, k,
-        HAS_BIAS=bias is not None, GATED=gate is not None, EARLY=early, enable_fp_fusion=True,
-        **({"launch_pdl": True} if early else {}), **config,
+        HAS_BIAS=bias is not None, GATED=gate is not None, enable_fp_fusion=True, **_early(x.device),
+        **config,
     )  # fmt: skip
     return out
 
