@@ -5,13 +5,14 @@
 #
 # 0. the tests that need a GPU (the Triton kernels compiled for it, CUDA-graph steps with and
 #    without them, the graphed engine); the figures below check the fast paths' greedy tokens too;
-# 1. `real` (the Qwen-VL-Chat shapes, random weights), fp32 and bf16: the fast path is the decode
-#    step with fused_decode's kernels (batch-1 products through its matvec), captured as a CUDA
-#    graph; then bf16 with matvec launched early (--dependent-launch, off by default until
-#    measured), and with the batch-1 products through cuBLAS, for the ratios to 1;
+# 1. `real` (the Qwen-VL-Chat shapes, random weights) in bf16 (fp32's figures: session 10's
+#    records, results/gpu.md): the fast path is the decode step with fused_decode's kernels
+#    (batch-1 products through its matvec), captured as a CUDA graph; then with the kernels
+#    launched early (--dependent-launch, off by default until measured), and with the batch-1
+#    products through cuBLAS, for the ratios to the first;
 # 2. gpu_profile: matrix-vector bandwidth, decode attention (SDPA and flash decoding's share
-#    counts), matvec's blocks swept in a whole step, matvec launched early against as usual, and
-#    kernel breakdowns of encode, prefill and decode;
+#    counts; keys a turn, warps and shares), matvec's configs swept in a whole step, the kernels
+#    launched early against as usual, and kernel breakdowns of encode, prefill and decode;
 # 3. `real`, bf16, with every decode step's attention through SDPA instead of flash decoding;
 # 4. `tiny` (small shapes: Python and launch overheads dominate);
 # 5. `real`, bf16, briefly, with the load time of its 19 GB checkpoint (written first).
@@ -43,11 +44,11 @@ echo "== GPU tests (limit 150s)"
 timeout 150 "$python" -m pytest -p no:cacheprovider -q tests/test_kernels_on_gpu.py tests/test_static_decode.py \
     tests/test_engine.py::test_graphed_engine_equals_the_plain_one 2>&1
 echo "== GPU tests: exit $?"
-step run_real_cuda 240 --config real --device cuda
+step run_real_cuda 180 --config real --device cuda --dtypes bf16
 step run_real_cuda_dependent_launch 90 --config real --device cuda --dependent-launch --dtypes bf16 --batch-sizes 32
 step run_real_cuda_no_matvec 90 --config real --device cuda --no-matvec --dtypes bf16 --batch-sizes 32
-echo "== gpu_profile_real (limit 200s)"
-timeout 200 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
+echo "== gpu_profile_real (limit 240s)"
+timeout 240 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
 echo "== gpu_profile_real: exit $?"
 step run_real_cuda_sdpa_decode 100 --config real --device cuda --sdpa-decode --dtypes bf16 --batch-sizes 32
 step run_tiny_cuda 120 --config tiny --device cuda --batch-sizes 8

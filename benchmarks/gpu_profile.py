@@ -12,6 +12,8 @@ Run (on a CUDA machine): python -m benchmarks.gpu_profile [--config real] [--jso
   sizes and context lengths: SDPA under the static step's mask (memory-efficient kernel) against
   fused_decode.decode_attention cut into 1 to 16 shares, in microseconds, with the largest gap
   between their outputs.
+- decode_attention_blocks: one layer's batch-1 decode attention with a few keys a turn, warp
+  counts and shares (fused_decode.KEYS_PER_BLOCK, ATTENTION_WARPS, PROGRAMS_PER_MULTIPROCESSOR).
 - matvec_sweep: a graphed fused decode step's time with each of fourteen block configs for
   fused_decode.matvec's products of one input width (4096, then 11008), the other keeping its
   default: which blocks read the weights fastest where, as in decoding, no weight stays in L2.
@@ -196,6 +198,50 @@ def attention_row(llm, device: torch.device, batch: int, context: int) -> dict:
     return row
 
 
+# decode_attention's keys a turn, warps and programs per multiprocessor (which set its shares):
+# one warp sums without the shared-memory barriers of each turn (0 in its code against 15 with
+# two or four), with more work per thread
+ATTENTION_BLOCKS = (
+    (16, 1, 2), (16, 1, 4), (16, 1, 8), (32, 1, 2), (32, 1, 4), (16, 2, 2), (16, 4, 2), (32, 2, 2),
+    (32, 4, 2), (64, 2, 2), (64, 4, 2), (64, 4, 4),
+)  # fmt: skip
+
+
+def attention_block_rows(
+    llm, device: torch.device, timer: Callable[[Callable[[], object]], float] = graph_time, context: int = 320
+) -> list[dict]:
+    """One layer's batch-1 decode attention over `context` keys with each of ATTENTION_BLOCKS
+    (microseconds), its shares, and its largest gap from the default's output."""
+    llm = dataclasses.replace(llm, num_hidden_layers=1)
+    cache = KVCache(llm, 1, context, torch.bfloat16, device)
+    cache.keys.normal_()
+    cache.values.normal_()
+    query = torch.randn(1, llm.num_attention_heads, 1, llm.kv_channels, device=device, dtype=torch.bfloat16)
+    step = SimpleNamespace(cache=cache, positions=torch.full((1, 1), context - 1, device=device))
+    attend = functools.partial(fused_decode.decode_attention, query, step, 0)
+    expected = attend().float()
+    names = ("KEYS_PER_BLOCK", "ATTENTION_WARPS", "PROGRAMS_PER_MULTIPROCESSOR")
+    saved = tuple(getattr(fused_decode, name) for name in names)
+    rows = []
+    try:
+        for blocks in ATTENTION_BLOCKS:
+            for name, value in zip(names, blocks, strict=True):
+                setattr(fused_decode, name, value)
+            keys, warps, _ = blocks
+            row = {"context": context, "keys_per_block": keys, "warps": warps, "default": blocks == saved}
+            row["splits"] = fused_decode.attention_splits(llm.num_attention_heads, device)
+            try:
+                row["us"] = timer(attend) * 1e6
+                row["max_abs_gap"] = (attend().float() - expected).abs().max().item()
+            except Exception as error:  # a block that does not compile here: keep the others
+                row["error"] = repr(error)[:200]
+            rows.append(row)
+    finally:
+        for name, value in zip(names, saved, strict=True):
+            setattr(fused_decode, name, value)
+    return rows
+
+
 # fused_decode.matvec's configs (rows, columns a turn, warps, AHEAD, X_PER_THREAD) tried in a whole
 # graphed step: the defaults' blocks read each way, and other blocks. (Its loop is not software-
 # pipelined, so num_stages, once among the candidates, changes nothing.)
@@ -340,6 +386,10 @@ def measure(config_name: str) -> dict:
             attention = attention_rows(llm, device)
         except Exception as error:  # keep the rest of the profile
             attention = [{"error": repr(error)}]
+        try:
+            attention_blocks = attention_block_rows(llm, device)
+        except Exception as error:
+            attention_blocks = [{"error": repr(error)}]
         widths = sorted({llm.hidden_size, llm.projection_size, llm.mlp_width})
         sweep = matvec_sweep(lambda: graph_step(True), replay_time, widths)
         hopper = torch.cuda.get_device_capability(device) >= (9, 0)
@@ -357,6 +407,7 @@ def measure(config_name: str) -> dict:
         "gemv": gemv,
         "gemv_step": gemv_summary,
         "decode_attention": attention,
+        "decode_attention_blocks": attention_blocks,
         "matvec_sweep": sweep,
         "dependent_launch": early,
         "sections": sections,
@@ -414,6 +465,23 @@ def report(results: dict) -> str:
             + [r["default_splits"], r["max_abs_gap"]]
             for r in attention
         ]
+        lines.append(markdown_table(headers, rows))
+        lines.append("")
+    blocks_rows = results.get("decode_attention_blocks", [])
+    if blocks_rows and "error" in blocks_rows[0] and "keys_per_block" not in blocks_rows[0]:
+        lines += [f"decode attention's blocks: {blocks_rows[0]['error'][:200]}", ""]
+    elif blocks_rows:
+        lines.append(
+            f"one layer's batch-1 decode attention over {blocks_rows[0]['context']} keys (us), by keys a "
+            "turn, warps and shares (* the default)"
+        )
+        lines.append("")
+        rows = [
+            [f"{r['keys_per_block']}{' *' if r['default'] else ''}", r["warps"], r["splits"]]
+            + [r.get("us", r.get("error")), r.get("max_abs_gap", "")]
+            for r in blocks_rows
+        ]
+        headers = ["keys a turn", "warps", "shares", "us", "largest gap from the default"]
         lines.append(markdown_table(headers, rows))
         lines.append("")
     sweep = results.get("matvec_sweep", [])

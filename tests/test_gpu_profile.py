@@ -89,3 +89,39 @@ def test_dependent_launch_timings_capture_the_early_step_under_the_flag_and_rest
     assert "matvec launched as usual / early, in turns: 4.000 / 3.000, 4.000 / 3.000" in gpu_profile.report(
         results
     )
+
+
+def test_attention_blocks_try_each_and_restore_the_default():
+    llm = small_model(1.0, torch.float32).transformer.llm_config
+    seen = []
+
+    def blocks() -> tuple[int, int, int]:
+        return (
+            fused_decode.KEYS_PER_BLOCK,
+            fused_decode.ATTENTION_WARPS,
+            fused_decode.PROGRAMS_PER_MULTIPROCESSOR,
+        )
+
+    def timer(attend) -> float:
+        seen.append(blocks())
+        attend()
+        return 1e-5
+
+    rows = gpu_profile.attention_block_rows(llm, torch.device("cpu"), timer, context=40)
+    assert blocks() == (64, 4, 2)
+    assert seen == list(gpu_profile.ATTENTION_BLOCKS)
+    assert [r["default"] for r in rows] == [b == (64, 4, 2) for b in gpu_profile.ATTENTION_BLOCKS]
+    # the interpreter's 8 multiprocessors over the small model's heads: shares as programs grow
+    assert [r["splits"] for r in rows][:3] == [
+        fused_decode.attention_splits(llm.num_attention_heads, torch.device("cpu")) * n for n in (1, 2, 4)
+    ]
+    assert all(r["us"] == 10.0 and r["max_abs_gap"] < 0.05 for r in rows)  # bf16 sums in another order
+    results = {
+        "config": "small", "device_name": "cpu", "memory_bandwidth_bytes_per_s": 1e10, "gemv": [],
+        "gemv_step": {"products_per_step_s": 1e-3, "weight_bytes_per_step": 1e6, "products_gb_per_s": 1.0,
+                      "copy_bound_step_s": 1e-4},
+        "decode_attention_blocks": rows, "sections": {},
+    }  # fmt: skip
+    report = gpu_profile.report(results)
+    assert "over 40 keys (us), by keys a turn, warps and shares" in report
+    assert f"| 64 * | 4 | {rows[10]['splits']} | 10 | 0 |" in report

@@ -344,8 +344,10 @@ def rotary_to_cache(qkv: torch.Tensor, step, layer: int, heads: int, head_dim: i
 # model). None: wherever the kernels run by default (`available`); False: SDPA everywhere
 # (benchmarks.run --sdpa-decode, to compare the two); True: also under Triton's interpreter.
 FLASH_DECODING: bool | None = None
-# keys a decode-attention program reads per loop turn
+# keys a decode-attention program reads per loop turn, and its warps (their sums' order: the same
+# in every decode step, eager or graphed)
 KEYS_PER_BLOCK = 64
+ATTENTION_WARPS = 4
 # programs per multiprocessor the attention aims for: enough to hide each one's memory latency
 PROGRAMS_PER_MULTIPROCESSOR = 2
 
@@ -405,7 +407,8 @@ def decode_attention(query: torch.Tensor, step, layer: int, splits: int | None =
         heads, head_dim, head_dim**-0.5, query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
-        SPLITS=splits, BLOCK_KEYS=KEYS_PER_BLOCK, BLOCK=block, **_launch_options(block, query.device),
+        SPLITS=splits, BLOCK_KEYS=KEYS_PER_BLOCK, BLOCK=block,
+        **{**_launch_options(block, query.device), "num_warps": ATTENTION_WARPS},
     )  # fmt: skip
     if splits > 1:
         _attention_combine_kernel[(batch * heads,)](

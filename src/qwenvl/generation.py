@@ -189,9 +189,9 @@ def to_host(tokens: torch.Tensor) -> Callable[[], list[int]]:
     """Starts copying `tokens` [B] off a GPU; the function returned waits for that copy alone (not
     for what the GPU was given after it) and returns them as a list."""
     host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)
+    host.copy_(tokens, non_blocking=True)  # on the stream of the tokens' GPU, current or not
     copied = torch.cuda.Event()
-    copied.record()
+    copied.record(torch.cuda.current_stream(tokens.device))
 
     def wait() -> list[int]:
         copied.synchronize()
