@@ -17,10 +17,10 @@ Run (on a CUDA machine): python -m benchmarks.gpu_profile [--config real] [--jso
 - matvec_sweep: a graphed fused decode step's time with each of fourteen block configs for
   fused_decode.matvec's products of one input width (4096, then 11008), the other keeping its
   default: which blocks read the weights fastest where, as in decoding, no weight stays in L2.
-- dependent_launch: that step with matvec launched as usual and early (fused_decode.
+- dependent_launch: that step with the kernels launched as usual and early (fused_decode.
   DEPENDENT_LAUNCH, on Hopper and later), three times in turns.
 - decode_step (eager layers without a graph; replayed as a CUDA graph with the eager layers and
-  with fused_decode's kernels, its products through matvec, matvec launched early, or cuBLAS),
+  with fused_decode's kernels, its products through matvec or cuBLAS, or launched early),
   prefill, image_encode: one call each under torch.profiler: the kernel count, the kernels' summed
   GPU time, the share of matrix products, the span from the first kernel's start to the last
   one's end, and the top kernels.
@@ -325,7 +325,7 @@ def dependent_launch_timings(
     timer: Callable[[Callable[[], None]], float],
     rounds: int = 3,
 ) -> list[dict]:
-    """The graphed fused step's ms with matvec launched as usual and early (DEPENDENT_LAUNCH), in
+    """The graphed fused step's ms with the kernels launched as usual and early (DEPENDENT_LAUNCH), in
     turns: a pair per round."""
     usual, early = graph_step(True), captured_while(graph_step, DEPENDENT_LAUNCH=True)
     return [{"usual_ms": timer(usual) * 1e3, "early_ms": timer(early) * 1e3} for _ in range(rounds)]
@@ -504,7 +504,7 @@ def report(results: dict) -> str:
     if early:
         pairs = ", ".join(f"{r['usual_ms']:.3f} / {r['early_ms']:.3f}" for r in early)
         lines += [
-            f"a graphed fused decode step (ms), matvec launched as usual / early, in turns: {pairs}",
+            f"a graphed fused decode step (ms), kernels launched as usual / early, in turns: {pairs}",
             "",
         ]
     rows = []

@@ -698,7 +698,11 @@ def report(results: dict) -> str:
         f"fused decode kernels {'on' if results['fused_kernels'] else 'off'}, "
         f"decode attention {decode_attention_name(results)}"
         + (", one-row products fused_decode.matvec" if results.get("matvec") else "")
-        + (", launched early (programmatic dependent launch)" if results.get("dependent_launch") else ""),
+        + (
+            ", kernels launched early (programmatic dependent launch)"
+            if results.get("dependent_launch")
+            else ""
+        ),
         "",
         markdown_table(["figure", *columns], rows),
         "",
@@ -734,8 +738,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--dependent-launch",
         action="store_true",
-        help="matvec launched early, reading weights while the kernel before it ends (fused_decode."
-        "DEPENDENT_LAUNCH; CUDA capability 9.0+), in every step, the baseline's too (default: off)",
+        help="fused_decode's kernels launched while the one before them ends, matvec reading weights "
+        "(fused_decode.DEPENDENT_LAUNCH; CUDA capability 9.0+), in every step, the baseline's too "
+        "(default: off)",
     )
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument(

@@ -15,6 +15,15 @@ from .test_fused_decode import prefilled, small_model
 pytestmark = NEEDS_TRITON
 
 
+def profile_results(**parts) -> dict:
+    """A profile's record with nothing measured but `parts`, for its report."""
+    nothing = {"products_per_step_s": 1e-3, "weight_bytes_per_step": 1e6, "products_gb_per_s": 1.0}
+    return {
+        "config": "small", "device_name": "cpu", "memory_bandwidth_bytes_per_s": 1e10, "gemv": [],
+        "gemv_step": {**nothing, "copy_bound_step_s": 1e-4}, "sections": {}, **parts,
+    }  # fmt: skip
+
+
 def test_matvec_sweep_tries_each_candidate_on_one_width_and_restores_the_blocks(monkeypatch):
     monkeypatch.setattr(fused_decode, "MATVEC", True)
     model = small_model(1.0, torch.float32)
@@ -52,12 +61,7 @@ def test_matvec_sweep_tries_each_candidate_on_one_width_and_restores_the_blocks(
     assert used[1] == {widths[0]: gpu_profile.blocks(candidates[1]), widths[1]: default(widths[1])}
     assert used[3] == {widths[0]: default(widths[0]), widths[1]: gpu_profile.blocks(candidates[1])}
 
-    results = {
-        "config": "small", "device_name": "cpu", "memory_bandwidth_bytes_per_s": 1e10, "gemv": [],
-        "gemv_step": {"products_per_step_s": 1e-3, "weight_bytes_per_step": 1e6, "products_gb_per_s": 1.0,
-                      "copy_bound_step_s": 1e-4},
-        "decode_attention": [], "matvec_sweep": rows, "sections": {},
-    }  # fmt: skip
+    results = profile_results(decode_attention=[], matvec_sweep=rows)
     report = gpu_profile.report(results)
     assert f"| {widths[0]} | BLOCK_N=16 BLOCK_K=256 warps=4 * | 2 |" in report
     assert f"| {widths[1]} | BLOCK_N=4 BLOCK_K=64 warps=4 AHEAD X_PER_THREAD | 2 |" in report
@@ -80,13 +84,8 @@ def test_dependent_launch_timings_capture_the_early_step_under_the_flag_and_rest
     assert fused_decode.DEPENDENT_LAUNCH is False
     assert flags == [True] + [False, True] * 3  # captured at once, then timed in turns
     assert rounds == [{"usual_ms": 4.0, "early_ms": 3.0}] * 3
-    results = {
-        "config": "small", "device_name": "cpu", "memory_bandwidth_bytes_per_s": 1e10, "gemv": [],
-        "gemv_step": {"products_per_step_s": 1e-3, "weight_bytes_per_step": 1e6, "products_gb_per_s": 1.0,
-                      "copy_bound_step_s": 1e-4},
-        "dependent_launch": rounds, "sections": {},
-    }  # fmt: skip
-    assert "matvec launched as usual / early, in turns: 4.000 / 3.000, 4.000 / 3.000" in gpu_profile.report(
+    results = profile_results(dependent_launch=rounds)
+    assert "kernels launched as usual / early, in turns: 4.000 / 3.000, 4.000 / 3.000" in gpu_profile.report(
         results
     )
 
@@ -116,12 +115,7 @@ def test_attention_blocks_try_each_and_restore_the_default():
         fused_decode.attention_splits(llm.num_attention_heads, torch.device("cpu")) * n for n in (1, 2, 4)
     ]
     assert all(r["us"] == 10.0 and r["max_abs_gap"] < 0.05 for r in rows)  # bf16 sums in another order
-    results = {
-        "config": "small", "device_name": "cpu", "memory_bandwidth_bytes_per_s": 1e10, "gemv": [],
-        "gemv_step": {"products_per_step_s": 1e-3, "weight_bytes_per_step": 1e6, "products_gb_per_s": 1.0,
-                      "copy_bound_step_s": 1e-4},
-        "decode_attention_blocks": rows, "sections": {},
-    }  # fmt: skip
+    results = profile_results(decode_attention_blocks=rows)
     report = gpu_profile.report(results)
     assert "over 40 keys (us), by keys a turn, warps and shares" in report
     assert f"| 64 * | 4 | {rows[10]['splits']} | 10 | 0 |" in report
