@@ -13,10 +13,11 @@
 # 2. gpu_profile: matrix-vector bandwidth, decode attention (SDPA and flash decoding's share
 #    counts; keys a turn, warps and shares), matvec's configs swept in a whole step, the kernels
 #    launched early against as usual, and kernel breakdowns of encode, prefill and decode;
-# 3. `real`, bf16, with every decode step's attention through SDPA instead of flash decoding;
-# 4. `tiny` (small shapes: Python and launch overheads dominate);
-# 5. `real`, bf16, briefly, with the load time of its 19 GB checkpoint (written first).
-# (The eager layers in the graph, --no-fused, ran in an earlier session: results/gpu.md.)
+# 3. benchmarks.tuned: the quickest of the settings the profile timed (matvec's configs, the
+#    attention's keys a turn, warps and shares, early launch), and `real` in bf16 with them;
+# 4. `tiny` (small shapes: Python and launch overheads dominate).
+# (On record from session 10, results/gpu.md: `real` in fp32, without the fused kernels, with SDPA
+# decode attention, and its checkpoint's load time.)
 # Everything printed also goes to OUTDIR/checks.log, records (JSON) to OUTDIR: eight files. Each
 # step has its own time limit and goes on when an earlier one fails, so one call brings back
 # every figure it can; the most wanted come first. Needs torch with CUDA, pytest, tiktoken,
@@ -50,8 +51,9 @@ step run_real_cuda_no_matvec 90 --config real --device cuda --no-matvec --dtypes
 echo "== gpu_profile_real (limit 240s)"
 timeout 240 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
 echo "== gpu_profile_real: exit $?"
-step run_real_cuda_sdpa_decode 100 --config real --device cuda --sdpa-decode --dtypes bf16 --batch-sizes 32
+echo "== tuned settings"
+"$python" -m benchmarks.tuned "$out/gpu_profile_real.json" --json "$out/tuned_settings.json" 2>&1
+step run_real_cuda_tuned 120 --config real --device cuda --dtypes bf16 --batch-sizes 32 \
+    --settings "$out/tuned_settings.json"
 step run_tiny_cuda 120 --config tiny --device cuda --batch-sizes 8
-step run_real_cuda_load 180 --config real --device cuda --dtypes bf16 --batch-sizes 2 --decode-steps 4 \
-    --repeats 1 --engine-tokens 16 --load-time
 date -u

@@ -227,8 +227,9 @@ def attention_block_rows(
         for blocks in ATTENTION_BLOCKS:
             for name, value in zip(names, blocks, strict=True):
                 setattr(fused_decode, name, value)
-            keys, warps, _ = blocks
-            row = {"context": context, "keys_per_block": keys, "warps": warps, "default": blocks == saved}
+            keys, warps, programs = blocks
+            row = {"context": context, "keys_per_block": keys, "warps": warps}
+            row.update(programs_per_multiprocessor=programs, default=blocks == saved)
             row["splits"] = fused_decode.attention_splits(llm.num_attention_heads, device)
             try:
                 row["us"] = timer(attend) * 1e6

@@ -1,8 +1,8 @@
 """One benchmark run: decode fast path vs a growing-cache eager baseline, dtypes, batching, prefix reuse.
 
 Run: .venv/bin/python -m benchmarks.run --config tiny|mid|real --device cpu|cuda [--compile] [--no-fused]
-     [--sdpa-decode] [--no-matvec] [--dependent-launch] [--dtypes fp32 bf16] [--batch-sizes 8 32 64]
-     [--engine-tokens 64] [--[no-]load-time] [--threads N] [--json PATH]
+     [--sdpa-decode] [--no-matvec] [--dependent-launch] [--settings JSON] [--dtypes fp32 bf16]
+     [--batch-sizes 8 32 64] [--engine-tokens 64] [--[no-]load-time] [--threads N] [--json PATH]
 
 The model has random weights (values do not change the speed); each dtype is measured in a
 process of its own. Every ratio compares figures measured in this same run, on this same machine:
@@ -40,7 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ from qwenvl.engine import Engine
 from qwenvl.generation import SamplingParams, choose_tokens, decode_step, prefill, tokens_a_step_ahead
 from qwenvl.static_decode import DecodeRunner, fuses_by_default
 
+from . import tuned
 from .common import (
     Timing,
     add_json_option,
@@ -176,6 +177,8 @@ class FastPath:
     matvec: bool | None = None
     # fused_decode.DEPENDENT_LAUNCH for every decode step, the baseline's too
     dependent_launch: bool = False
+    # fused_decode's settings from benchmarks.tuned (applied after the three above)
+    settings: dict | None = field(default=None, compare=False)
 
     def runner(self, model: QwenVLForCausalLM, cache: KVCache) -> DecodeRunner:
         return DecodeRunner(model, cache, self.mode, self.fused)
@@ -236,10 +239,11 @@ def fast_path(
     flash_decoding: bool | None = None,
     matvec: bool | None = None,
     dependent_launch: bool = False,
+    settings: dict | None = None,
 ) -> FastPath:
     """--compile: inductor's kernels (captured as a CUDA graph on a GPU); else the static step."""
     mode = "compile" if compile_ else "cuda_graph" if device.type == "cuda" else "static"
-    return FastPath(mode, fused, flash_decoding, matvec, dependent_launch)
+    return FastPath(mode, fused, flash_decoding, matvec, dependent_launch, settings)
 
 
 def greedy_tokens_equal(
@@ -422,6 +426,7 @@ def measure_dtype(
     fused_decode.FLASH_DECODING = fast.flash_decoding  # this process's own settings
     fused_decode.MATVEC = fast.matvec
     fused_decode.DEPENDENT_LAUNCH = fast.dependent_launch
+    tuned.apply(fast.settings or {})
     tokenizer = QwenVLTokenizer()
     model = build_model(config, DTYPES[dtype_name], device)
     prompt = prompt_ids(tokenizer)
@@ -493,6 +498,7 @@ def measure(
     flash_decoding: bool | None = None,
     matvec: bool | None = None,
     dependent_launch: bool = False,
+    settings: dict | None = None,
     bandwidth_mb: int | None = None,
     equal_steps: int = EQUAL_STEPS,
     engine_tokens: int = 64,
@@ -507,7 +513,7 @@ def measure(
         raise ValueError("config 'real' (9.6B parameters) is only meaningful on a GPU: use --device cuda")
     device = torch.device(device_name)
     config = model_config(config_name)
-    fast = fast_path(device, compile_, fused, flash_decoding, matvec, dependent_launch)
+    fast = fast_path(device, compile_, fused, flash_decoding, matvec, dependent_launch, settings)
     if bandwidth_mb is None:  # well past the last-level cache: 60 MB of L2 on an H200
         bandwidth_mb = 2048 if device.type == "cuda" else 256
     # before the models and after them: one reading came out 12% lower after the real model's
@@ -553,6 +559,7 @@ def measure(
         "flash_decoding": all(r["flash_decoding"] for r in dtypes.values()),
         "matvec": all(r["matvec"] for r in dtypes.values()),
         "dependent_launch": all(r["dependent_launch"] for r in dtypes.values()),
+        "settings": settings,
         "decode_steps": steps,
         "decode_warmup_steps": warmup,
         "batch_sizes": [1, *batch_sizes],
@@ -698,11 +705,8 @@ def report(results: dict) -> str:
         f"fused decode kernels {'on' if results['fused_kernels'] else 'off'}, "
         f"decode attention {decode_attention_name(results)}"
         + (", one-row products fused_decode.matvec" if results.get("matvec") else "")
-        + (
-            ", kernels launched early (programmatic dependent launch)"
-            if results.get("dependent_launch")
-            else ""
-        ),
+        + (", kernels launched early (dependent launch)" if results.get("dependent_launch") else "")
+        + (f", settings {json.dumps(results['settings'])}" if results.get("settings") else ""),
         "",
         markdown_table(["figure", *columns], rows),
         "",
@@ -742,6 +746,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(fused_decode.DEPENDENT_LAUNCH; CUDA capability 9.0+), in every step, the baseline's too "
         "(default: off)",
     )
+    parser.add_argument(
+        "--settings",
+        type=Path,
+        default=None,
+        help="fused_decode's settings from benchmarks.tuned (JSON), in every step, the baseline's too",
+    )
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
     parser.add_argument(
         "--batch-sizes", nargs="+", type=int, default=[8, 32, 64], help="decode throughput rows, besides 1"
@@ -773,6 +783,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--device cuda: no CUDA device is available")
     if any(b < 2 for b in args.batch_sizes):
         parser.error("--batch-sizes: each must be at least 2 (batch 1 is always measured)")
+    settings = None
+    if args.settings is not None:
+        try:
+            settings = json.loads(args.settings.read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"--settings: cannot read {args.settings}: {error}")
 
     results = measure(
         args.config,
@@ -786,6 +802,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         flash_decoding=False if args.sdpa_decode else None,
         matvec=False if args.no_matvec else None,
         dependent_launch=args.dependent_launch,
+        settings=settings,
         engine_tokens=args.engine_tokens,
         load_time=args.config != "real" if args.load_time is None else args.load_time,
     )
