@@ -169,7 +169,10 @@ def json_path(args: argparse.Namespace, default_name: str) -> Path:
 def save_record(path: Path, benchmark: str, results: dict[str, Any], device: str = "cpu") -> None:
     record = {"benchmark": benchmark, "environment": environment(device), "results": results}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # whole or not at all: a run killed while it saves leaves the last record it saved
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    partial.replace(path)
 
 
 # The "mid" model of the CPU benchmarks, shaped like Qwen-VL and small enough for a 2-core machine:

@@ -7,15 +7,15 @@
 #    without them, the graphed engine); the figures below check the fast paths' greedy tokens too;
 # 1. `real` (the Qwen-VL-Chat shapes, random weights) in bf16 (fp32's figures: session 10's
 #    records, results/gpu.md): the fast path is the decode step with fused_decode's kernels
-#    (batch-1 products through its matvec), captured as a CUDA graph; then with the kernels
-#    launched early (--dependent-launch, off by default until measured), and with the batch-1
-#    products through cuBLAS, for the ratios to the first;
+#    (batch-1 products through its matvec), captured as a CUDA graph;
 # 2. gpu_profile: matrix-vector bandwidth, decode attention (SDPA and flash decoding's share
 #    counts; keys a turn, warps and shares), matvec's configs swept in a whole step, the kernels
 #    launched early against as usual, and kernel breakdowns of encode, prefill and decode;
 # 3. benchmarks.tuned: the quickest of the settings the profile timed (matvec's configs, the
 #    attention's keys a turn, warps and shares, early launch), and `real` in bf16 with them;
-# 4. `tiny` (small shapes: Python and launch overheads dominate).
+# 4. `real` in bf16 with the kernels launched early alone (--dependent-launch, off by default
+#    until measured), and with the batch-1 products through cuBLAS, for the ratios to 1;
+# 5. `tiny` (small shapes: Python and launch overheads dominate).
 # (On record from session 10, results/gpu.md: `real` in fp32, without the fused kernels, with SDPA
 # decode attention, and its checkpoint's load time.)
 # Everything printed also goes to OUTDIR/checks.log, records (JSON) to OUTDIR: eight files. Each
@@ -46,14 +46,14 @@ timeout 150 "$python" -m pytest -p no:cacheprovider -q tests/test_kernels_on_gpu
     tests/test_engine.py::test_graphed_engine_equals_the_plain_one 2>&1
 echo "== GPU tests: exit $?"
 step run_real_cuda 180 --config real --device cuda --dtypes bf16
-step run_real_cuda_dependent_launch 90 --config real --device cuda --dependent-launch --dtypes bf16 --batch-sizes 32
-step run_real_cuda_no_matvec 90 --config real --device cuda --no-matvec --dtypes bf16 --batch-sizes 32
-echo "== gpu_profile_real (limit 240s)"
-timeout 240 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
+echo "== gpu_profile_real (limit 300s)"
+timeout 300 "$python" -m benchmarks.gpu_profile --json "$out/gpu_profile_real.json" 2>&1
 echo "== gpu_profile_real: exit $?"
 echo "== tuned settings"
 "$python" -m benchmarks.tuned "$out/gpu_profile_real.json" --json "$out/tuned_settings.json" 2>&1
 step run_real_cuda_tuned 120 --config real --device cuda --dtypes bf16 --batch-sizes 32 \
     --settings "$out/tuned_settings.json"
+step run_real_cuda_dependent_launch 90 --config real --device cuda --dependent-launch --dtypes bf16 --batch-sizes 32
+step run_real_cuda_no_matvec 90 --config real --device cuda --no-matvec --dtypes bf16 --batch-sizes 32
 step run_tiny_cuda 120 --config tiny --device cuda --batch-sizes 8
 date -u

@@ -14,7 +14,7 @@ Run (on a CUDA machine): python -m benchmarks.gpu_profile [--config real] [--jso
   between their outputs.
 - decode_attention_blocks: one layer's batch-1 decode attention with a few keys a turn, warp
   counts and shares (fused_decode.KEYS_PER_BLOCK, ATTENTION_WARPS, PROGRAMS_PER_MULTIPROCESSOR).
-- matvec_sweep: a graphed fused decode step's time with each of fourteen block configs for
+- matvec_sweep: a graphed fused decode step's time with each of ten configs (blocks, ways of reading) for
   fused_decode.matvec's products of one input width (4096, then 11008), the other keeping its
   default: which blocks read the weights fastest where, as in decoding, no weight stays in L2.
 - dependent_launch: that step with the kernels launched as usual and early (fused_decode.
@@ -244,14 +244,13 @@ def attention_block_rows(
 
 
 # fused_decode.matvec's configs (rows, columns a turn, warps, AHEAD, X_PER_THREAD) tried in a whole
-# graphed step: the defaults' blocks read each way, and other blocks. (Its loop is not software-
-# pipelined, so num_stages, once among the candidates, changes nothing.)
+# graphed step: both defaults' blocks read each way (session 10's autotuner chose those blocks
+# among eight), and two others. (Its loop is not software-pipelined: num_stages changes nothing.)
 MATVEC_CANDIDATES = (
     (16, 256, 4, False, False), (16, 256, 4, True, False), (16, 256, 4, False, True),
     (16, 256, 4, True, True), (4, 1024, 4, False, False), (4, 1024, 4, True, False),
-    (4, 1024, 4, False, True), (4, 1024, 4, True, True), (8, 256, 4, False, False),
-    (8, 256, 4, True, True), (8, 512, 4, True, False), (16, 512, 8, False, False),
-    (2, 2048, 4, False, False), (32, 128, 4, False, False),
+    (4, 1024, 4, False, True), (4, 1024, 4, True, True), (8, 256, 4, True, True),
+    (8, 512, 4, True, False),
 )  # fmt: skip
 
 
@@ -267,14 +266,17 @@ def matvec_sweep(
     make_step: Callable[[], Callable[[], None]],
     timer: Callable[[Callable[[], None]], float],
     widths: Sequence[int],
-    candidates: Sequence[Sequence[int]] = MATVEC_CANDIDATES,
+    candidates: Sequence[Sequence] = MATVEC_CANDIDATES,
+    rows: list[dict] | None = None,
+    save: Callable[[], None] = lambda: None,
 ) -> list[dict]:
     """A decode step's time with each candidate's blocks for the products of one input width, the
     other widths keeping `matvec_config`'s: where no weight stays in the L2 cache, as in decoding
     (a product timed alone, over and over, may find its weights there). `make_step` makes a step
-    that captures itself when first called; `timer` gives its seconds per call."""
+    that captures itself when first called; `timer` gives its seconds per call. Each row goes to
+    `rows` (a new list if None) as it is timed, and `save` is called after it."""
     default = fused_decode.matvec_config
-    rows = []
+    rows = [] if rows is None else rows
     try:
         for width in widths:
             for candidate in candidates:
@@ -288,6 +290,7 @@ def matvec_sweep(
                 except Exception as error:  # a config that does not compile here: keep the others
                     row["error"] = repr(error)[:200]
                 rows.append(row)
+                save()
     finally:
         fused_decode.matvec_config = default
     return rows
@@ -332,7 +335,9 @@ def dependent_launch_timings(
     return [{"usual_ms": timer(usual) * 1e3, "early_ms": timer(early) * 1e3} for _ in range(rounds)]
 
 
-def measure(config_name: str) -> dict:
+def measure(config_name: str, save: Callable[[dict], None] = lambda results: None) -> dict:
+    """Every figure of the docstring; `save` gets the record after each part, so that a run cut
+    short keeps what it measured (the parts that choose settings come first)."""
     device = torch.device("cuda")
     model = build_model(model_config(config_name), torch.bfloat16, device)
     tokenizer = QwenVLTokenizer()
@@ -344,6 +349,15 @@ def measure(config_name: str) -> dict:
     gemv, gemv_summary = gemv_rows(model, bandwidth)
     llm = model.transformer.llm_config
     sections: dict[str, dict] = {}
+    results = {
+        "config": config_name,
+        "device_name": torch.cuda.get_device_name(device),
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "gemv": gemv,
+        "gemv_step": gemv_summary,
+        "sections": sections,
+    }
+    save(results)
 
     with torch.inference_mode():
         features = visual(pixels)
@@ -370,49 +384,49 @@ def measure(config_name: str) -> dict:
             static_decode_step(model, tokens, cache, fused=False)
             cache.lengths.copy_(lengths)
 
+        if torch.cuda.get_device_capability(device) >= (9, 0):  # Hopper and later
+            results["dependent_launch"] = dependent_launch_timings(graph_step, replay_time)
+            save(results)
+        try:
+            results["decode_attention_blocks"] = attention_block_rows(llm, device)
+        except Exception as error:  # keep the rest of the profile
+            results["decode_attention_blocks"] = [{"error": repr(error)}]
+        save(results)
+        widths = sorted({llm.hidden_size, llm.projection_size, llm.mlp_width})
+        results["matvec_sweep"] = []
+        matvec_sweep(
+            lambda: graph_step(True),
+            replay_time,
+            widths,
+            rows=results["matvec_sweep"],
+            save=lambda: save(results),
+        )
         for name, fn in (
-            ("image_encode", lambda: visual(pixels)),
-            ("prefill", run_prefill),
             ("decode_step_eager_layers_no_graph", eager_step),
             ("decode_step_graph_eager_layers", graph_step(False)),
             ("decode_step_graph_fused", graph_step(True)),
             ("decode_step_graph_fused_cublas_products", captured_while(graph_step, MATVEC=False)),
             ("decode_step_graph_fused_dependent_launch", captured_while(graph_step, DEPENDENT_LAUNCH=True)),
+            ("image_encode", lambda: visual(pixels)),
+            ("prefill", run_prefill),
         ):
             try:
                 sections[name] = kernel_breakdown(fn)
             except Exception as error:  # a profiler that cannot see one kind of call: keep the rest
                 sections[name] = {"error": repr(error)}
+            save(results)
         try:
-            attention = attention_rows(llm, device)
-        except Exception as error:  # keep the rest of the profile
-            attention = [{"error": repr(error)}]
-        try:
-            attention_blocks = attention_block_rows(llm, device)
+            results["decode_attention"] = attention_rows(llm, device)
         except Exception as error:
-            attention_blocks = [{"error": repr(error)}]
-        widths = sorted({llm.hidden_size, llm.projection_size, llm.mlp_width})
-        sweep = matvec_sweep(lambda: graph_step(True), replay_time, widths)
-        hopper = torch.cuda.get_device_capability(device) >= (9, 0)
-        early = dependent_launch_timings(graph_step, replay_time) if hopper else []
+            results["decode_attention"] = [{"error": repr(error)}]
         # the patch embedding both ways: the checkpoint's convolution and the product that replaced it
         conv = visual.conv1
         sections["patch_embedding_us"] = {
             "conv2d": graph_time(lambda: conv(pixels)) * 1e6,
             "matrix_product": graph_time(lambda: visual.embed_patches(pixels)) * 1e6,
         }
-    return {
-        "config": config_name,
-        "device_name": torch.cuda.get_device_name(device),
-        "memory_bandwidth_bytes_per_s": bandwidth,
-        "gemv": gemv,
-        "gemv_step": gemv_summary,
-        "decode_attention": attention,
-        "decode_attention_blocks": attention_blocks,
-        "matvec_sweep": sweep,
-        "dependent_launch": early,
-        "sections": sections,
-    }
+    save(results)
+    return results
 
 
 def sweep_time(row: dict) -> float | str:
@@ -542,10 +556,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
-    results = measure(args.config)
-    print(report(results))
     path = json_path(args, "gpu_profile_{config}.json")
-    save_record(path, f"gpu_profile_{args.config}", results, "cuda")
+    results = measure(
+        args.config, lambda partial: save_record(path, f"gpu_profile_{args.config}", partial, "cuda")
+    )
+    print(report(results))
     print(f"\nsaved {path}")
 
 

@@ -49,7 +49,11 @@ def test_matvec_sweep_tries_each_candidate_on_one_width_and_restores_the_blocks(
         used.append({width: fused_decode.matvec_config(width) for width in widths})
         return 0.002
 
-    rows = gpu_profile.matvec_sweep(make_step, timer, widths, candidates)
+    saved = []
+    rows = gpu_profile.matvec_sweep(
+        make_step, timer, widths, candidates, save=lambda: saved.append(len(saved))
+    )
+    assert len(saved) == len(rows) == 2 * len(candidates)  # the record is saved after each row
     assert fused_decode.matvec_config is default
     assert [(r["width"], r["blocks"]["BLOCK_N"]) for r in rows] == [
         (w, c[0]) for w in widths for c in candidates
