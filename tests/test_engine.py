@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from qwenvl import make_context
 from qwenvl.conversation import Message, build_prompt
-from qwenvl.engine import STEADY_STEPS, Engine, EngineBusyError, EngineStoppedError
-from qwenvl.generation import PromptTooLongError, SamplingParams, generate_tokens
+from qwenvl.engine import STEADY_STEPS, Engine, EngineBusyError, EngineStoppedError, choose_rows_tokens
+from qwenvl.generation import PromptTooLongError, SamplingParams, choose_tokens, generate_tokens
 from qwenvl.images import load_image, preprocess
 
 pytestmark = pytest.mark.usefixtures("in_golden_dir")
@@ -93,6 +94,43 @@ def test_stop_words_and_sampling_seed(tiny_model, tokenizer):
         assert stopped.finish_reason == "stop"
         runs = [list(engine.submit(prompt, sampled)) for _ in range(2)]
     assert runs[0] == runs[1] == alone(tiny_model, prompt, sampled)
+
+
+def test_rows_choosing_each_their_way_in_one_batch_equal_their_own_generation(tiny_model, tokenizer):
+    """A step reads every row's token off the device at once: the greedy rows through one argmax,
+    the others (sampling, a repetition penalty) each through their own choice."""
+    prompt = tokenizer.encode("The capital of France is")
+    kinds = [
+        GREEDY,
+        SamplingParams(max_new_tokens=10, do_sample=True, top_k=20, seed=5),
+        SamplingParams(max_new_tokens=10, repetition_penalty=1.3),
+        SamplingParams(max_new_tokens=6),
+    ]
+    with Engine(tiny_model, max_batch_size=4) as engine:
+        handles = [engine.submit(prompt, params) for params in kinds]
+        outputs = [list(handle) for handle in handles]
+    assert outputs == [alone(tiny_model, prompt, params) for params in kinds]
+
+
+def test_a_batch_chooses_what_each_row_would_alone():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    kinds = [GREEDY, SamplingParams(do_sample=True, top_k=5), SamplingParams(repetition_penalty=1.5), GREEDY]
+    seen = torch.zeros(1, 50, dtype=torch.bool)
+    seen[0, logits[2].argmax()] = True  # the penalty turns the third row away from its top token
+
+    def rows():
+        return [
+            SimpleNamespace(
+                request=SimpleNamespace(params=params), logits=logits[i], seen=seen if i == 2 else None,
+                generator=torch.Generator().manual_seed(i),
+            )
+            for i, params in enumerate(kinds)
+        ]  # fmt: skip
+
+    alone = [int(choose_tokens(r.logits[None], r.request.params, r.seen, r.generator)[0]) for r in rows()]
+    assert choose_rows_tokens(rows()) == alone
+    assert alone[2] != int(logits[2].argmax()) and choose_rows_tokens([]) == []
 
 
 def test_cancel_frees_the_slot(tiny_model, tokenizer):

@@ -20,7 +20,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -145,6 +145,27 @@ class _Row:
     generator: torch.Generator | None = None
     logits: torch.Tensor | None = None  # of the next token, [V]
     finish_reason: str | None = None  # set once the row's last event is published
+
+
+def choose_rows_tokens(rows: Sequence[_Row]) -> list[int]:
+    """Each row's next token from its logits, read off the device at once: one wait per step, not
+    one per row, and one argmax for the rows that choose greedily without a repetition penalty."""
+    if not rows:
+        return []
+    chosen: list[torch.Tensor | None] = [None] * len(rows)
+    plain = [i for i, row in enumerate(rows) if _plain_greedy(row.request.params)]
+    if plain:
+        greedy = torch.stack([rows[i].logits for i in plain]).float().argmax(-1)
+        for i, token in zip(plain, greedy, strict=True):
+            chosen[i] = token[None]
+    for i, row in enumerate(rows):
+        if chosen[i] is None:
+            chosen[i] = choose_tokens(row.logits[None], row.request.params, row.seen, row.generator)
+    return torch.cat(chosen).tolist()
+
+
+def _plain_greedy(params: SamplingParams) -> bool:
+    return not params.do_sample and params.repetition_penalty == 1.0
 
 
 def concat_caches(caches: Sequence[KVCache]) -> KVCache:
@@ -342,7 +363,7 @@ class Engine:
                 continue
             self._rows.append(row)
             self._set_cache(cache if self._cache is None else concat_caches([self._cache, cache]))
-            self._emit_next(len(self._rows) - 1)
+            self._emit_next([len(self._rows) - 1])
 
     def _prefill(self, request: _Request) -> tuple[_Row, KVCache]:
         """A batch-1 cache for the request (reusing a stored prefix when exact) and its first logits."""
@@ -376,7 +397,7 @@ class Engine:
         self._steps_unchanged += 1
         for i, row in enumerate(self._rows):
             row.logits = logits[i]
-            self._emit_next(i)
+        self._emit_next(range(len(self._rows)))
 
     def _decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The running batch's decode step: its runner once it is steady, else the static step
@@ -398,23 +419,28 @@ class Engine:
         """The running batch changed: its new cache; the old one's runner (and graph) goes."""
         self._cache, self._runner, self._steps_unchanged = cache, None, 0
 
-    def _emit_next(self, index: int) -> None:
-        """Choose row `index`'s next token from its logits and publish it, with its end if it ends."""
-        row = self._rows[index]
-        handle, params = row.request.handle, row.request.params
-        if handle.cancelled.is_set() or row.max_new <= 0:
-            row.finish_reason = "cancelled" if handle.cancelled.is_set() else "length"
-            handle._publish(Event(finish_reason=row.finish_reason))
-            return
-        token = int(choose_tokens(row.logits[None], params, row.seen, row.generator)[0])
-        row.generated.append(token)
-        if row.seen is not None:
-            row.seen[0, token] = True
-        if is_finished(token, row.generated, params):
-            row.finish_reason = "stop"
-        elif len(row.generated) >= row.max_new:
-            row.finish_reason = "length"
-        handle._publish(Event(token=token, finish_reason=row.finish_reason))
+    def _emit_next(self, indices: Iterable[int]) -> None:
+        """Choose the next token of each row of `indices` from its logits and publish it, with its
+        end if it ends."""
+        rows = []
+        for index in indices:
+            row = self._rows[index]
+            handle = row.request.handle
+            if handle.cancelled.is_set() or row.max_new <= 0:
+                row.finish_reason = "cancelled" if handle.cancelled.is_set() else "length"
+                handle._publish(Event(finish_reason=row.finish_reason))
+            else:
+                rows.append(row)
+        for row, token in zip(rows, choose_rows_tokens(rows), strict=True):
+            params = row.request.params
+            row.generated.append(token)
+            if row.seen is not None:
+                row.seen[0, token] = True
+            if is_finished(token, row.generated, params):
+                row.finish_reason = "stop"
+            elif len(row.generated) >= row.max_new:
+                row.finish_reason = "length"
+            row.request.handle._publish(Event(token=token, finish_reason=row.finish_reason))
 
     def _retire_finished(self) -> None:
         """Drop finished rows from the batch, remembering their sequences for prefix reuse."""
