@@ -232,6 +232,21 @@ def test_nucleus_sampling_stays_inside_the_nucleus():
     assert 0 <= choose_tokens(flat, params, None, generator).item() < 5000
 
 
+def test_nucleus_sampling_without_candidates_stays_inside_the_nucleus(monkeypatch):
+    """As on a GPU: the whole vocabulary sorted, no wait for the device to know the nucleus's width."""
+    from qwenvl import generation
+
+    assert generation.nucleus_by_candidates(torch.device("cpu"))
+    assert not generation.nucleus_by_candidates(torch.device("cuda"))
+    monkeypatch.setattr(generation, "nucleus_by_candidates", lambda device: False)
+    monkeypatch.setattr(generation, "_sample_nucleus", None)  # never called
+    logits = torch.full((1, 5000), -10.0)
+    logits[0, [3, 17, 42]] = torch.tensor([5.0, 4.5, 1.0])
+    params = SamplingParams(do_sample=True, top_p=0.9)
+    generator = torch.Generator().manual_seed(0)
+    assert {choose_tokens(logits, params, None, generator).item() for _ in range(200)} == {3, 17}
+
+
 def test_generate_drives_a_transformers_streamer(tiny_model, tokenizer):
     from transformers import TextIteratorStreamer
 

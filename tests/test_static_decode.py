@@ -109,3 +109,7 @@ def test_generation_reads_each_step_off_the_gpu_while_the_next_runs(tiny_model, 
     params = SamplingParams(max_new_tokens=8, stop_words_ids=((stop,),))
     first = waited[0].tolist()
     assert generate_tokens(model, prompts[:1], params)[0] == first[: first.index(stop) + 1]
+    # nucleus sampling as Qwen-VL-Chat's defaults ask, the vocabulary sorted on the GPU: one seed, one reply
+    sampled = SamplingParams(max_new_tokens=8, do_sample=True, top_p=0.3, seed=1)
+    replies = [generate_tokens(model, prompts, sampled) for _ in range(2)]
+    assert replies[0] == replies[1] and all(len(row) == 8 for row in replies[0])
