@@ -47,6 +47,7 @@ from qwenvl.generation import prefill
 from qwenvl.model.llm import attention_kernels, visible_keys
 from qwenvl.static_decode import DecodeRunner, static_decode_step
 
+from . import tuned
 from .common import add_json_option, json_path, markdown_table, save_record
 from .model_speed import MIB, prompt_ids
 from .run import build_model, memory_bandwidth, model_config
@@ -220,26 +221,20 @@ def attention_block_rows(
     step = SimpleNamespace(cache=cache, positions=torch.full((1, 1), context - 1, device=device))
     attend = functools.partial(fused_decode.decode_attention, query, step, 0)
     expected = attend().float()
-    names = ("KEYS_PER_BLOCK", "ATTENTION_WARPS", "PROGRAMS_PER_MULTIPROCESSOR")
-    saved = tuple(getattr(fused_decode, name) for name in names)
+    default = tuple(getattr(fused_decode, name) for name in tuned.ATTENTION_SETTINGS)
     rows = []
-    try:
-        for blocks in ATTENTION_BLOCKS:
-            for name, value in zip(names, blocks, strict=True):
-                setattr(fused_decode, name, value)
-            keys, warps, programs = blocks
-            row = {"context": context, "keys_per_block": keys, "warps": warps}
-            row.update(programs_per_multiprocessor=programs, default=blocks == saved)
+    for blocks in ATTENTION_BLOCKS:
+        keys, warps, programs = blocks
+        row = {"context": context, "keys_per_block": keys, "warps": warps}
+        row.update(programs_per_multiprocessor=programs, default=blocks == default)
+        with tuned.applied(**dict(zip(tuned.ATTENTION_SETTINGS, blocks, strict=True))):
             row["splits"] = fused_decode.attention_splits(llm.num_attention_heads, device)
             try:
                 row["us"] = timer(attend) * 1e6
                 row["max_abs_gap"] = (attend().float() - expected).abs().max().item()
             except Exception as error:  # a block that does not compile here: keep the others
                 row["error"] = repr(error)[:200]
-            rows.append(row)
-    finally:
-        for name, value in zip(names, saved, strict=True):
-            setattr(fused_decode, name, value)
+        rows.append(row)
     return rows
 
 
@@ -277,22 +272,17 @@ def matvec_sweep(
     `rows` (a new list if None) as it is timed, and `save` is called after it."""
     default = fused_decode.matvec_config
     rows = [] if rows is None else rows
-    try:
-        for width in widths:
-            for candidate in candidates:
-                chosen = blocks(candidate)
-                fused_decode.matvec_config = lambda k, width=width, chosen=chosen: (
-                    chosen if k == width else default(k)
-                )
-                row = {"width": width, "blocks": chosen, "default": chosen == default(width)}
+    for width in widths:
+        for candidate in candidates:
+            chosen = blocks(candidate)
+            row = {"width": width, "blocks": chosen, "default": chosen == default(width)}
+            with tuned.applied(matvec_config=tuned.per_width({str(width): chosen}, default)):
                 try:
                     row["step_ms"] = timer(make_step()) * 1e3
                 except Exception as error:  # a config that does not compile here: keep the others
                     row["error"] = repr(error)[:200]
-                rows.append(row)
-                save()
-    finally:
-        fused_decode.matvec_config = default
+            rows.append(row)
+            save()
     return rows
 
 
@@ -312,15 +302,9 @@ def replay_time(step: Callable[[], None], repeats: int = 20) -> float:
 def captured_while(graph_step: Callable[[bool], Callable[[], None]], **settings) -> Callable[[], None]:
     """The fused graphed step captured at once under fused_decode's `settings` (MATVEC=False: its
     batch-1 products through cuBLAS); replays keep what was captured."""
-    saved = {name: getattr(fused_decode, name) for name in settings}
-    for name, value in settings.items():
-        setattr(fused_decode, name, value)
-    try:
+    with tuned.applied(**settings):
         step = graph_step(True)
         step()
-    finally:
-        for name, value in saved.items():
-            setattr(fused_decode, name, value)
     return step
 
 

@@ -175,9 +175,8 @@ class FastPath:
     flash_decoding: bool | None = None
     # fused_decode.MATVEC for every one-row decode step, the baseline's too; False: cuBLAS
     matvec: bool | None = None
-    # fused_decode.DEPENDENT_LAUNCH for every decode step, the baseline's too
-    dependent_launch: bool = False
-    # fused_decode's settings from benchmarks.tuned (applied after the three above)
+    # fused_decode's settings (benchmarks.tuned's, DEPENDENT_LAUNCH among them) for every decode
+    # step, the baseline's too
     settings: dict | None = field(default=None, compare=False)
 
     def runner(self, model: QwenVLForCausalLM, cache: KVCache) -> DecodeRunner:
@@ -238,12 +237,11 @@ def fast_path(
     fused: bool | None,
     flash_decoding: bool | None = None,
     matvec: bool | None = None,
-    dependent_launch: bool = False,
     settings: dict | None = None,
 ) -> FastPath:
     """--compile: inductor's kernels (captured as a CUDA graph on a GPU); else the static step."""
     mode = "compile" if compile_ else "cuda_graph" if device.type == "cuda" else "static"
-    return FastPath(mode, fused, flash_decoding, matvec, dependent_launch, settings)
+    return FastPath(mode, fused, flash_decoding, matvec, settings)
 
 
 def greedy_tokens_equal(
@@ -425,7 +423,6 @@ def measure_dtype(
     torch.set_num_threads(threads)
     fused_decode.FLASH_DECODING = fast.flash_decoding  # this process's own settings
     fused_decode.MATVEC = fast.matvec
-    fused_decode.DEPENDENT_LAUNCH = fast.dependent_launch
     tuned.apply(fast.settings or {})
     tokenizer = QwenVLTokenizer()
     model = build_model(config, DTYPES[dtype_name], device)
@@ -497,7 +494,6 @@ def measure(
     fused: bool | None = None,
     flash_decoding: bool | None = None,
     matvec: bool | None = None,
-    dependent_launch: bool = False,
     settings: dict | None = None,
     bandwidth_mb: int | None = None,
     equal_steps: int = EQUAL_STEPS,
@@ -513,7 +509,7 @@ def measure(
         raise ValueError("config 'real' (9.6B parameters) is only meaningful on a GPU: use --device cuda")
     device = torch.device(device_name)
     config = model_config(config_name)
-    fast = fast_path(device, compile_, fused, flash_decoding, matvec, dependent_launch, settings)
+    fast = fast_path(device, compile_, fused, flash_decoding, matvec, settings)
     if bandwidth_mb is None:  # well past the last-level cache: 60 MB of L2 on an H200
         bandwidth_mb = 2048 if device.type == "cuda" else 256
     # before the models and after them: one reading came out 12% lower after the real model's
@@ -783,12 +779,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--device cuda: no CUDA device is available")
     if any(b < 2 for b in args.batch_sizes):
         parser.error("--batch-sizes: each must be at least 2 (batch 1 is always measured)")
-    settings = None
+    settings = {}
     if args.settings is not None:
         try:
             settings = json.loads(args.settings.read_text())
         except (OSError, ValueError) as error:
             parser.error(f"--settings: cannot read {args.settings}: {error}")
+    if args.dependent_launch:
+        settings["DEPENDENT_LAUNCH"] = True
 
     results = measure(
         args.config,
@@ -801,8 +799,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         fused=False if args.no_fused else None,
         flash_decoding=False if args.sdpa_decode else None,
         matvec=False if args.no_matvec else None,
-        dependent_launch=args.dependent_launch,
-        settings=settings,
+        settings=settings or None,
         engine_tokens=args.engine_tokens,
         load_time=args.config != "real" if args.load_time is None else args.load_time,
     )

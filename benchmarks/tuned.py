@@ -13,9 +13,10 @@ must still equal the eager path's (every decode step takes the same kernels).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from qwenvl import fused_decode
@@ -47,16 +48,38 @@ def pick(profile: dict) -> dict:
     return settings
 
 
+def per_width(configs: dict, default: Callable[[int], dict]) -> Callable[[int], dict]:
+    """A `matvec_config`: the blocks of `configs` ({input width: blocks}) for its widths, `default`'s
+    for the others."""
+    return lambda k: dict(configs[str(k)]) if str(k) in configs else default(k)
+
+
+def values(settings: dict) -> dict:
+    """fused_decode's attributes for `settings`: the names of ATTENTION_SETTINGS and
+    DEPENDENT_LAUNCH as they are, `matvec_config` ({input width: blocks}) as a function."""
+    out = {name: settings[name] for name in (*ATTENTION_SETTINGS, "DEPENDENT_LAUNCH") if name in settings}
+    if settings.get("matvec_config"):
+        out["matvec_config"] = per_width(settings["matvec_config"], fused_decode.matvec_config)
+    return out
+
+
 def apply(settings: dict) -> None:
-    """Sets fused_decode's settings in this process: the names of ATTENTION_SETTINGS and
-    DEPENDENT_LAUNCH, and `matvec_config` ({input width: blocks}; other widths keep theirs)."""
-    for name in (*ATTENTION_SETTINGS, "DEPENDENT_LAUNCH"):
-        if name in settings:
-            setattr(fused_decode, name, settings[name])
-    configs = settings.get("matvec_config")
-    if configs:
-        default = fused_decode.matvec_config
-        fused_decode.matvec_config = lambda k: dict(configs[str(k)]) if str(k) in configs else default(k)
+    """Sets fused_decode's settings in this process (a run's, in each of its processes)."""
+    for name, value in values(settings).items():
+        setattr(fused_decode, name, value)
+
+
+@contextlib.contextmanager
+def applied(**attributes) -> Iterator[None]:
+    """fused_decode's `attributes` set while the block runs, the old ones back after."""
+    saved = {name: getattr(fused_decode, name) for name in attributes}
+    for name, value in attributes.items():
+        setattr(fused_decode, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(fused_decode, name, value)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -154,8 +154,9 @@ def choose_rows_tokens(rows: Sequence[_Row]) -> list[int]:
         return []
     chosen: list[torch.Tensor | None] = [None] * len(rows)
     plain = [i for i, row in enumerate(rows) if _plain_greedy(row.request.params)]
-    if plain:
-        greedy = torch.stack([rows[i].logits for i in plain]).float().argmax(-1)
+    if plain:  # the same choice for each of them, whatever else their parameters say
+        logits = torch.stack([rows[i].logits for i in plain])
+        greedy = choose_tokens(logits, rows[plain[0]].request.params, None, None)
         for i, token in zip(plain, greedy, strict=True):
             chosen[i] = token[None]
     for i, row in enumerate(rows):
