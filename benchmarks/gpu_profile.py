@@ -19,6 +19,8 @@ Run (on a CUDA machine): python -m benchmarks.gpu_profile [--config real] [--jso
   default: which blocks read the weights fastest where, as in decoding, no weight stays in L2.
 - dependent_launch: that step with the kernels launched as usual and early (fused_decode.
   DEPENDENT_LAUNCH, on Hopper and later), three times in turns.
+- With --candidates FILE ({name: settings}), instead of all of the above: that step under each
+  candidate's settings (benchmarks.tuned's, NORMS_IN_PRODUCTS among them), five times in turns.
 - decode_step (eager layers without a graph; replayed as a CUDA graph with the eager layers and
   with fused_decode's kernels, its products through matvec or cuBLAS, or launched early),
   prefill, image_encode: one call each under torch.profiler: the kernel count, the kernels' summed
@@ -34,7 +36,10 @@ import argparse
 import collections
 import dataclasses
 import functools
+import json
+import statistics
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -319,9 +324,30 @@ def dependent_launch_timings(
     return [{"usual_ms": timer(usual) * 1e3, "early_ms": timer(early) * 1e3} for _ in range(rounds)]
 
 
-def measure(config_name: str, save: Callable[[dict], None] = lambda results: None) -> dict:
-    """Every figure of the docstring; `save` gets the record after each part, so that a run cut
-    short keeps what it measured (the parts that choose settings come first)."""
+def candidate_timings(
+    graph_step: Callable[[bool], Callable[[], None]],
+    timer: Callable[[Callable[[], None]], float],
+    candidates: dict[str, dict],
+    rounds: int = 5,
+) -> list[dict]:
+    """The graphed fused step's ms under each of `candidates` ({name: benchmarks.tuned settings}),
+    each step captured under its own settings, timed in turns `rounds` times."""
+    steps = {
+        name: captured_while(graph_step, **tuned.values(settings)) for name, settings in candidates.items()
+    }
+    rows = [{"name": name, "settings": settings, "step_ms": []} for name, settings in candidates.items()]
+    for _ in range(rounds):
+        for row in rows:
+            row["step_ms"].append(timer(steps[row["name"]]) * 1e3)
+    return rows
+
+
+def measure(
+    config_name: str, save: Callable[[dict], None] = lambda results: None, candidates: dict | None = None
+) -> dict:
+    """Every figure of the docstring, or with `candidates` ({name: settings}) their steps' times
+    alone (`candidate_timings`); `save` gets the record after each part, so that a run cut short
+    keeps what it measured (the parts that choose settings come first)."""
     device = torch.device("cuda")
     model = build_model(model_config(config_name), torch.bfloat16, device)
     tokenizer = QwenVLTokenizer()
@@ -329,18 +355,13 @@ def measure(config_name: str, save: Callable[[dict], None] = lambda results: Non
     visual = model.transformer.visual
     size = visual.config.image_size
     pixels = torch.randn(1, 3, size, size, device=device, dtype=torch.bfloat16)
-    bandwidth = memory_bandwidth(device, 2048)
-    gemv, gemv_summary = gemv_rows(model, bandwidth)
     llm = model.transformer.llm_config
     sections: dict[str, dict] = {}
-    results = {
-        "config": config_name,
-        "device_name": torch.cuda.get_device_name(device),
-        "memory_bandwidth_bytes_per_s": bandwidth,
-        "gemv": gemv,
-        "gemv_step": gemv_summary,
-        "sections": sections,
-    }
+    results = {"config": config_name, "device_name": torch.cuda.get_device_name(device), "sections": sections}
+    if candidates is None:
+        bandwidth = memory_bandwidth(device, 2048)
+        gemv, gemv_summary = gemv_rows(model, bandwidth)
+        results.update(memory_bandwidth_bytes_per_s=bandwidth, gemv=gemv, gemv_step=gemv_summary)
     save(results)
 
     with torch.inference_mode():
@@ -368,6 +389,10 @@ def measure(config_name: str, save: Callable[[dict], None] = lambda results: Non
             static_decode_step(model, tokens, cache, fused=False)
             cache.lengths.copy_(lengths)
 
+        if candidates is not None:
+            results["candidates"] = candidate_timings(graph_step, replay_time, candidates)
+            save(results)
+            return results
         if torch.cuda.get_device_capability(device) >= (9, 0):  # Hopper and later
             results["dependent_launch"] = dependent_launch_timings(graph_step, replay_time)
             save(results)
@@ -431,7 +456,25 @@ def shape(row: dict) -> str:
     return "x".join(map(str, row["shape"]))
 
 
+def candidates_report(results: dict) -> str:
+    rows = [
+        [r["name"], statistics.median(r["step_ms"]), " ".join(f"{ms:.3f}" for ms in r["step_ms"])]
+        + [json.dumps(r["settings"])]
+        for r in results["candidates"]
+    ]
+    return "\n".join(
+        [
+            f"Config {results['config']} on {results['device_name']}, bf16: a graphed fused decode step (ms) "
+            "under each candidate's settings, timed in turns",
+            "",
+            markdown_table(["candidate", "median ms", "each round", "settings"], rows),
+        ]
+    )
+
+
 def report(results: dict) -> str:
+    if "candidates" in results:
+        return candidates_report(results)
     s, gemv = results["gemv_step"], results["gemv"]
     lines = [
         f"Config {results['config']} on {results['device_name']}, bf16; "
@@ -536,13 +579,30 @@ def report(results: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=("tiny", "mid", "real"), default="real")
+    parser.add_argument(
+        "--candidates",
+        type=Path,
+        default=None,
+        help="a JSON object {name: settings as benchmarks.tuned writes them}: time the step under each "
+        "of them alone, instead of the whole profile",
+    )
     add_json_option(parser, "gpu_profile_{config}.json")
     args = parser.parse_args(argv)
+    candidates = None
+    if args.candidates is not None:
+        try:
+            candidates = json.loads(args.candidates.read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"--candidates: cannot read {args.candidates}: {error}")
+        if not isinstance(candidates, dict) or not all(isinstance(v, dict) for v in candidates.values()):
+            parser.error(f"--candidates: {args.candidates} must hold an object of settings objects")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
     path = json_path(args, "gpu_profile_{config}.json")
     results = measure(
-        args.config, lambda partial: save_record(path, f"gpu_profile_{args.config}", partial, "cuda")
+        args.config,
+        lambda partial: save_record(path, f"gpu_profile_{args.config}", partial, "cuda"),
+        candidates,
     )
     print(report(results))
     print(f"\nsaved {path}")

@@ -6,7 +6,8 @@ From a gpu_profile record it picks `fused_decode.matvec_config`'s blocks for eac
 (the quickest whole step of `matvec_sweep`), the decode attention's keys a turn, warps and
 programs per multiprocessor (the quickest of `decode_attention_blocks`), and DEPENDENT_LAUNCH
 where its steps ran quicker in more of the rounds than not. A setting the profile has no
-figures for keeps its default. gpu_checks.sh then runs `real` with them, whose greedy tokens
+figures for keeps its default. From a record of `gpu_profile --candidates`, it picks the
+candidate whose step's median time is the least. gpu_checks.sh then runs `real` with them, whose greedy tokens
 must still equal the eager path's (every decode step takes the same kernels).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -26,6 +28,9 @@ ATTENTION_SETTINGS = ("KEYS_PER_BLOCK", "ATTENTION_WARPS", "PROGRAMS_PER_MULTIPR
 
 def pick(profile: dict) -> dict:
     """The settings of the quickest measured configs in a gpu_profile record (see the docstring)."""
+    timed = [row for row in profile.get("candidates", []) if row.get("step_ms")]
+    if timed:  # whole settings, each timed in a step
+        return dict(min(timed, key=lambda row: statistics.median(row["step_ms"]))["settings"])
     settings: dict = {}
     configs = {}
     for row in profile.get("matvec_sweep", []):
@@ -55,9 +60,10 @@ def per_width(configs: dict, default: Callable[[int], dict]) -> Callable[[int], 
 
 
 def values(settings: dict) -> dict:
-    """fused_decode's attributes for `settings`: the names of ATTENTION_SETTINGS and
-    DEPENDENT_LAUNCH as they are, `matvec_config` ({input width: blocks}) as a function."""
-    out = {name: settings[name] for name in (*ATTENTION_SETTINGS, "DEPENDENT_LAUNCH") if name in settings}
+    """fused_decode's attributes for `settings`: the names of ATTENTION_SETTINGS, DEPENDENT_LAUNCH
+    and NORMS_IN_PRODUCTS as they are, `matvec_config` ({input width: blocks}) as a function."""
+    names = (*ATTENTION_SETTINGS, "DEPENDENT_LAUNCH", "NORMS_IN_PRODUCTS")
+    out = {name: settings[name] for name in names if name in settings}
     if settings.get("matvec_config"):
         out["matvec_config"] = per_width(settings["matvec_config"], fused_decode.matvec_config)
     return out

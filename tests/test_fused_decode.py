@@ -66,12 +66,19 @@ def matvec(monkeypatch):
     "lengths, first_tokens",
     [([5, 11, 8], [3, 500, 42]), ([11], [3])],  # one row: the layers' products through matvec
 )
-def test_fused_step_matches_the_eager_layers_in_fp32(matvec, rotary_pct, lengths, first_tokens):
+@pytest.mark.parametrize("norms_in_products", [False, True])
+def test_fused_step_matches_the_eager_layers_in_fp32(
+    matvec, rotary_pct, lengths, first_tokens, norms_in_products, monkeypatch
+):
     model = small_model(rotary_pct, torch.float32)
     if len(lengths) == 1:  # as the runners do: the MLP's two matvec calls, the gate inside the second
         fused_decode.pack_gate_weights(model)
     cache = prefilled(model, lengths)
     eager_cache, fused_cache = copy(cache), copy(cache)
+    norms = []
+    real = fused_decode.add_rms_norm
+    monkeypatch.setattr(fused_decode, "add_rms_norm", lambda *a: norms.append(a[2]) or real(*a))
+    monkeypatch.setattr(fused_decode, "NORMS_IN_PRODUCTS", norms_in_products)
     tokens = torch.tensor(first_tokens)
     with torch.inference_mode():
         for _ in range(3):
@@ -79,6 +86,9 @@ def test_fused_step_matches_the_eager_layers_in_fp32(matvec, rotary_pct, lengths
             fused = static_decode_step(model, tokens, fused_cache, fused=True)
             torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
             tokens = eager.argmax(-1)
+    # NORMS_IN_PRODUCTS: one row's products take its blocks' norms; batches keep the norms' kernel
+    inside = norms_in_products and len(lengths) == 1
+    assert len(norms) == 3 * (1 if inside else 2 * len(model.transformer.h) + 1)
     # the norms' sums add up in another order: float noise, from the first layer on
     torch.testing.assert_close(fused_cache.keys, eager_cache.keys, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused_cache.values, eager_cache.values, rtol=1e-5, atol=1e-6)
@@ -369,6 +379,32 @@ def test_matvec_reads_its_tiles_any_way_for_the_same_sums(ahead, x_per_thread, m
     assert torch.equal(fused_decode.matvec(x, weight, gate=gate), gated)
 
 
+def test_matvec_takes_a_norm_and_a_residual_as_the_kernels_between_would():
+    """What lets the fused step leave out add_rms_norm between products (NORMS_IN_PRODUCTS): the
+    product of norm(x) and the residual add after a product, rounded as add_rms_norm rounds them."""
+    torch.manual_seed(5)
+    weight, x = torch.randn(37, 150).bfloat16(), (3 * torch.randn(1, 150)).bfloat16()
+    norm = SimpleNamespace(weight=(torch.rand(150) + 0.5).bfloat16(), eps=1e-6)
+    _, normed = fused_decode.add_rms_norm(x, None, norm)
+    assert torch.equal(fused_decode.matvec(x, weight, norm=norm), fused_decode.matvec(normed, weight))
+
+    def added(residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return fused_decode.add_rms_norm(residual, delta, SimpleNamespace(weight=torch.ones(37), eps=0))[0]
+
+    residual, gate, bias = (
+        torch.randn(1, 37).bfloat16(),
+        torch.randn(1, 150).bfloat16(),
+        torch.randn(37).bfloat16(),
+    )
+    assert torch.equal(
+        fused_decode.matvec(x, weight, residual=residual), added(residual, fused_decode.matvec(x, weight))
+    )
+    assert torch.equal(
+        fused_decode.matvec(x, weight, bias, gate=gate, residual=residual),
+        added(residual, fused_decode.matvec(x, weight, bias, gate=gate)),
+    )
+
+
 def test_matvec_in_bf16_is_within_a_rounding_step():
     weight, x = torch.randn(64, 1000).bfloat16(), torch.randn(1, 1000).bfloat16()
     expected = x.float() @ weight.float().T
@@ -384,6 +420,11 @@ def test_matvec_names_what_it_cannot_take():
         fused_decode.matvec(torch.randn(1, 8), weight.t())
     with pytest.raises(ValueError, match=r"gate must be shaped as x \(1, 16\), got \(1, 8\)"):
         fused_decode.matvec(torch.randn(1, 16), weight, gate=torch.randn(1, 8))
+    norm = SimpleNamespace(weight=torch.ones(16), eps=1e-6)
+    with pytest.raises(ValueError, match="a gate or a norm, not both"):
+        fused_decode.matvec(torch.randn(1, 16), weight, gate=torch.randn(1, 16), norm=norm)
+    with pytest.raises(ValueError, match=r"residual must be one contiguous row of 8, got \(1, 16\)"):
+        fused_decode.matvec(torch.randn(1, 16), weight, residual=torch.randn(1, 16))
 
 
 def test_matvec_runs_only_on_cuda_unless_asked(monkeypatch):

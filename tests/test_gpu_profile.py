@@ -94,6 +94,33 @@ def test_dependent_launch_timings_capture_the_early_step_under_the_flag_and_rest
     )
 
 
+def test_candidates_are_each_captured_under_their_settings_and_timed_in_turns(monkeypatch):
+    monkeypatch.setattr(fused_decode, "NORMS_IN_PRODUCTS", False)
+    captured = []
+
+    def graph_step(fused: bool):
+        settings = (fused_decode.NORMS_IN_PRODUCTS, fused_decode.matvec_config(4096)["BLOCK_N"])
+
+        def step() -> None:
+            captured.append(settings)
+
+        return step
+
+    blocks = {"4096": {"BLOCK_N": 4, "BLOCK_K": 1024}}
+    candidates = {"default": {}, "norms": {"NORMS_IN_PRODUCTS": True, "matvec_config": blocks}}
+    timings = iter([0.004, 0.003, 0.005, 0.002])
+    rows = gpu_profile.candidate_timings(graph_step, lambda step: step() or next(timings), candidates, 2)
+    assert fused_decode.NORMS_IN_PRODUCTS is False and fused_decode.matvec_config(4096)["BLOCK_N"] == 16
+    assert captured == [(False, 16), (True, 4)] + [(False, 16), (True, 4)] * 2  # captured, then in turns
+    assert rows == [
+        {"name": "default", "settings": {}, "step_ms": [4.0, 5.0]},
+        {"name": "norms", "settings": candidates["norms"], "step_ms": [3.0, 2.0]},
+    ]
+    report = gpu_profile.report({"config": "real", "device_name": "GPU", "sections": {}, "candidates": rows})
+    assert "| default | 4.5 | 4.000 5.000 | {} |" in report
+    assert '| norms | 2.5 | 3.000 2.000 | {"NORMS_IN_PRODUCTS": true, ' in report
+
+
 def test_attention_blocks_try_each_and_restore_the_default():
     llm = small_model(1.0, torch.float32).transformer.llm_config
     seen = []

@@ -239,9 +239,26 @@ if triton is not None:
         )
 
     @triton.jit
-    def _matvec_input(x_ptr, gate_ptr, at, inside, GATED: tl.constexpr):
-        # x at the offsets `at` (of any shape); GATED: x * silu(gate), rounded as _silu_gate_kernel does
+    def _rms_scale(x_ptr, k, eps, BLOCK_K: tl.constexpr):
+        # 1 / sqrt(mean(x^2) + eps) of the row x: _add_rms_norm_kernel's scale, its sum in another order
+        cols = tl.arange(0, BLOCK_K)
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for first in range(0, k, BLOCK_K):
+            x = tl.load(x_ptr + first + cols, mask=first + cols < k, other=0.0).to(tl.float32)
+            squares += x * x
+        return tl.math.rsqrt(tl.sum(squares, axis=0) / k + eps)
+
+    @triton.jit
+    def _matvec_input(
+        x_ptr, gate_ptr, norm_ptr, scale, at, inside, GATED: tl.constexpr, NORMED: tl.constexpr
+    ):  # fmt: skip
+        # x at the offsets `at` (of any shape); NORMED: RMSNorm(x) of the row's `scale`, GATED:
+        # x * silu(gate), each rounded as _add_rms_norm_kernel and _silu_gate_kernel do
         x = tl.load(x_ptr + at, mask=inside, other=0.0)
+        if NORMED:
+            normed = (x.to(tl.float32) * scale).to(x.dtype)
+            weight = tl.load(norm_ptr + at, mask=inside, other=0.0)
+            x = (normed.to(tl.float32) * weight.to(tl.float32)).to(x.dtype)
         if GATED:
             gate = tl.load(gate_ptr + at, mask=inside, other=0.0).to(tl.float32)
             silu = (gate / (1.0 + tl.exp(-gate))).to(x.dtype)
@@ -250,9 +267,10 @@ if triton is not None:
 
     @triton.jit
     def _matvec_kernel(
-        x_ptr, gate_ptr, weight_ptr, bias_ptr, out_ptr, n, k,
-        HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        AHEAD: tl.constexpr, X_PER_THREAD: tl.constexpr, EARLY: tl.constexpr,
+        x_ptr, gate_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, out_ptr, n, k, eps,
+        HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORMED: tl.constexpr, RESIDUAL: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr, X_PER_THREAD: tl.constexpr,
+        EARLY: tl.constexpr,
     ):  # fmt: skip
         # BLOCK_N output rows per program, each a dot product of a weight row with x (of k). Each
         # row's sums depend on the blocks and warps alone (`matvec_config`), not on n, on where the
@@ -261,14 +279,17 @@ if triton is not None:
         # - X_PER_THREAD: each thread reads the columns of x it needs itself, from L1 for all but
         #   its first row, where otherwise one read is shared out through shared memory (barriers
         #   at every turn of the loop).
-        if EARLY:  # as _launched_early, but it reads its first weights before it waits
-            tl.extra.cuda.gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_in = rows < n
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         if AHEAD:
             ahead = _weight_tile(weight_ptr, rows, row_in, cols, k)
+        scale = 1.0
+        if NORMED:  # x's norm needs all of x first: its sum of squares (an L2 read) while the weights come
+            if EARLY:
+                tl.extra.cuda.gdc_wait()
+            scale = _rms_scale(x_ptr, k, eps, BLOCK_K)
         for first in range(0, k, BLOCK_K):
             at = first + cols
             col_in = at < k
@@ -279,18 +300,27 @@ if triton is not None:
                 # per multiprocessor, not 7)
                 tile = rows[:, None] * k + at[None, :]
                 w = tl.load(weight_ptr + tile, mask=row_in[:, None] & col_in[None, :], other=0.0)
-            if EARLY:
+            if EARLY and not NORMED:
                 if first == 0:  # its first weights read, it waits for the kernel before to finish
                     tl.extra.cuda.gdc_wait()
             if X_PER_THREAD:
                 spread = tl.broadcast_to(at[None, :], (BLOCK_N, BLOCK_K))
-                x = _matvec_input(x_ptr, gate_ptr, spread, spread < k, GATED).to(tl.float32)
+                x = _matvec_input(x_ptr, gate_ptr, norm_ptr, scale, spread, spread < k, GATED, NORMED)
+                x = x.to(tl.float32)
             else:
-                x = _matvec_input(x_ptr, gate_ptr, at, col_in, GATED).to(tl.float32)[None, :]
+                x = _matvec_input(x_ptr, gate_ptr, norm_ptr, scale, at, col_in, GATED, NORMED)
+                x = x.to(tl.float32)[None, :]
             acc += w.to(tl.float32) * x
+        if EARLY:  # the next kernel launches for this one's tail (from its start, it ran slower: gpu.md)
+            tl.extra.cuda.gdc_launch_dependents()
         out = tl.sum(acc, axis=1)
         if HAS_BIAS:
             out += tl.load(bias_ptr + rows, mask=row_in, other=0.0).to(tl.float32)
+        if (
+            RESIDUAL
+        ):  # the branch's output rounded as eager stores it, then added as _add_rms_norm_kernel adds
+            residual = tl.load(residual_ptr + rows, mask=row_in, other=0.0).to(tl.float32)
+            out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + residual
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_in)
 
 
@@ -552,12 +582,19 @@ def capability(device: torch.device) -> tuple[int, int]:
 
 
 def matvec(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    norm=None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) for one row x [1, k] and a contiguous weight [n, k]: [1, n].
 
-    `gate` [1, k]: the product takes x * silu(gate) instead (the MLP's gated input). x and gate
-    may be views (the halves of one product's output) whose k values are contiguous.
+    What the product takes instead of x: `gate` [1, k], x * silu(gate) (the MLP's gated input);
+    `norm` (an RMSNorm: weight, eps), norm(x) (a block's ln_1 or ln_2). x and gate may be views
+    (the halves of one product's output) whose k values are contiguous. `residual` [1, n]: the
+    output is residual + the product (a block's residual add). Each rounds where the eager layers do.
     """
     n, k = weight.shape
     if x.shape != (1, k) or x.stride(-1) != 1 or not weight.is_contiguous() or n * k >= 2**31:
@@ -565,14 +602,20 @@ def matvec(
                          f"values, got {tuple(x.shape)} and {tuple(weight.shape)}")  # fmt: skip
     if gate is not None and (gate.shape != x.shape or gate.stride(-1) != 1):
         raise ValueError(f"matvec's gate must be shaped as x {tuple(x.shape)}, got {tuple(gate.shape)}")
+    if gate is not None and norm is not None:
+        raise ValueError("matvec takes a gate or a norm, not both")
+    if residual is not None and (residual.shape != (1, n) or not residual.is_contiguous()):
+        raise ValueError(f"matvec's residual must be one contiguous row of {n}, got {tuple(residual.shape)}")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     config = matvec_config(k)
     # fused multiply-adds named, not left to Triton's default (which its version 3.10 changes): the
     # same bits from one Triton to the next
     _matvec_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
-        x, x if gate is None else gate, weight, weight if bias is None else bias, out, n, k,
-        HAS_BIAS=bias is not None, GATED=gate is not None, enable_fp_fusion=True, **_early(x.device),
-        **config,
+        x, x if gate is None else gate, weight, weight if bias is None else bias,
+        x if norm is None else norm.weight, x if residual is None else residual, out, n, k,
+        1.0 if norm is None else norm.eps,
+        HAS_BIAS=bias is not None, GATED=gate is not None, NORMED=norm is not None,
+        RESIDUAL=residual is not None, enable_fp_fusion=True, **_early(x.device), **config,
     )  # fmt: skip
     return out
 
@@ -592,8 +635,11 @@ def project(linear, x: torch.Tensor) -> torch.Tensor:
     """linear(x) for rows x [B, in]: one row through `matvec` where it runs, else the module."""
     if not _matvec_ready(linear, x):
         return linear(x)
-    bias = None if linear.bias is None else linear.bias.detach()
-    return matvec(x.contiguous(), linear.weight.detach(), bias)
+    return matvec(x.contiguous(), *_weights(linear))
+
+
+def _weights(linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
 
 
 def mlp_output(mlp, x: torch.Tensor) -> torch.Tensor:
@@ -619,6 +665,8 @@ def run(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
 
 
 def _run_layers(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
+    if NORMS_IN_PRODUCTS and _products_take_norms(transformer, embeds):
+        return _run_layers_norms_in_products(transformer, embeds, step)
     batch = embeds.shape[0]
     x, pending = embeds[:, 0].contiguous(), None  # pending: a branch's output, for the next norm to add
     for layer, block in enumerate(transformer.h):
@@ -629,4 +677,40 @@ def _run_layers(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
         x, normed = add_rms_norm(x, project(attn.c_proj, out.reshape(batch, -1)), block.ln_2)
         pending = mlp_output(mlp, normed)
     _, normed = add_rms_norm(x, pending, transformer.ln_f)
+    return normed[:, None]
+
+
+# A block's norms computed by the products that read them (ln_1 by c_attn, ln_2 by w1 and w2
+# packed), and its residual adds by the products before (c_proj's): at batch 1, two kernels a
+# layer fewer than `add_rms_norm` between the products (64 of the 315 in a bf16 step of Qwen-VL).
+# Each program of those products first sums the squares of all of x: they agree on its norm to
+# the last bit, which may differ from add_rms_norm's (its sum in another order). Off until measured
+# on a GPU (benchmarks.run --norms-in-products).
+NORMS_IN_PRODUCTS = False
+
+
+def _products_take_norms(transformer, embeds: torch.Tensor) -> bool:
+    x = embeds[:, 0]
+    return all(
+        _matvec_ready(block.attn.c_attn, x)
+        and _matvec_ready(block.attn.c_proj, x)
+        and _matvec_ready(block.mlp.c_proj, x)
+        and block.mlp.c_proj.bias is None
+        and gate_weights(block.mlp) is not None
+        for block in transformer.h
+    )
+
+
+def _run_layers_norms_in_products(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
+    x = embeds[:, 0].contiguous()  # the residual stream, [1, H]
+    for layer, block in enumerate(transformer.h):
+        attn, mlp = block.attn, block.mlp
+        qkv = matvec(x, *_weights(attn.c_attn), norm=block.ln_1)
+        query = rotary_to_cache(qkv, step, layer, attn.heads, attn.head_dim)
+        out = attn.attend_to_cache(query, step, layer)[:, :, 0].reshape(1, -1).contiguous()
+        x = matvec(out, *_weights(attn.c_proj), residual=x)
+        both = matvec(x, gate_weights(mlp), norm=block.ln_2)
+        width = mlp.w1.out_features
+        x = matvec(both[:, :width], mlp.c_proj.weight.detach(), gate=both[:, width:], residual=x)
+    _, normed = add_rms_norm(x, None, transformer.ln_f)
     return normed[:, None]
