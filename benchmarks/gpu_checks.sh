@@ -13,8 +13,8 @@
 #    launched early against as usual, and kernel breakdowns of encode, prefill and decode;
 # 3. benchmarks.tuned: the quickest of the settings the profile timed (matvec's configs, the
 #    attention's keys a turn, warps and shares, early launch), and `real` in bf16 with them;
-# 4. `real` in bf16 with the kernels launched early alone (--dependent-launch, off by default
-#    until measured), and with the batch-1 products through cuBLAS, for the ratios to 1;
+# 4. `real` in bf16 with the kernels launched as usual (--no-dependent-launch), and with the
+#    batch-1 products through cuBLAS, for the ratios to 1;
 # 5. `tiny` (small shapes: Python and launch overheads dominate).
 # (On record from session 10, results/gpu.md: `real` in fp32, without the fused kernels, with SDPA
 # decode attention, and its checkpoint's load time.)
@@ -55,7 +55,7 @@ echo "== tuned settings"
 "$python" -m benchmarks.tuned "$out/gpu_profile_real.json" --json "$out/tuned_settings.json" 2>&1
 step run_real_cuda_tuned 120 --config real --device cuda --dtypes bf16 --batch-sizes 32 \
     --settings "$out/tuned_settings.json"
-step run_real_cuda_dependent_launch 90 --config real --device cuda --dependent-launch --dtypes bf16 --batch-sizes 32
+step run_real_cuda_usual_launch 90 --config real --device cuda --no-dependent-launch --dtypes bf16 --batch-sizes 32
 step run_real_cuda_no_matvec 90 --config real --device cuda --no-matvec --dtypes bf16 --batch-sizes 32
 step run_tiny_cuda 120 --config tiny --device cuda --batch-sizes 8
 date -u

@@ -14,15 +14,16 @@ Run (on a CUDA machine): python -m benchmarks.gpu_profile [--config real] [--jso
   between their outputs.
 - decode_attention_blocks: one layer's batch-1 decode attention with a few keys a turn, warp
   counts and shares (fused_decode.KEYS_PER_BLOCK, ATTENTION_WARPS, PROGRAMS_PER_MULTIPROCESSOR).
-- matvec_sweep: a graphed fused decode step's time with each of ten configs (blocks, ways of reading) for
+- matvec_sweep: a graphed fused decode step's time with each of ten configs (blocks, AHEAD) for
   fused_decode.matvec's products of one input width (4096, then 11008), the other keeping its
   default: which blocks read the weights fastest where, as in decoding, no weight stays in L2.
 - dependent_launch: that step with the kernels launched as usual and early (fused_decode.
   DEPENDENT_LAUNCH, on Hopper and later), three times in turns.
 - With --candidates FILE ({name: settings}), instead of all of the above: that step under each
-  candidate's settings (benchmarks.tuned's, NORMS_IN_PRODUCTS among them), five times in turns.
+  candidate's settings (benchmarks.tuned's), five times in turns.
 - decode_step (eager layers without a graph; replayed as a CUDA graph with the eager layers and
-  with fused_decode's kernels, its products through matvec or cuBLAS, or launched early),
+  with fused_decode's kernels, its products through matvec or cuBLAS, or launched as usual,
+  not early),
   prefill, image_encode: one call each under torch.profiler: the kernel count, the kernels' summed
   GPU time, the share of matrix products, the span from the first kernel's start to the last
   one's end, and the top kernels.
@@ -195,7 +196,7 @@ def attention_row(llm, device: torch.device, batch: int, context: int) -> dict:
     with attention_kernels():
         row = {"batch": batch, "context": context, "sdpa_us": graph_time(sdpa) * 1e6}
         expected = sdpa().float()
-    row["default_splits"] = fused_decode.attention_splits(batch * heads, device)
+    row["default_splits"] = fused_decode.attention_blocks(batch * heads, device)[2]
     for splits in ATTENTION_SPLITS:
         attend = functools.partial(fused_decode.decode_attention, query, step, 0, splits)
         row[f"splits_{splits}_us"] = graph_time(attend) * 1e6
@@ -204,12 +205,13 @@ def attention_row(llm, device: torch.device, batch: int, context: int) -> dict:
     return row
 
 
-# decode_attention's keys a turn, warps and programs per multiprocessor (which set its shares):
-# one warp sums without the shared-memory barriers of each turn (0 in its code against 15 with
+# decode_attention's keys a turn, warps and programs per multiprocessor (which set its shares) for
+# a step of few queries, around the default (16, 2, 8); (64, 4, 2) is the many queries' setting.
+# One warp sums without the shared-memory barriers of each turn (0 in its code against 15 with
 # two or four), with more work per thread
 ATTENTION_BLOCKS = (
-    (16, 1, 2), (16, 1, 4), (16, 1, 8), (32, 1, 2), (32, 1, 4), (16, 2, 2), (16, 4, 2), (32, 2, 2),
-    (32, 4, 2), (64, 2, 2), (64, 4, 2), (64, 4, 4),
+    (16, 2, 8), (16, 1, 8), (16, 4, 8), (32, 2, 8), (8, 2, 8), (16, 2, 4), (16, 2, 16), (16, 1, 16),
+    (32, 1, 8), (32, 2, 16), (64, 4, 8), (64, 4, 2),
 )  # fmt: skip
 
 
@@ -233,7 +235,7 @@ def attention_block_rows(
         row = {"context": context, "keys_per_block": keys, "warps": warps}
         row.update(programs_per_multiprocessor=programs, default=blocks == default)
         with tuned.applied(**dict(zip(tuned.ATTENTION_SETTINGS, blocks, strict=True))):
-            row["splits"] = fused_decode.attention_splits(llm.num_attention_heads, device)
+            row["splits"] = fused_decode.attention_blocks(llm.num_attention_heads, device)[2]
             try:
                 row["us"] = timer(attend) * 1e6
                 row["max_abs_gap"] = (attend().float() - expected).abs().max().item()
@@ -243,23 +245,18 @@ def attention_block_rows(
     return rows
 
 
-# fused_decode.matvec's configs (rows, columns a turn, warps, AHEAD, X_PER_THREAD) tried in a whole
-# graphed step: both defaults' blocks read each way (session 10's autotuner chose those blocks
-# among eight), and two others. (Its loop is not software-pipelined: num_stages changes nothing.)
+# fused_decode.matvec's configs (rows, columns a turn, warps, AHEAD) tried in a whole graphed step:
+# the default (4, 1024, 4, AHEAD) and its neighbours, and session 10's autotuner's 4096-wide pick
+# (16, 256). (Its loop is not software-pipelined: num_stages changes nothing.)
 MATVEC_CANDIDATES = (
-    (16, 256, 4, False, False), (16, 256, 4, True, False), (16, 256, 4, False, True),
-    (16, 256, 4, True, True), (4, 1024, 4, False, False), (4, 1024, 4, True, False),
-    (4, 1024, 4, False, True), (4, 1024, 4, True, True), (8, 256, 4, True, True),
-    (8, 512, 4, True, False),
+    (4, 1024, 4, True), (4, 1024, 4, False), (16, 256, 4, False), (16, 256, 4, True), (8, 512, 4, True),
+    (8, 1024, 4, True), (4, 2048, 4, True), (4, 512, 4, True), (2, 2048, 4, True), (4, 1024, 8, True),
 )  # fmt: skip
 
 
 def blocks(candidate: Sequence) -> dict:
-    rows, columns, warps, ahead, x_per_thread = candidate
-    return {
-        "BLOCK_N": rows, "BLOCK_K": columns, "num_warps": warps, "num_stages": 3, "AHEAD": ahead,
-        "X_PER_THREAD": x_per_thread,
-    }  # fmt: skip
+    rows, columns, warps, ahead = candidate
+    return {"BLOCK_N": rows, "BLOCK_K": columns, "num_warps": warps, "num_stages": 3, "AHEAD": ahead}
 
 
 def matvec_sweep(
@@ -320,7 +317,8 @@ def dependent_launch_timings(
 ) -> list[dict]:
     """The graphed fused step's ms with the kernels launched as usual and early (DEPENDENT_LAUNCH), in
     turns: a pair per round."""
-    usual, early = graph_step(True), captured_while(graph_step, DEPENDENT_LAUNCH=True)
+    usual = captured_while(graph_step, DEPENDENT_LAUNCH=False)
+    early = captured_while(graph_step, DEPENDENT_LAUNCH=True)
     return [{"usual_ms": timer(usual) * 1e3, "early_ms": timer(early) * 1e3} for _ in range(rounds)]
 
 
@@ -415,7 +413,7 @@ def measure(
             ("decode_step_graph_eager_layers", graph_step(False)),
             ("decode_step_graph_fused", graph_step(True)),
             ("decode_step_graph_fused_cublas_products", captured_while(graph_step, MATVEC=False)),
-            ("decode_step_graph_fused_dependent_launch", captured_while(graph_step, DEPENDENT_LAUNCH=True)),
+            ("decode_step_graph_fused_usual_launch", captured_while(graph_step, DEPENDENT_LAUNCH=False)),
             ("image_encode", lambda: visual(pixels)),
             ("prefill", run_prefill),
         ):
@@ -443,7 +441,7 @@ def sweep_time(row: dict) -> float | str:
 
 
 def config_name(config: dict | None) -> str:
-    """BLOCK_N=16 BLOCK_K=256 warps=4, then the ways of reading that are on (AHEAD, X_PER_THREAD)."""
+    """BLOCK_N=16 BLOCK_K=256 warps=4, then AHEAD where it is on."""
     if config is None:
         return "-"
     sizes = [

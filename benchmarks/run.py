@@ -1,7 +1,7 @@
 """One benchmark run: decode fast path vs a growing-cache eager baseline, dtypes, batching, prefix reuse.
 
 Run: .venv/bin/python -m benchmarks.run --config tiny|mid|real --device cpu|cuda [--compile] [--no-fused]
-     [--sdpa-decode] [--no-matvec] [--dependent-launch] [--settings JSON] [--dtypes fp32 bf16]
+     [--sdpa-decode] [--no-matvec] [--no-dependent-launch] [--settings JSON] [--dtypes fp32 bf16]
      [--batch-sizes 8 32 64] [--engine-tokens 64] [--[no-]load-time] [--threads N] [--json PATH]
 
 The model has random weights (values do not change the speed); each dtype is measured in a
@@ -737,10 +737,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--dependent-launch",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="fused_decode's kernels launched while the one before them ends, matvec reading weights "
         "(fused_decode.DEPENDENT_LAUNCH; CUDA capability 9.0+), in every step, the baseline's too "
-        "(default: off)",
+        "(default: its default, on)",
     )
     parser.add_argument(
         "--settings",
@@ -785,8 +786,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             settings = json.loads(args.settings.read_text())
         except (OSError, ValueError) as error:
             parser.error(f"--settings: cannot read {args.settings}: {error}")
-    if args.dependent_launch:
-        settings["DEPENDENT_LAUNCH"] = True
+    if args.dependent_launch is not None:
+        settings["DEPENDENT_LAUNCH"] = args.dependent_launch
 
     results = measure(
         args.config,

@@ -4,11 +4,12 @@ Run (after gpu_profile, on the same GPU): python -m benchmarks.tuned PROFILE.jso
 
 From a gpu_profile record it picks `fused_decode.matvec_config`'s blocks for each input width
 (the quickest whole step of `matvec_sweep`), the decode attention's keys a turn, warps and
-programs per multiprocessor (the quickest of `decode_attention_blocks`), and DEPENDENT_LAUNCH
-where its steps ran quicker in more of the rounds than not. A setting the profile has no
-figures for keeps its default. From a record of `gpu_profile --candidates`, it picks the
-candidate whose step's median time is the least. gpu_checks.sh then runs `real` with them, whose greedy tokens
-must still equal the eager path's (every decode step takes the same kernels).
+programs per multiprocessor for steps of few queries (the quickest of batch 1's
+`decode_attention_blocks`), and DEPENDENT_LAUNCH where its steps ran quicker in more of the
+rounds than not. A setting the profile has no figures for keeps its default. From a record of
+`gpu_profile --candidates`, it picks the candidate whose step's median time is the least.
+gpu_checks.sh then runs `real` with them, whose greedy tokens must still equal the eager path's
+(every decode step takes the same kernels).
 """
 
 from __future__ import annotations
@@ -60,10 +61,9 @@ def per_width(configs: dict, default: Callable[[int], dict]) -> Callable[[int], 
 
 
 def values(settings: dict) -> dict:
-    """fused_decode's attributes for `settings`: the names of ATTENTION_SETTINGS, DEPENDENT_LAUNCH
-    and NORMS_IN_PRODUCTS as they are, `matvec_config` ({input width: blocks}) as a function."""
-    names = (*ATTENTION_SETTINGS, "DEPENDENT_LAUNCH", "NORMS_IN_PRODUCTS")
-    out = {name: settings[name] for name in names if name in settings}
+    """fused_decode's attributes for `settings`: the names of ATTENTION_SETTINGS and
+    DEPENDENT_LAUNCH as they are, `matvec_config` ({input width: blocks}) as a function."""
+    out = {name: settings[name] for name in (*ATTENTION_SETTINGS, "DEPENDENT_LAUNCH") if name in settings}
     if settings.get("matvec_config"):
         out["matvec_config"] = per_width(settings["matvec_config"], fused_decode.matvec_config)
     return out

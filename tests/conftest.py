@@ -37,6 +37,11 @@ def flash_decoding(monkeypatch):
     if not triton_runs():
         pytest.skip("needs Triton (a GPU, or its interpreter on CPU)")
     monkeypatch.setattr(fused_decode, "FLASH_DECODING", True)
+    # Fewer programs and loop turns than the GPU's few-query settings (16 keys a turn, 16 shares
+    # of a row's keys at batch 1 of 4 heads): the interpreter runs each program as a Python loop,
+    # and any number of shares and keys a turn shows how the keys are cut
+    monkeypatch.setattr(fused_decode, "KEYS_PER_BLOCK", 64)
+    monkeypatch.setattr(fused_decode, "PROGRAMS_PER_MULTIPROCESSOR", 2)
 
 
 GOLDEN = DATA / "golden"

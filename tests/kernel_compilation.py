@@ -41,13 +41,10 @@ KERNELS = {
     "_silu_gate_kernel": ({"width": "i32"}, [{"BLOCK": 1024, "EARLY": early} for early in (False, True)]),
     # matvec's take the rest of their constants from matvec_config, at the width of "k"
     "_matvec_kernel": (
-        {"n": "i32", "k": "i32", "eps": "fp32"},
-        [{"k": 4096, "HAS_BIAS": True, "GATED": False, "NORMED": False, "RESIDUAL": False, "EARLY": False},
-         {"k": 11008, "HAS_BIAS": False, "GATED": True, "NORMED": False, "RESIDUAL": True, "EARLY": False,
-          "AHEAD": True, "X_PER_THREAD": True},
-         {"k": 4096, "HAS_BIAS": True, "GATED": False, "NORMED": True, "RESIDUAL": False, "EARLY": False,
-          "AHEAD": True},
-         {"k": 11008, "HAS_BIAS": False, "GATED": True, "NORMED": False, "RESIDUAL": True, "EARLY": True}],
+        {"n": "i32", "k": "i32"},
+        [{"k": 4096, "HAS_BIAS": True, "GATED": False, "EARLY": False},
+         {"k": 11008, "HAS_BIAS": False, "GATED": True, "EARLY": False, "AHEAD": False},
+         {"k": 11008, "HAS_BIAS": False, "GATED": True, "EARLY": True}],
     ),
 }  # fmt: skip
 

@@ -55,10 +55,18 @@ def copy(cache: KVCache) -> KVCache:
     return cache.select(list(range(cache.batch_size)))
 
 
+# matvec's blocks under the interpreter, a function of k as matvec_config is: its 4 rows of 1024
+# columns make 256 programs of the small model's packed w1 and w2, each a Python loop here (an
+# fp32 step took 5 s); 64 rows of 64 make 16, and walk the columns in several tiles, through
+# AHEAD's reads (the tests of matvec alone run the GPU's own blocks)
+INTERPRETER_BLOCKS = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3, "AHEAD": True}
+
+
 @pytest.fixture
 def matvec(monkeypatch):
     """The layers' one-row products through fused_decode.matvec, as on a GPU."""
     monkeypatch.setattr(fused_decode, "MATVEC", True)
+    monkeypatch.setattr(fused_decode, "matvec_config", lambda k: dict(INTERPRETER_BLOCKS))
 
 
 @pytest.mark.parametrize("rotary_pct", [1.0, 0.5])
@@ -66,19 +74,12 @@ def matvec(monkeypatch):
     "lengths, first_tokens",
     [([5, 11, 8], [3, 500, 42]), ([11], [3])],  # one row: the layers' products through matvec
 )
-@pytest.mark.parametrize("norms_in_products", [False, True])
-def test_fused_step_matches_the_eager_layers_in_fp32(
-    matvec, rotary_pct, lengths, first_tokens, norms_in_products, monkeypatch
-):
+def test_fused_step_matches_the_eager_layers_in_fp32(matvec, rotary_pct, lengths, first_tokens):
     model = small_model(rotary_pct, torch.float32)
     if len(lengths) == 1:  # as the runners do: the MLP's two matvec calls, the gate inside the second
         fused_decode.pack_gate_weights(model)
     cache = prefilled(model, lengths)
     eager_cache, fused_cache = copy(cache), copy(cache)
-    norms = []
-    real = fused_decode.add_rms_norm
-    monkeypatch.setattr(fused_decode, "add_rms_norm", lambda *a: norms.append(a[2]) or real(*a))
-    monkeypatch.setattr(fused_decode, "NORMS_IN_PRODUCTS", norms_in_products)
     tokens = torch.tensor(first_tokens)
     with torch.inference_mode():
         for _ in range(3):
@@ -86,9 +87,6 @@ def test_fused_step_matches_the_eager_layers_in_fp32(
             fused = static_decode_step(model, tokens, fused_cache, fused=True)
             torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
             tokens = eager.argmax(-1)
-    # NORMS_IN_PRODUCTS: one row's products take its blocks' norms; batches keep the norms' kernel
-    inside = norms_in_products and len(lengths) == 1
-    assert len(norms) == 3 * (1 if inside else 2 * len(model.transformer.h) + 1)
     # the norms' sums add up in another order: float noise, from the first layer on
     torch.testing.assert_close(fused_cache.keys, eager_cache.keys, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fused_cache.values, eager_cache.values, rtol=1e-5, atol=1e-6)
@@ -166,11 +164,13 @@ def test_decode_attention_in_bf16_is_within_a_rounding_step():
         assert (out - expected).abs().max() <= 2**-6 * expected.abs().max()
 
 
-def test_attention_splits_fill_the_machine():
+def test_attention_shares_fill_the_machine_and_many_queries_take_their_own_blocks():
     cpu = torch.device("cpu")  # the interpreter counts 8 multiprocessors
-    assert fused_decode.attention_splits(1, cpu) == 16  # 2 programs a multiprocessor
-    assert fused_decode.attention_splits(32, cpu) == 1
-    assert fused_decode.attention_splits(5, cpu) == 4
+    few = (fused_decode.KEYS_PER_BLOCK, fused_decode.ATTENTION_WARPS)
+    assert fused_decode.attention_blocks(1, cpu) == (*few, 64)  # 8 programs a multiprocessor
+    assert fused_decode.attention_blocks(5, cpu) == (*few, 13)
+    assert fused_decode.attention_blocks(8, cpu) == (64, 4, 2)  # a query per multiprocessor: 2 programs
+    assert fused_decode.attention_blocks(32, cpu) == (64, 4, 1)
 
 
 def test_silu_gate_is_the_mlps_gate():
@@ -357,10 +357,9 @@ def test_matvec_is_the_linear_layer(bias):
         torch.testing.assert_close(gated, linear(up * F.silu(gate)))
 
 
-@pytest.mark.parametrize("ahead, x_per_thread", [(True, False), (False, True), (True, True)])
-def test_matvec_reads_its_tiles_any_way_for_the_same_sums(ahead, x_per_thread, monkeypatch):
-    """matvec_config's ways of reading (the next tile ahead, x per thread) leave every bit as it is
-    (on a GPU too: test_kernels_on_gpu), at ragged sizes, with the gate inside."""
+def test_matvec_reads_its_tiles_either_way_for_the_same_sums(monkeypatch):
+    """matvec_config's ways of reading (the next tile ahead, or not) leave every bit as it is (on a
+    GPU too: test_kernels_on_gpu), at ragged sizes, with the gate inside."""
     weight, x, gate = torch.randn(37, 150), torch.randn(1, 150), torch.randn(1, 150)
     small = {
         "BLOCK_N": 4,
@@ -368,41 +367,12 @@ def test_matvec_reads_its_tiles_any_way_for_the_same_sums(ahead, x_per_thread, m
         "num_warps": 4,
         "num_stages": 3,
         "AHEAD": False,
-        "X_PER_THREAD": False,
     }
     monkeypatch.setattr(fused_decode, "matvec_config", lambda k: small)
     plain, gated = fused_decode.matvec(x, weight), fused_decode.matvec(x, weight, gate=gate)
-    monkeypatch.setattr(
-        fused_decode, "matvec_config", lambda k: dict(small, AHEAD=ahead, X_PER_THREAD=x_per_thread)
-    )
+    monkeypatch.setattr(fused_decode, "matvec_config", lambda k: dict(small, AHEAD=True))
     assert torch.equal(fused_decode.matvec(x, weight), plain)
     assert torch.equal(fused_decode.matvec(x, weight, gate=gate), gated)
-
-
-def test_matvec_takes_a_norm_and_a_residual_as_the_kernels_between_would():
-    """What lets the fused step leave out add_rms_norm between products (NORMS_IN_PRODUCTS): the
-    product of norm(x) and the residual add after a product, rounded as add_rms_norm rounds them."""
-    torch.manual_seed(5)
-    weight, x = torch.randn(37, 150).bfloat16(), (3 * torch.randn(1, 150)).bfloat16()
-    norm = SimpleNamespace(weight=(torch.rand(150) + 0.5).bfloat16(), eps=1e-6)
-    _, normed = fused_decode.add_rms_norm(x, None, norm)
-    assert torch.equal(fused_decode.matvec(x, weight, norm=norm), fused_decode.matvec(normed, weight))
-
-    def added(residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        return fused_decode.add_rms_norm(residual, delta, SimpleNamespace(weight=torch.ones(37), eps=0))[0]
-
-    residual, gate, bias = (
-        torch.randn(1, 37).bfloat16(),
-        torch.randn(1, 150).bfloat16(),
-        torch.randn(37).bfloat16(),
-    )
-    assert torch.equal(
-        fused_decode.matvec(x, weight, residual=residual), added(residual, fused_decode.matvec(x, weight))
-    )
-    assert torch.equal(
-        fused_decode.matvec(x, weight, bias, gate=gate, residual=residual),
-        added(residual, fused_decode.matvec(x, weight, bias, gate=gate)),
-    )
 
 
 def test_matvec_in_bf16_is_within_a_rounding_step():
@@ -420,11 +390,6 @@ def test_matvec_names_what_it_cannot_take():
         fused_decode.matvec(torch.randn(1, 8), weight.t())
     with pytest.raises(ValueError, match=r"gate must be shaped as x \(1, 16\), got \(1, 8\)"):
         fused_decode.matvec(torch.randn(1, 16), weight, gate=torch.randn(1, 8))
-    norm = SimpleNamespace(weight=torch.ones(16), eps=1e-6)
-    with pytest.raises(ValueError, match="a gate or a norm, not both"):
-        fused_decode.matvec(torch.randn(1, 16), weight, gate=torch.randn(1, 16), norm=norm)
-    with pytest.raises(ValueError, match=r"residual must be one contiguous row of 8, got \(1, 16\)"):
-        fused_decode.matvec(torch.randn(1, 16), weight, residual=torch.randn(1, 16))
 
 
 def test_matvec_runs_only_on_cuda_unless_asked(monkeypatch):
@@ -437,9 +402,10 @@ def test_dependent_launch_runs_only_where_asked_on_hopper_and_later(monkeypatch)
     cuda = torch.device("cuda")
     monkeypatch.setattr(fused_decode, "available", lambda device: device.type == "cuda")
     monkeypatch.setattr(fused_decode, "capability", lambda device: (9, 0))
-    assert not fused_decode.dependent_launch(cuda)  # off until measured
+    assert fused_decode.dependent_launch(cuda)  # on by default
+    monkeypatch.setattr(fused_decode, "DEPENDENT_LAUNCH", False)
+    assert not fused_decode.dependent_launch(cuda)
     monkeypatch.setattr(fused_decode, "DEPENDENT_LAUNCH", True)
-    assert fused_decode.dependent_launch(cuda)
     assert not fused_decode.dependent_launch(torch.device("cpu"))  # the interpreter has no grids to wait on
     monkeypatch.setattr(fused_decode, "capability", lambda device: (8, 0))
     assert not fused_decode.dependent_launch(cuda)

@@ -31,9 +31,11 @@ def test_matvec_sweep_tries_each_candidate_on_one_width_and_restores_the_blocks(
     cache = prefilled(model, [6])
     lengths = cache.lengths.clone()
     widths = [llm.hidden_size, llm.mlp_width]
+    # the interpreter's blocks (test_fused_decode.INTERPRETER_BLOCKS) stand for the default
+    monkeypatch.setattr(fused_decode, "matvec_config", lambda k: gpu_profile.blocks((32, 64, 4, True)))
     default = fused_decode.matvec_config
     # 3 rows: not a power of two
-    candidates = [(16, 256, 4, False, False), (4, 64, 4, True, True), (3, 64, 4, False, False)]
+    candidates = [(32, 64, 4, True), (16, 128, 4, False), (3, 64, 4, True)]
     used = []
 
     def make_step():
@@ -58,7 +60,7 @@ def test_matvec_sweep_tries_each_candidate_on_one_width_and_restores_the_blocks(
     assert [(r["width"], r["blocks"]["BLOCK_N"]) for r in rows] == [
         (w, c[0]) for w in widths for c in candidates
     ]
-    assert [r["default"] for r in rows] == [True, False, False] * 2  # both widths are below 8192
+    assert [r["default"] for r in rows] == [True, False, False] * 2  # the same blocks at every width
     assert "error" in rows[2] and "error" in rows[5]  # it compiles nothing else, and the sweep goes on
     assert [r["step_ms"] for r in rows if "error" not in r] == [2.0] * 4
     # the width swept takes the candidate's blocks, the other keeps its own
@@ -67,8 +69,8 @@ def test_matvec_sweep_tries_each_candidate_on_one_width_and_restores_the_blocks(
 
     results = profile_results(decode_attention=[], matvec_sweep=rows)
     report = gpu_profile.report(results)
-    assert f"| {widths[0]} | BLOCK_N=16 BLOCK_K=256 warps=4 * | 2 |" in report
-    assert f"| {widths[1]} | BLOCK_N=4 BLOCK_K=64 warps=4 AHEAD X_PER_THREAD | 2 |" in report
+    assert f"| {widths[0]} | BLOCK_N=32 BLOCK_K=64 warps=4 AHEAD * | 2 |" in report
+    assert f"| {widths[1]} | BLOCK_N=16 BLOCK_K=128 warps=4 | 2 |" in report
 
 
 def test_dependent_launch_timings_capture_the_early_step_under_the_flag_and_restore_it():
@@ -85,8 +87,8 @@ def test_dependent_launch_timings_capture_the_early_step_under_the_flag_and_rest
 
     timings = iter([0.004, 0.003] * 3)
     rounds = gpu_profile.dependent_launch_timings(graph_step, lambda step: step() or next(timings))
-    assert fused_decode.DEPENDENT_LAUNCH is False
-    assert flags == [True] + [False, True] * 3  # captured at once, then timed in turns
+    assert fused_decode.DEPENDENT_LAUNCH is True
+    assert flags == [False, True] + [False, True] * 3  # captured at once, then timed in turns
     assert rounds == [{"usual_ms": 4.0, "early_ms": 3.0}] * 3
     results = profile_results(dependent_launch=rounds)
     assert "kernels launched as usual / early, in turns: 4.000 / 3.000, 4.000 / 3.000" in gpu_profile.report(
@@ -95,33 +97,34 @@ def test_dependent_launch_timings_capture_the_early_step_under_the_flag_and_rest
 
 
 def test_candidates_are_each_captured_under_their_settings_and_timed_in_turns(monkeypatch):
-    monkeypatch.setattr(fused_decode, "NORMS_IN_PRODUCTS", False)
     captured = []
 
     def graph_step(fused: bool):
-        settings = (fused_decode.NORMS_IN_PRODUCTS, fused_decode.matvec_config(4096)["BLOCK_N"])
+        settings = (fused_decode.DEPENDENT_LAUNCH, fused_decode.matvec_config(4096)["BLOCK_N"])
 
         def step() -> None:
             captured.append(settings)
 
         return step
 
-    blocks = {"4096": {"BLOCK_N": 4, "BLOCK_K": 1024}}
-    candidates = {"default": {}, "norms": {"NORMS_IN_PRODUCTS": True, "matvec_config": blocks}}
+    blocks = {"4096": {"BLOCK_N": 16, "BLOCK_K": 256}}
+    candidates = {"default": {}, "usual": {"DEPENDENT_LAUNCH": False, "matvec_config": blocks}}
     timings = iter([0.004, 0.003, 0.005, 0.002])
     rows = gpu_profile.candidate_timings(graph_step, lambda step: step() or next(timings), candidates, 2)
-    assert fused_decode.NORMS_IN_PRODUCTS is False and fused_decode.matvec_config(4096)["BLOCK_N"] == 16
-    assert captured == [(False, 16), (True, 4)] + [(False, 16), (True, 4)] * 2  # captured, then in turns
+    assert fused_decode.DEPENDENT_LAUNCH is True and fused_decode.matvec_config(4096)["BLOCK_N"] == 4
+    assert captured == [(True, 4), (False, 16)] + [(True, 4), (False, 16)] * 2  # captured, then in turns
     assert rows == [
         {"name": "default", "settings": {}, "step_ms": [4.0, 5.0]},
-        {"name": "norms", "settings": candidates["norms"], "step_ms": [3.0, 2.0]},
+        {"name": "usual", "settings": candidates["usual"], "step_ms": [3.0, 2.0]},
     ]
     report = gpu_profile.report({"config": "real", "device_name": "GPU", "sections": {}, "candidates": rows})
     assert "| default | 4.5 | 4.000 5.000 | {} |" in report
-    assert '| norms | 2.5 | 3.000 2.000 | {"NORMS_IN_PRODUCTS": true, ' in report
+    assert '| usual | 2.5 | 3.000 2.000 | {"DEPENDENT_LAUNCH": false, ' in report
 
 
-def test_attention_blocks_try_each_and_restore_the_default():
+def test_attention_blocks_try_each_and_restore_the_default(monkeypatch):
+    # a few of the GPU's candidates: each is a second's Python under the interpreter
+    monkeypatch.setattr(gpu_profile, "ATTENTION_BLOCKS", ((16, 2, 8), (32, 1, 4), (64, 4, 2)))
     llm = small_model(1.0, torch.float32).transformer.llm_config
     seen = []
 
@@ -138,15 +141,17 @@ def test_attention_blocks_try_each_and_restore_the_default():
         return 1e-5
 
     rows = gpu_profile.attention_block_rows(llm, torch.device("cpu"), timer, context=40)
-    assert blocks() == (64, 4, 2)
+    default = (16, 2, 8)
+    assert blocks() == default
     assert seen == list(gpu_profile.ATTENTION_BLOCKS)
-    assert [r["default"] for r in rows] == [b == (64, 4, 2) for b in gpu_profile.ATTENTION_BLOCKS]
-    # the interpreter's 8 multiprocessors over the small model's heads: shares as programs grow
-    assert [r["splits"] for r in rows][:3] == [
-        fused_decode.attention_splits(llm.num_attention_heads, torch.device("cpu")) * n for n in (1, 2, 4)
+    assert [r["default"] for r in rows] == [b == default for b in gpu_profile.ATTENTION_BLOCKS]
+    # the interpreter's 8 multiprocessors over the small model's 4 heads (few queries): the shares
+    # follow the programs a multiprocessor
+    assert [r["splits"] for r in rows] == [
+        -(-programs * 8 // 4) for _, _, programs in gpu_profile.ATTENTION_BLOCKS
     ]
     assert all(r["us"] == 10.0 and r["max_abs_gap"] < 0.05 for r in rows)  # bf16 sums in another order
     results = profile_results(decode_attention_blocks=rows)
     report = gpu_profile.report(results)
     assert "over 40 keys (us), by keys a turn, warps and shares" in report
-    assert f"| 64 * | 4 | {rows[10]['splits']} | 10 | 0 |" in report
+    assert "| 16 * | 2 | 16 | 10 | 0 |" in report

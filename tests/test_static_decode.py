@@ -63,18 +63,17 @@ def test_attention_never_uses_cudnn():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the benchmarks check it there too)")
 @pytest.mark.parametrize(
-    "fused, settings",
-    [(False, {}), (True, {}), (True, {"DEPENDENT_LAUNCH": True}), (True, {"NORMS_IN_PRODUCTS": True}),
-     (True, {"DEPENDENT_LAUNCH": True, "NORMS_IN_PRODUCTS": True})],
+    "fused, dependent_launch", [(False, False), (True, False), (True, True)]
 )  # fmt: skip
 @pytest.mark.parametrize("rows", [1, 2])  # one row: the layers' products through fused_decode.matvec
-def test_cuda_graph_steps_equal_plain_steps(tiny_model, tokenizer, fused, settings, rows, monkeypatch):
+def test_cuda_graph_steps_equal_plain_steps(
+    tiny_model, tokenizer, fused, dependent_launch, rows, monkeypatch
+):
     if fused and not fused_decode.available(torch.device("cuda")):
         pytest.skip("needs Triton")
-    if settings.get("DEPENDENT_LAUNCH") and torch.cuda.get_device_capability() < (9, 0):
+    if dependent_launch and torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("needs Hopper or later")
-    for name, value in settings.items():
-        monkeypatch.setattr(fused_decode, name, value)
+    monkeypatch.setattr(fused_decode, "DEPENDENT_LAUNCH", dependent_launch)
     model = copy.deepcopy(tiny_model).cuda()
     prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("a b c d e f g h i j " * 7)]
     prompts = prompts[-rows:]

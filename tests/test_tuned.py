@@ -42,22 +42,21 @@ def test_the_quickest_of_each_setting_is_picked():
 def test_of_candidates_the_one_with_the_least_median_step_is_picked():
     candidates = [
         {"name": "default", "settings": {}, "step_ms": [4.3, 4.3, 4.3]},
-        {"name": "norms", "settings": {"NORMS_IN_PRODUCTS": True}, "step_ms": [4.1, 4.6, 4.2]},
-        {"name": "broken", "settings": {"DEPENDENT_LAUNCH": True}, "step_ms": []},
+        {"name": "early", "settings": {"DEPENDENT_LAUNCH": True}, "step_ms": [4.1, 4.6, 4.2]},
+        {"name": "broken", "settings": {"KEYS_PER_BLOCK": 8}, "step_ms": []},
     ]
-    assert tuned.pick({"candidates": candidates}) == {"NORMS_IN_PRODUCTS": True}
+    assert tuned.pick({"candidates": candidates}) == {"DEPENDENT_LAUNCH": True}
 
 
 def test_settings_apply_to_fused_decode(monkeypatch):
-    for name in (*tuned.ATTENTION_SETTINGS, "DEPENDENT_LAUNCH", "NORMS_IN_PRODUCTS", "matvec_config"):
+    for name in (*tuned.ATTENTION_SETTINGS, "DEPENDENT_LAUNCH", "matvec_config"):
         monkeypatch.setattr(fused_decode, name, getattr(fused_decode, name))  # put back after
     default = fused_decode.matvec_config
-    tuned.apply({**tuned.pick(PROFILE), "NORMS_IN_PRODUCTS": True})
+    tuned.apply(tuned.pick(PROFILE))
     assert fused_decode.matvec_config(4096) == {"BLOCK_N": 8, "BLOCK_K": 256}
     assert fused_decode.matvec_config(512) == default(512)  # a width not swept keeps its blocks
     assert (fused_decode.KEYS_PER_BLOCK, fused_decode.ATTENTION_WARPS) == (16, 1)
     assert fused_decode.PROGRAMS_PER_MULTIPROCESSOR == 4 and fused_decode.DEPENDENT_LAUNCH is True
-    assert fused_decode.NORMS_IN_PRODUCTS is True
 
 
 def test_the_command_reads_a_record_and_writes_the_settings(tmp_path, capsys):

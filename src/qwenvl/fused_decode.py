@@ -20,13 +20,16 @@ SDPA runs one program per head, and reads the whole capacity under a mask) and t
   4096 x 4096 c_proj at 4.8: its 34 MB partly from the 60 MB L2 cache); in a whole step, where
   no weight stays in the cache, at 3.7, against cuBLAS's 3.5 (its split-K sums included).
 
+On Hopper and later they launch early (`DEPENDENT_LAUNCH`): each starts while the one before it
+ends, and waits for it before reading what it wrote. With them a graphed bf16 step of Qwen-VL
+took 4.13 ms on an H200, 0.81 of the bound its copy bandwidth sets (benchmarks/results/gpu.md).
+
 They round where the eager layers round (fp32 inside, the model's dtype wherever eager code
 stores a tensor), without fused multiply-adds but in matvec's sums; the norm's sum and the
 attention's sums may add up in another order. `static_decode_step` uses them on CUDA when
 Triton is importable; everything else, the prefill included, runs the eager layers, except that
 `decode_attention` serves the attention of every decode step on CUDA, eager or not
-(`FLASH_DECODING`), and `matvec` every one-row product of the layers (`MATVEC`), launched early
-where asked (`DEPENDENT_LAUNCH`).
+(`FLASH_DECODING`), and `matvec` every one-row product of the layers (`MATVEC`).
 """
 
 from __future__ import annotations
@@ -239,26 +242,9 @@ if triton is not None:
         )
 
     @triton.jit
-    def _rms_scale(x_ptr, k, eps, BLOCK_K: tl.constexpr):
-        # 1 / sqrt(mean(x^2) + eps) of the row x: _add_rms_norm_kernel's scale, its sum in another order
-        cols = tl.arange(0, BLOCK_K)
-        squares = tl.zeros([BLOCK_K], tl.float32)
-        for first in range(0, k, BLOCK_K):
-            x = tl.load(x_ptr + first + cols, mask=first + cols < k, other=0.0).to(tl.float32)
-            squares += x * x
-        return tl.math.rsqrt(tl.sum(squares, axis=0) / k + eps)
-
-    @triton.jit
-    def _matvec_input(
-        x_ptr, gate_ptr, norm_ptr, scale, at, inside, GATED: tl.constexpr, NORMED: tl.constexpr
-    ):  # fmt: skip
-        # x at the offsets `at` (of any shape); NORMED: RMSNorm(x) of the row's `scale`, GATED:
-        # x * silu(gate), each rounded as _add_rms_norm_kernel and _silu_gate_kernel do
+    def _matvec_input(x_ptr, gate_ptr, at, inside, GATED: tl.constexpr):
+        # x at the offsets `at`; GATED: x * silu(gate), rounded as _silu_gate_kernel does
         x = tl.load(x_ptr + at, mask=inside, other=0.0)
-        if NORMED:
-            normed = (x.to(tl.float32) * scale).to(x.dtype)
-            weight = tl.load(norm_ptr + at, mask=inside, other=0.0)
-            x = (normed.to(tl.float32) * weight.to(tl.float32)).to(x.dtype)
         if GATED:
             gate = tl.load(gate_ptr + at, mask=inside, other=0.0).to(tl.float32)
             silu = (gate / (1.0 + tl.exp(-gate))).to(x.dtype)
@@ -267,29 +253,20 @@ if triton is not None:
 
     @triton.jit
     def _matvec_kernel(
-        x_ptr, gate_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, out_ptr, n, k, eps,
-        HAS_BIAS: tl.constexpr, GATED: tl.constexpr, NORMED: tl.constexpr, RESIDUAL: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr, X_PER_THREAD: tl.constexpr,
-        EARLY: tl.constexpr,
+        x_ptr, gate_ptr, weight_ptr, bias_ptr, out_ptr, n, k,
+        HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        AHEAD: tl.constexpr, EARLY: tl.constexpr,
     ):  # fmt: skip
         # BLOCK_N output rows per program, each a dot product of a weight row with x (of k). Each
         # row's sums depend on the blocks and warps alone (`matvec_config`), not on n, on where the
-        # row is, or on how the tiles are read:
-        # - AHEAD: the next tile of weights is read before this one is summed (two in flight);
-        # - X_PER_THREAD: each thread reads the columns of x it needs itself, from L1 for all but
-        #   its first row, where otherwise one read is shared out through shared memory (barriers
-        #   at every turn of the loop).
+        # row is, or on how the tiles are read (AHEAD: the next tile of weights is read before this
+        # one is summed, two in flight).
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_in = rows < n
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         if AHEAD:
             ahead = _weight_tile(weight_ptr, rows, row_in, cols, k)
-        scale = 1.0
-        if NORMED:  # x's norm needs all of x first: its sum of squares (an L2 read) while the weights come
-            if EARLY:
-                tl.extra.cuda.gdc_wait()
-            scale = _rms_scale(x_ptr, k, eps, BLOCK_K)
         for first in range(0, k, BLOCK_K):
             at = first + cols
             col_in = at < k
@@ -300,27 +277,16 @@ if triton is not None:
                 # per multiprocessor, not 7)
                 tile = rows[:, None] * k + at[None, :]
                 w = tl.load(weight_ptr + tile, mask=row_in[:, None] & col_in[None, :], other=0.0)
-            if EARLY and not NORMED:
+            if EARLY:
                 if first == 0:  # its first weights read, it waits for the kernel before to finish
                     tl.extra.cuda.gdc_wait()
-            if X_PER_THREAD:
-                spread = tl.broadcast_to(at[None, :], (BLOCK_N, BLOCK_K))
-                x = _matvec_input(x_ptr, gate_ptr, norm_ptr, scale, spread, spread < k, GATED, NORMED)
-                x = x.to(tl.float32)
-            else:
-                x = _matvec_input(x_ptr, gate_ptr, norm_ptr, scale, at, col_in, GATED, NORMED)
-                x = x.to(tl.float32)[None, :]
+            x = _matvec_input(x_ptr, gate_ptr, at, col_in, GATED).to(tl.float32)[None, :]
             acc += w.to(tl.float32) * x
-        if EARLY:  # the next kernel launches for this one's tail (from its start, it ran slower: gpu.md)
+        if EARLY:  # the next kernel launches for this one's tail (from its start, steps ran slower)
             tl.extra.cuda.gdc_launch_dependents()
         out = tl.sum(acc, axis=1)
         if HAS_BIAS:
             out += tl.load(bias_ptr + rows, mask=row_in, other=0.0).to(tl.float32)
-        if (
-            RESIDUAL
-        ):  # the branch's output rounded as eager stores it, then added as _add_rms_norm_kernel adds
-            residual = tl.load(residual_ptr + rows, mask=row_in, other=0.0).to(tl.float32)
-            out = out.to(out_ptr.dtype.element_ty).to(tl.float32) + residual
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_in)
 
 
@@ -375,12 +341,19 @@ def rotary_to_cache(qkv: torch.Tensor, step, layer: int, heads: int, head_dim: i
 # model). None: wherever the kernels run by default (`available`); False: SDPA everywhere
 # (benchmarks.run --sdpa-decode, to compare the two); True: also under Triton's interpreter.
 FLASH_DECODING: bool | None = None
-# keys a decode-attention program reads per loop turn, and its warps (their sums' order: the same
-# in every decode step, eager or graphed)
-KEYS_PER_BLOCK = 64
-ATTENTION_WARPS = 4
-# programs per multiprocessor the attention aims for: enough to hide each one's memory latency
-PROGRAMS_PER_MULTIPROCESSOR = 2
+# The decode attention of a step with fewer queries (rows x heads) than the device has
+# multiprocessors, as at batch 1 to 4 of Qwen-VL on an H200: keys a program reads per loop turn,
+# its warps (their sums' order: the same in every decode step of that many queries, eager or
+# graphed), and programs per multiprocessor the shares aim for, enough to hide each one's memory
+# latency. Chosen at batch 1 on an H200 (benchmarks/results/gpu.md): one layer's attention over
+# 320 keys took 6.2 us in one warp against 7.4 under the settings below, and two warps took a
+# graphed bf16 step 0.04 ms below one.
+KEYS_PER_BLOCK = 16
+ATTENTION_WARPS = 2
+PROGRAMS_PER_MULTIPROCESSOR = 8
+# ... and of a step with more queries (keys a turn, warps, programs per multiprocessor): under the
+# settings above, batch 32 decoded 9% fewer tokens a second, and batch 64 13%
+MANY_QUERIES_ATTENTION = (64, 4, 2)
 
 
 def flash_decoding(device: torch.device) -> bool:
@@ -390,17 +363,21 @@ def flash_decoding(device: torch.device) -> bool:
     return FLASH_DECODING and triton is not None
 
 
-def attention_splits(queries: int, device: torch.device) -> int:
-    """How many shares a decode attention cuts each row's keys into (flash decoding).
+def attention_blocks(queries: int, device: torch.device) -> tuple[int, int, int]:
+    """Keys a turn, warps, and shares of each row's keys of a decode attention of `queries`.
 
-    One program per query (row, head) leaves most of an H100 idle at batch 1: 32 programs for
-    132 multiprocessors, each walking the whole context alone (the memory-efficient SDPA kernel
-    took 19 us a layer, 0.6 ms of a 6.6 ms step). Shares fill the machine; a big batch needs
-    none. It depends on neither the rows' lengths nor the cache's capacity: a CUDA graph's step
-    keeps its shape, and a row's keys are cut alike in a graphed step, an eager step over a
-    cache of another capacity, and a batch of other rows.
+    Shares (flash decoding): one program per query (row, head) leaves most of an H100 idle at
+    batch 1, 32 programs for 132 multiprocessors, each walking the whole context alone (the
+    memory-efficient SDPA kernel took 19 us a layer, 0.6 ms of a 6.6 ms step). Shares fill the
+    machine; a big batch needs none. None of the three depends on the rows' lengths or the
+    cache's capacity: a CUDA graph's step keeps its shape, and a row's keys are read alike in a
+    graphed step, an eager step over a cache of another capacity, and a batch of as many rows.
     """
-    return max(1, -(-PROGRAMS_PER_MULTIPROCESSOR * multiprocessors(device) // queries))
+    if queries >= multiprocessors(device):
+        keys, warps, programs = MANY_QUERIES_ATTENTION
+    else:
+        keys, warps, programs = KEYS_PER_BLOCK, ATTENTION_WARPS, PROGRAMS_PER_MULTIPROCESSOR
+    return keys, warps, max(1, -(-programs * multiprocessors(device) // queries))
 
 
 @functools.cache
@@ -416,15 +393,15 @@ def decode_attention(query: torch.Tensor, step, layer: int, splits: int | None =
 
     A row sees the cache's positions 0..its own (step.positions): what the decode steps' masks
     leave visible, read without the masked rest. `splits`: shares of each row's keys, computed
-    apart and combined (default: `attention_splits`); a share of none is a share too. The query,
+    apart and combined (default: `attention_blocks`); a share of none is a share too. The query,
     keys and values may be strided views whose vectors of d are contiguous.
     """
     batch, heads, _, head_dim = query.shape
     keys, values = step.cache.keys[layer], step.cache.values[layer]  # [B, heads, capacity, d]
     if any(t.stride(-1) != 1 for t in (query, keys, values)):
         raise ValueError("decode_attention needs the query, keys and values contiguous in their last dim")
-    if splits is None:
-        splits = attention_splits(batch * heads, query.device)
+    keys_per_block, warps, default_splits = attention_blocks(batch * heads, query.device)
+    splits = default_splits if splits is None else splits
     out = torch.empty(batch, heads, head_dim, dtype=query.dtype, device=query.device)
     if splits > 1:
         part_acc = torch.empty(batch * heads * splits, head_dim, dtype=torch.float32, device=query.device)
@@ -438,8 +415,8 @@ def decode_attention(query: torch.Tensor, step, layer: int, splits: int | None =
         heads, head_dim, head_dim**-0.5, query.stride(0), query.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
-        SPLITS=splits, BLOCK_KEYS=KEYS_PER_BLOCK, BLOCK=block,
-        **{**_launch_options(block, query.device), "num_warps": ATTENTION_WARPS},
+        SPLITS=splits, BLOCK_KEYS=keys_per_block, BLOCK=block,
+        **{**_launch_options(block, query.device), "num_warps": warps},
     )  # fmt: skip
     if splits > 1:
         _attention_combine_kernel[(batch * heads,)](
@@ -543,16 +520,14 @@ def matvec_config(k: int) -> dict:
     """The kernel's blocks for rows of k: a function of k alone, so that a row's product has the
     same bits in every matrix it is part of (w1 alone, or w1 and w2 packed) and in every run.
 
-    Triton's autotuner picked them on an H200 among eight configs (benchmarks/README.md): 16
-    rows of 256 columns a turn for c_attn, w1 and w2 (w1 and w2 packed, and the 4096-row c_proj,
-    ran 3% and 9% faster alone with others), 4 rows of 1024 for the MLP's c_proj (11008 wide).
-    How the kernel reads its tiles (AHEAD, X_PER_THREAD; num_stages, which its loop does not use)
-    leaves the bits as they are: benchmarks/gpu_profile.py's matvec_sweep tries each way.
+    4 rows of 1024 columns a turn, each tile of weights read a turn ahead (AHEAD), at both of
+    Qwen-VL's widths: the quickest whole bf16 step on an H200 (benchmarks/results/gpu.md). The 16
+    rows of 256 that Triton's autotuner picked for the 4096-wide products, timed alone, made a
+    step 0.07 ms slower; AHEAD made one 0.07 ms quicker at 4096 and, with the kernels launched
+    early, at 11008. How the kernel reads its tiles (AHEAD; num_stages, which its loop does not
+    use) leaves the bits as they are: benchmarks/gpu_profile.py's matvec_sweep tries each way.
     """
-    how = {"AHEAD": False, "X_PER_THREAD": False, "num_stages": 3}
-    if k >= 8192:
-        return {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, **how}
-    return {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, **how}
+    return {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3, "AHEAD": True}
 
 
 def matvec_runs(device: torch.device) -> bool:
@@ -562,18 +537,27 @@ def matvec_runs(device: torch.device) -> bool:
     return MATVEC and triton is not None
 
 
-# Programmatic dependent launch (CUDA capability 9.0 and later) for every kernel here: each lets
-# the next launch as soon as it starts, and waits for the one before it to finish before it reads
-# anything, but `matvec`, which first reads a tile of weights (nothing in a decode step writes
-# them). A kernel boundary then costs less than a launch and, before a product, a first read from
-# memory: 128 products and about 190 other kernels a step. The bits stay the same. Off until
-# measured on a GPU (benchmarks.run --dependent-launch); Triton's interpreter cannot run it.
-DEPENDENT_LAUNCH = False
+# Programmatic dependent launch (CUDA capability 9.0 and later) for every kernel here: each waits
+# for the one before it to finish before it reads anything, but `matvec`, which first reads a
+# tile of weights (nothing in a decode step writes them). The small kernels let the next launch
+# as they start, `matvec` once its loop is done. A kernel boundary then costs less than a launch
+# and, before a product, a first read from memory: 128 products and about 190 other kernels a
+# step. The bits stay the same. On an H200 a graphed bf16 step took 4.23 ms with it, 4.28 without
+# (benchmarks/results/gpu.md); with `matvec` too letting the next launch from its start, 4.54
+# against 4.35: the kernels launched ahead took the multiprocessors that the running one needed.
+# Triton's interpreter cannot run it (benchmarks.run --no-dependent-launch: off).
+DEPENDENT_LAUNCH = True
 
 
 def dependent_launch(device: torch.device) -> bool:
-    """Whether the kernels launch early (DEPENDENT_LAUNCH) on `device`."""
-    return DEPENDENT_LAUNCH and available(device) and capability(device) >= (9, 0)
+    """Whether the kernels launch early (DEPENDENT_LAUNCH) on `device`: a Hopper or later GPU, and a
+    Triton that has the instructions (3.4 and later)."""
+    return (
+        DEPENDENT_LAUNCH
+        and available(device)
+        and hasattr(tl.extra.cuda, "gdc_wait")
+        and capability(device) >= (9, 0)
+    )
 
 
 @functools.cache
@@ -582,19 +566,12 @@ def capability(device: torch.device) -> tuple[int, int]:
 
 
 def matvec(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
-    norm=None,
-    residual: torch.Tensor | None = None,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x @ weight.T (+ bias) for one row x [1, k] and a contiguous weight [n, k]: [1, n].
 
-    What the product takes instead of x: `gate` [1, k], x * silu(gate) (the MLP's gated input);
-    `norm` (an RMSNorm: weight, eps), norm(x) (a block's ln_1 or ln_2). x and gate may be views
-    (the halves of one product's output) whose k values are contiguous. `residual` [1, n]: the
-    output is residual + the product (a block's residual add). Each rounds where the eager layers do.
+    `gate` [1, k]: the product takes x * silu(gate) instead (the MLP's gated input). x and gate
+    may be views (the halves of one product's output) whose k values are contiguous.
     """
     n, k = weight.shape
     if x.shape != (1, k) or x.stride(-1) != 1 or not weight.is_contiguous() or n * k >= 2**31:
@@ -602,20 +579,14 @@ def matvec(
                          f"values, got {tuple(x.shape)} and {tuple(weight.shape)}")  # fmt: skip
     if gate is not None and (gate.shape != x.shape or gate.stride(-1) != 1):
         raise ValueError(f"matvec's gate must be shaped as x {tuple(x.shape)}, got {tuple(gate.shape)}")
-    if gate is not None and norm is not None:
-        raise ValueError("matvec takes a gate or a norm, not both")
-    if residual is not None and (residual.shape != (1, n) or not residual.is_contiguous()):
-        raise ValueError(f"matvec's residual must be one contiguous row of {n}, got {tuple(residual.shape)}")
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     config = matvec_config(k)
     # fused multiply-adds named, not left to Triton's default (which its version 3.10 changes): the
     # same bits from one Triton to the next
     _matvec_kernel[(triton.cdiv(n, config["BLOCK_N"]),)](
-        x, x if gate is None else gate, weight, weight if bias is None else bias,
-        x if norm is None else norm.weight, x if residual is None else residual, out, n, k,
-        1.0 if norm is None else norm.eps,
-        HAS_BIAS=bias is not None, GATED=gate is not None, NORMED=norm is not None,
-        RESIDUAL=residual is not None, enable_fp_fusion=True, **_early(x.device), **config,
+        x, x if gate is None else gate, weight, weight if bias is None else bias, out, n, k,
+        HAS_BIAS=bias is not None, GATED=gate is not None, enable_fp_fusion=True, **_early(x.device),
+        **config,
     )  # fmt: skip
     return out
 
@@ -635,11 +606,8 @@ def project(linear, x: torch.Tensor) -> torch.Tensor:
     """linear(x) for rows x [B, in]: one row through `matvec` where it runs, else the module."""
     if not _matvec_ready(linear, x):
         return linear(x)
-    return matvec(x.contiguous(), *_weights(linear))
-
-
-def _weights(linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+    bias = None if linear.bias is None else linear.bias.detach()
+    return matvec(x.contiguous(), linear.weight.detach(), bias)
 
 
 def mlp_output(mlp, x: torch.Tensor) -> torch.Tensor:
@@ -665,8 +633,6 @@ def run(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
 
 
 def _run_layers(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
-    if NORMS_IN_PRODUCTS and _products_take_norms(transformer, embeds):
-        return _run_layers_norms_in_products(transformer, embeds, step)
     batch = embeds.shape[0]
     x, pending = embeds[:, 0].contiguous(), None  # pending: a branch's output, for the next norm to add
     for layer, block in enumerate(transformer.h):
@@ -677,40 +643,4 @@ def _run_layers(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
         x, normed = add_rms_norm(x, project(attn.c_proj, out.reshape(batch, -1)), block.ln_2)
         pending = mlp_output(mlp, normed)
     _, normed = add_rms_norm(x, pending, transformer.ln_f)
-    return normed[:, None]
-
-
-# A block's norms computed by the products that read them (ln_1 by c_attn, ln_2 by w1 and w2
-# packed), and its residual adds by the products before (c_proj's): at batch 1, two kernels a
-# layer fewer than `add_rms_norm` between the products (64 of the 315 in a bf16 step of Qwen-VL).
-# Each program of those products first sums the squares of all of x: they agree on its norm to
-# the last bit, which may differ from add_rms_norm's (its sum in another order). Off until measured
-# on a GPU (benchmarks.run --norms-in-products).
-NORMS_IN_PRODUCTS = False
-
-
-def _products_take_norms(transformer, embeds: torch.Tensor) -> bool:
-    x = embeds[:, 0]
-    return all(
-        _matvec_ready(block.attn.c_attn, x)
-        and _matvec_ready(block.attn.c_proj, x)
-        and _matvec_ready(block.mlp.c_proj, x)
-        and block.mlp.c_proj.bias is None
-        and gate_weights(block.mlp) is not None
-        for block in transformer.h
-    )
-
-
-def _run_layers_norms_in_products(transformer, embeds: torch.Tensor, step) -> torch.Tensor:
-    x = embeds[:, 0].contiguous()  # the residual stream, [1, H]
-    for layer, block in enumerate(transformer.h):
-        attn, mlp = block.attn, block.mlp
-        qkv = matvec(x, *_weights(attn.c_attn), norm=block.ln_1)
-        query = rotary_to_cache(qkv, step, layer, attn.heads, attn.head_dim)
-        out = attn.attend_to_cache(query, step, layer)[:, :, 0].reshape(1, -1).contiguous()
-        x = matvec(out, *_weights(attn.c_proj), residual=x)
-        both = matvec(x, gate_weights(mlp), norm=block.ln_2)
-        width = mlp.w1.out_features
-        x = matvec(both[:, :width], mlp.c_proj.weight.detach(), gate=both[:, width:], residual=x)
-    _, normed = add_rms_norm(x, None, transformer.ln_f)
     return normed[:, None]
