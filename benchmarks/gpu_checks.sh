@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_checks.sh [OUTDIR]      (default: $OUT, else benchmarks/results)
 #
 # 0. the tests that need a GPU (the Triton kernels compiled for it, CUDA-graph steps with and
-#    without them, the graphed engine); the figures below check the fast paths' greedy tokens too;
+#    without them, the graphed engine, the vision tower's graph and the prefill that does not
+#    wait for it); the figures below check the fast paths' greedy tokens too;
 # 1. `real` (the Qwen-VL-Chat shapes, random weights) in bf16 (fp32's figures: session 10's
 #    records, results/gpu.md): the fast path is the decode step with fused_decode's kernels
 #    (batch-1 products through its matvec), captured as a CUDA graph;
@@ -45,7 +46,7 @@ echo "== GPU tests (limit 150s)"
 timeout 150 "$python" -m pytest -p no:cacheprovider -q tests/test_kernels_on_gpu.py \
     tests/test_static_decode.py::test_cuda_graph_steps_equal_plain_steps \
     tests/test_static_decode.py::test_generation_reads_each_step_off_the_gpu_while_the_next_runs \
-    tests/test_engine.py::test_graphed_engine_equals_the_plain_one 2>&1
+    tests/test_engine.py::test_graphed_engine_equals_the_plain_one tests/test_vision_graphs.py 2>&1
 echo "== GPU tests: exit $?"
 step run_real_cuda 180 --config real --device cuda --dtypes bf16
 echo "== gpu_profile_real (limit 300s)"

@@ -26,6 +26,8 @@ process of its own. Every ratio compares figures measured in this same run, on t
   Engine (its default decode mode: on CUDA a steady batch's step replayed as a CUDA graph) over
   the fast path's, bf16; on CUDA also engine_graphs_speedup, the Engine with graphs over the
   Engine without them (decode_mode "static").
+- first_token_graph_speedup (CUDA): time to first token with the vision tower launched from
+  Python over with it replayed as a CUDA graph (vision_graphs), bf16.
 
 Besides the ratios: image encoding, time to first token, decode tokens/s per batch size, the
 second turn's latency, peak memory, and (`--load-time`, on by default but for real) the seconds
@@ -46,13 +48,22 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from qwenvl import PrefixCache, QwenVLConfig, QwenVLForCausalLM, QwenVLTokenizer, fused_decode, make_context
+from qwenvl import (
+    PrefixCache,
+    QwenVLConfig,
+    QwenVLForCausalLM,
+    QwenVLTokenizer,
+    fused_decode,
+    make_context,
+    vision_graphs,
+)
 from qwenvl.cache import KVCache
 from qwenvl.chat_format import DEFAULT_SYSTEM
 from qwenvl.config import LLMConfig
 from qwenvl.engine import Engine
 from qwenvl.generation import SamplingParams, choose_tokens, decode_step, prefill, tokens_a_step_ahead
 from qwenvl.static_decode import DecodeRunner, fuses_by_default
+from qwenvl.vision_graphs import encode_pixels
 
 from . import tuned
 from .common import (
@@ -77,8 +88,8 @@ EQUAL_STEPS = 16
 class GrowingCache:
     """The straightforward KV cache: each write appends its keys and values with torch.cat.
 
-    It offers the model what KVCache offers (lengths, ntk_alpha, inv_freq, positions, write, view),
-    for rows that all have the same length (the baseline decodes copies of one prompt).
+    It offers the model what KVCache offers (lengths, ntk_alpha, inv_freq, empty, positions, write,
+    view), for rows that all have the same length (the baseline decodes copies of one prompt).
     """
 
     def __init__(self, cfg: LLMConfig, batch_size: int, device: torch.device | str = "cpu"):
@@ -88,6 +99,7 @@ class GrowingCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32, device=device)
         self.inv_freq = torch.zeros(batch_size, cfg.rotary_dim // 2, dtype=torch.float32, device=device)
+        self.empty = True
 
     @property
     def batch_size(self) -> int:
@@ -433,14 +445,22 @@ def measure_dtype(
     pixels = pixels.to(device, model.dtype)
 
     with torch.inference_mode():
-        encode = timed(lambda: visual(pixels), device, warmup=1, repeats=repeats)
-        features = visual(pixels)
+        encode = timed(lambda: encode_pixels(visual, pixels), device, warmup=1, repeats=repeats)
+        features = encode_pixels(visual, pixels)
 
         def first_token() -> None:
             cache = KVCache(model.transformer.llm_config, 1, len(prompt) + 1, model.dtype, device)
-            choose_tokens(prefill(model, [prompt], cache, visual(pixels)), GREEDY, None, None)
+            choose_tokens(prefill(model, [prompt], cache, encode_pixels(visual, pixels)), GREEDY, None, None)
 
         ttft = timed(first_token, device, warmup=1, repeats=repeats)
+        tower_eager = {}
+        if vision_graphs.graphable(visual, pixels):  # the baseline: the tower launched from Python
+            vision_graphs.GRAPHED = False
+            eager_encode = timed(lambda: visual(pixels), device, warmup=1, repeats=repeats)
+            eager_ttft = timed(first_token, device, warmup=1, repeats=repeats)
+            vision_graphs.GRAPHED = True
+            tower_eager["image_encode_per_image_eager"] = eager_encode.as_dict()
+            tower_eager["time_to_first_token_eager"] = eager_ttft.as_dict()
 
     capacity = len(prompt) + max(warmup + steps, equal_steps) + 1
     equal, baseline_tokens, fast_tokens = greedy_tokens_equal(
@@ -459,6 +479,7 @@ def measure_dtype(
         "llm_weight_bytes_per_step": llm_weight_bytes(model),
         "image_encode_per_image": encode.as_dict(),
         "time_to_first_token": ttft.as_dict(),
+        **tower_eager,
         "greedy_tokens_equal": equal,
         "greedy_tokens_baseline": baseline_tokens,
         "greedy_tokens_fast": fast_tokens,
@@ -585,6 +606,11 @@ def measure(
         "engine_graphs_speedup": (
             engine["auto"]["tokens_per_s"] / engine["static"]["tokens_per_s"] if "static" in engine else None
         ),
+        "first_token_graph_speedup": (
+            serving["time_to_first_token_eager"]["median_s"] / serving["time_to_first_token"]["median_s"]
+            if "time_to_first_token_eager" in serving
+            else None
+        ),
         "decode_roofline_fraction": roofline.get("bf16", roofline[headline]),
         "decode_roofline_fraction_per_dtype": roofline,
         "memory_bandwidth_bytes_per_s": bandwidth,
@@ -608,6 +634,13 @@ def table_rows(r: dict, bandwidth: float, batch_sizes: Sequence[int]) -> list[tu
             f"time to first token, 1 image + question = {r['prompt_tokens']} tokens (ms)",
             r["time_to_first_token"]["median_s"] * 1e3,
         ),
+    ]
+    if "time_to_first_token_eager" in r:
+        rows += [
+            ("image encode, tower eager (ms)", r["image_encode_per_image_eager"]["median_s"] * 1e3),
+            ("time to first token, tower eager (ms)", r["time_to_first_token_eager"]["median_s"] * 1e3),
+        ]
+    rows += [
         ("decode batch 1, eager growing cache (tokens/s)", r["decode_tokens_per_s_eager_batch1"]),
         ("decode batch 1, fast path (tokens/s)", r["decode_tokens_per_s_fast_batch1"]),
         *[
@@ -665,6 +698,7 @@ def ratio_rows(results: dict) -> list[list]:
         ["decode_roofline_fraction (bf16)", results["decode_roofline_fraction"]],
         ["engine_over_fast_path_decode (bf16, batch 1)", results["engine_over_fast_path_decode"]],
         ["engine_graphs_speedup (bf16, batch 1)", results["engine_graphs_speedup"]],
+        ["first_token_graph_speedup (bf16, the vision tower)", results.get("first_token_graph_speedup")],
         ["memory bandwidth, tensor copy (GB/s)", results["memory_bandwidth_bytes_per_s"] / 1e9],
         ["peak RSS, the larger process (MiB)", results["peak_rss_bytes"] / MIB],
         [

@@ -28,6 +28,10 @@ class KVCache:
         self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32, device=device)
         # rotary inverse frequencies of each row's prefill [B, rotary_dim/2], set by the prefill
         self.inv_freq = torch.zeros(batch_size, cfg.rotary_dim // 2, dtype=torch.float32, device=device)
+        # No token written yet, known on the host: a prefill into the cache need not ask the GPU
+        # (and wait for it) whether it is. Whatever writes `lengths` clears it: the model's
+        # forward, the decode steps, PrefixCache.restore; False is always safe (the GPU is asked).
+        self.empty = True
 
     @property
     def batch_size(self) -> int:
@@ -63,4 +67,5 @@ class KVCache:
         picked.keys, picked.values = self.keys[:, rows], self.values[:, rows]
         picked.lengths, picked.ntk_alpha = self.lengths[rows], self.ntk_alpha[rows]
         picked.inv_freq = self.inv_freq[rows]
+        picked.empty = False
         return picked

@@ -42,6 +42,7 @@ from .generation import (
 from .model.qwenvl import image_span_starts
 from .prefix_cache import PrefixCache
 from .static_decode import DecodeRunner, static_decode_step
+from .vision_graphs import encode_pixels
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -178,6 +179,7 @@ def concat_caches(caches: Sequence[KVCache]) -> KVCache:
     merged.lengths = torch.cat([c.lengths for c in caches])
     merged.ntk_alpha = torch.cat([c.ntk_alpha for c in caches])
     merged.inv_freq = torch.cat([c.inv_freq for c in caches])
+    merged.empty = False
     return merged
 
 
@@ -381,7 +383,7 @@ class Engine:
             from .images import preprocess
 
             pixels = preprocess(request.images[first_new_image:], model.transformer.vision_config.image_size)
-            features = model.transformer.visual(pixels.to(self.device))
+            features = encode_pixels(model.transformer.visual, pixels.to(self.device))
         logits = prefill(model, [prompt[start:]], cache, features)[0]
         row = _Row(request, max_new_tokens(model, [prompt], params), logits=logits)
         if params.seed is not None:

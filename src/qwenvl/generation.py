@@ -16,6 +16,7 @@ import torch
 from .cache import KVCache
 from .cpu_weights import head_logits
 from .static_decode import MODES, DecodeRunner
+from .transfers import to_device, to_host
 
 # "plain": decode_step, reading the cache up to its longest row (the length comes from the host);
 # the others run the same step with static shapes and no host sync (static_decode.py)
@@ -158,15 +159,19 @@ def choose_tokens(
 def prefill(
     model, rows: Sequence[Sequence[int]], cache: KVCache, image_features: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Run the prompts into the cache; logits [B, V] at each row's last prompt token."""
+    """Run the prompts into the cache; logits [B, V] at each row's last prompt token.
+
+    Into a fresh cache, the host waits for the GPU nowhere before the logits: the ids are found on
+    the host and copied like kernels (transfers.to_device), so the prefill's kernels are launched
+    while the GPU still runs what came before, e.g. an image's encoding replayed as a CUDA graph.
+    """
     device = cache.lengths.device
     lengths = [len(r) for r in rows]
-    width = max(lengths)
-    ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
     hidden = model.transformer(model.transformer.embed(ids, image_features), cache, lengths)
-    last = hidden[torch.arange(len(rows), device=device), torch.as_tensor(lengths, device=device) - 1]
+    last = hidden[torch.arange(len(rows), device=device), to_device(torch.tensor(lengths) - 1, device)]
     return head_logits(model, last)
 
 
@@ -191,21 +196,6 @@ def make_decoder(model, cache: KVCache, mode: str = "auto") -> Callable[[torch.T
 
 
 # -- the loop ---------------------------------------------------------------------------------------
-
-
-def to_host(tokens: torch.Tensor) -> Callable[[], list[int]]:
-    """Starts copying `tokens` [B] off a GPU; the function returned waits for that copy alone (not
-    for what the GPU was given after it) and returns them as a list."""
-    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-    host.copy_(tokens, non_blocking=True)  # on the stream of the tokens' GPU, current or not
-    copied = torch.cuda.Event()
-    copied.record(torch.cuda.current_stream(tokens.device))
-
-    def wait() -> list[int]:
-        copied.synchronize()
-        return host.tolist()
-
-    return wait
 
 
 def tokens_a_step_ahead(

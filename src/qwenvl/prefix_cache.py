@@ -81,6 +81,7 @@ class PrefixCache:
         cache.keys[:, :, :, :best] = stored.keys[:, :, :, :best]
         cache.values[:, :, :, :best] = stored.values[:, :, :, :best]
         cache.lengths.fill_(best)
+        cache.empty = False
         cache.ntk_alpha.fill_(alpha)
         cache.inv_freq.copy_(stored.inv_freq)
         return best

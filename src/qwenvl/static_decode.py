@@ -50,6 +50,7 @@ def static_decode_step(
         hidden = transformer.run(embeds, step)
     hidden = hidden[:, -1]
     cache.lengths.add_(1)
+    cache.empty = False
     return step.project(model.lm_head, hidden)
 
 

@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import fused_decode
 from ..cache import KVCache
 from ..config import LLMConfig
+from ..transfers import to_device
 
 # cuDNN's attention builds an execution plan for every new shape (tens of milliseconds, up to
 # hundreds), and PyTorch keeps the plans per thread: every new prompt length, and every new
@@ -152,10 +153,10 @@ class Step:
             rotary = Rotary.build(positions, inv_freq)
             return cls(positions, rotary, logn_scale(positions, cfg, dtype), None, True)
         positions = cache.positions(length)
-        fresh = not bool(cache.lengths.any())
+        fresh = cache.empty or not bool(cache.lengths.any())
         if fresh:  # a prefill: each row's alpha comes from its own prompt length, then stays
             alphas = [ntk_alpha(n, cfg) for n in lengths]
-            cache.ntk_alpha = torch.tensor(alphas, device=positions.device)
+            cache.ntk_alpha = to_device(torch.tensor(alphas), positions.device)
             cache.inv_freq = rotary_inv_freq(alphas, cfg, positions.device)
         kv_length = 0 if fresh else int(positions.max()) + 1
         rotary = Rotary.build(positions, cache.inv_freq)

@@ -14,6 +14,7 @@ from .. import fused_decode
 from ..cache import KVCache
 from ..config import QwenVLConfig
 from ..cpu_weights import cpu_products
+from ..transfers import to_device
 from .llm import QWenBlock, RMSNorm, Step, attention_kernels
 from .vision import VisionTransformer
 
@@ -43,12 +44,18 @@ class QWenModel(nn.Module):
         self.gradient_checkpointing = False
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings [B, L, H] with `image_features` [N, 256, H] written into the N image spans."""
-        embeds = self.wte(input_ids)
+        """Token embeddings [B, L, H] with `image_features` [N, 256, H] written into the N image spans.
+
+        `input_ids` on the host (as `prefill` gives them) spare a wait for the GPU: the spans are
+        found there, and the ids reach the embedding's device as a queued copy.
+        """
+        device = self.wte.weight.device
+        host_ids = input_ids.cpu() if image_features is not None else None  # ids on a GPU: a wait
+        embeds = self.wte(to_device(input_ids, device) if input_ids.device.type == "cpu" else input_ids)
         if image_features is None:
             return embeds
         span = self.vision_config.n_queries
-        starts = image_span_starts(input_ids, self.vision_config.image_start_id)
+        starts = image_span_starts(host_ids, self.vision_config.image_start_id)
         if len(starts) != len(image_features):
             raise ImageSpanError(
                 f"{len(image_features)} image features for {len(starts)} image spans in the ids"
@@ -57,7 +64,7 @@ class QWenModel(nn.Module):
         embeds = embeds.clone()  # written below; the embedding output may be a leaf that needs grad
         for (row, pos), features in zip(starts, image_features, strict=True):
             end = pos + span + 1
-            if end >= input_ids.shape[1] or int(input_ids[row, end]) != end_id:
+            if end >= input_ids.shape[1] or int(host_ids[row, end]) != end_id:
                 raise ImageSpanError(f"the image span at row {row}, position {pos} is not {span} ids long")
             embeds[row, pos + 1 : end] = features.to(embeds.dtype)
         return embeds
@@ -76,7 +83,8 @@ class QWenModel(nn.Module):
             step.products = cpu_products(self)
         hidden = self.run(embeds, step)
         if cache is not None:
-            cache.lengths += torch.tensor(lengths, device=cache.lengths.device)
+            cache.lengths += to_device(torch.tensor(lengths), cache.lengths.device)
+            cache.empty = False
         return hidden
 
     def run(self, embeds: torch.Tensor, step: Step) -> torch.Tensor:

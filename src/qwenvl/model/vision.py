@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
+from ..vision_graphs import encode_pixels
 from .llm import attention_kernels
 from .resampler import Resampler, resize_positions, sincos_positions
 
@@ -169,4 +170,4 @@ class VisionTransformer(nn.Module):
         from ..images import load_image, preprocess
 
         pixels = preprocess([load_image(image, policy) for image in images], self.config.image_size)
-        return self(pixels.to(self.conv1.weight.device))
+        return encode_pixels(self, pixels.to(self.conv1.weight.device))

@@ -1,0 +1,103 @@
+"""The vision tower captured as a CUDA graph per batch shape of pixels, and replayed.
+
+The tower's 48 blocks launch about 500 kernels an image. On a GPU Python takes longer to launch
+them than the GPU to run them (an image took 10.5 to 16.5 ms on an H100 in different runs, about
+9.5 of it kernels), and a replay launches them all at once and returns: the host goes on to the
+prefill's kernels while the GPU still encodes (`generation.prefill` does not wait for it), and
+the first token comes when the GPU has run both rather than when Python has launched both.
+
+A graph keeps the memory of the weights it was captured with: it is captured again when any of
+the tower's parameters moves (`.to()`, a reload with new tensors, an adapter), and never used
+with gradients, in training mode, or for batches of more than MAX_IMAGES images.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# benchmarks.run --no-vision-graphs: off (the tower's eager forward everywhere)
+GRAPHED = True
+# a graph per batch size keeps its activations' memory: larger batches run eager
+MAX_IMAGES = 8
+
+
+@dataclass
+class _Capture:
+    graph: torch.cuda.CUDAGraph
+    pixels: torch.Tensor  # the graph's input, copied into before each replay
+    features: torch.Tensor  # its output, overwritten by each replay
+    weights: tuple  # where the tower's parameters were when it was captured
+
+
+# per tower: its captures by (shape, dtype, device) of the pixels; None where a capture failed
+_captures: weakref.WeakKeyDictionary[nn.Module, dict[tuple, _Capture | None]] = weakref.WeakKeyDictionary()
+# one caller at a time captures or replays (a replay's buffers are shared)
+_lock = threading.Lock()
+
+
+def encode_pixels(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """`visual(pixels)`: features [N, 256, output_dim] of pixels [N, 3, S, S], through a CUDA graph
+    of the tower where one can serve (`graphable`), else its forward."""
+    if not graphable(visual, pixels):
+        return visual(pixels)
+    key = (tuple(pixels.shape), pixels.dtype, pixels.device)
+    weights = _weights(visual)
+    with _lock, torch.cuda.device(pixels.device):
+        with torch.inference_mode():  # the graph's buffers are written in every grad-free mode alike
+            captures = _captures.setdefault(visual, {})
+            capture = captures.get(key, ...)
+            if capture is ... or (capture is not None and capture.weights != weights):
+                capture = captures[key] = _capture(visual, pixels, weights)
+            if capture is not None:
+                capture.pixels.copy_(pixels)
+                capture.graph.replay()
+        if capture is None:
+            return visual(pixels)
+        return capture.features.clone()  # in the caller's mode, before another replay
+
+
+def graphable(visual: nn.Module, pixels: torch.Tensor) -> bool:
+    """Whether `encode_pixels` replays a graph for these pixels: on CUDA, for inference (no
+    gradients, eval mode, not inside torch.compile or another capture), at most MAX_IMAGES."""
+    return (
+        GRAPHED
+        and pixels.is_cuda
+        and 0 < pixels.shape[0] <= MAX_IMAGES
+        and not torch.is_grad_enabled()
+        and not visual.training
+        and not torch.compiler.is_compiling()
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+def _weights(visual: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p.dtype) for p in visual.parameters())
+
+
+def _capture(visual: nn.Module, pixels: torch.Tensor, weights: tuple) -> _Capture | None:
+    """The tower's forward over a copy of `pixels`, warmed up on a side stream (kernel choices,
+    cuBLAS workspaces) and recorded; None, with a warning, where recording fails (the tower then
+    runs eager for this shape)."""
+    static = pixels.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            visual(static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            features = visual(static)
+    except RuntimeError as error:
+        logger.warning("the vision tower could not be captured as a CUDA graph, it runs eager: %s", error)
+        return None
+    return _Capture(graph, static, features, weights)

@@ -1,0 +1,116 @@
+"""The vision tower replayed as a CUDA graph, and the prefill that does not wait for it.
+
+On CPU: where the graphs stay out of the way, and the host-side knowledge (`KVCache.empty`, ids
+on the host) the prefill relies on. On a GPU (benchmarks/gpu_checks.sh runs these): the replay
+gives the tower's features, captures again when the weights move, and a prefill into a fresh
+cache asks the GPU nothing before its logits.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qwenvl import vision_graphs
+from qwenvl.cache import KVCache
+from qwenvl.chat_format import make_context
+from qwenvl.engine import concat_caches
+from qwenvl.generation import prefill
+from qwenvl.model.llm import Step
+from qwenvl.transfers import to_device
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def pixels_for(model, n: int, device="cpu") -> torch.Tensor:
+    size = model.transformer.vision_config.image_size
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(n)).to(device)
+
+
+def image_prompt(tokenizer) -> list[int]:
+    return make_context(tokenizer, "Picture 1: <img>images/shapes.png</img>\nWhat is this?")[1]
+
+
+def test_the_tower_runs_its_forward_wherever_no_graph_serves(tiny_model):
+    visual = tiny_model.transformer.visual
+    pixels = pixels_for(tiny_model, 2)
+    with torch.no_grad():
+        assert not vision_graphs.graphable(visual, pixels)  # CPU
+        assert torch.equal(vision_graphs.encode_pixels(visual, pixels), visual(pixels))
+
+
+def test_a_fresh_cache_is_known_empty_until_something_writes_it(tiny_model, tokenizer):
+    llm = tiny_model.transformer.llm_config
+    cache = KVCache(llm, 1, 400)
+    assert cache.empty
+    with torch.inference_mode():
+        prefill(tiny_model, [tokenizer.encode("a b c")], cache)
+    assert not cache.empty and cache.lengths.tolist() == [3]
+    assert not cache.select([0]).empty and not concat_caches([cache, cache]).empty
+    # a cache written behind the flag's back (flag left False) is asked on the device: still right
+    unflagged = KVCache(llm, 1, 400)
+    unflagged.empty = False
+    step = Step.build(llm, 1, 3, unflagged, [3])
+    assert step.fresh
+
+
+def test_prefill_from_host_ids_writes_each_image_span(tiny_model, tokenizer):
+    """The ids stay on the host for the spans; the features land where the device ids would put them."""
+    prompt = image_prompt(tokenizer)
+    visual = tiny_model.transformer.visual
+    with torch.inference_mode():
+        features = visual(pixels_for(tiny_model, 1))
+        host = tiny_model.transformer.embed(torch.tensor([prompt]), features)
+        ids = torch.tensor([prompt], device=tiny_model.device)
+        assert torch.equal(host, tiny_model.transformer.embed(ids, features))
+        cache = KVCache(tiny_model.transformer.llm_config, 1, len(prompt) + 1)
+        logits = prefill(tiny_model, [prompt], cache, features)
+        whole = tiny_model(input_ids=torch.tensor([prompt]), image_features=features).logits[:, -1]
+    torch.testing.assert_close(logits, whole)
+
+
+def test_to_device_copies_on_the_host():
+    values = torch.tensor([3, 4])
+    moved = to_device(values, torch.device("cpu"))
+    assert torch.equal(moved, values)
+
+
+@NEEDS_CUDA
+def test_replayed_tower_gives_the_eager_features_and_follows_its_weights(tiny_model):
+    model = copy.deepcopy(tiny_model).cuda().eval()
+    visual = model.transformer.visual
+    with torch.inference_mode():
+        for n in (1, 2, 1):  # a graph per batch size, replayed again
+            pixels = pixels_for(model, n, "cuda")
+            torch.testing.assert_close(vision_graphs.encode_pixels(visual, pixels), visual(pixels))
+    visual.to(torch.bfloat16)  # the weights move: the graph of 1 image is captured again
+    with torch.inference_mode():
+        pixels = pixels_for(model, 1, "cuda")
+        torch.testing.assert_close(vision_graphs.encode_pixels(visual, pixels), visual(pixels))
+    with torch.no_grad():  # out of inference mode: the features are the caller's to change
+        features = vision_graphs.encode_pixels(visual, pixels)
+        features.add_(1)
+    pixels = pixels_for(model, 1, "cuda").requires_grad_(True)
+    assert vision_graphs.encode_pixels(visual, pixels).requires_grad  # with gradients: the forward
+
+
+@NEEDS_CUDA
+def test_prefill_into_a_fresh_cache_does_not_wait_for_the_gpu(tiny_model, tokenizer):
+    model = copy.deepcopy(tiny_model).cuda().eval()
+    visual = model.transformer.visual
+    prompt = image_prompt(tokenizer)
+    pixels = pixels_for(model, 1, "cuda")
+    llm = model.transformer.llm_config
+    with torch.inference_mode():
+        expected = prefill(model, [prompt], KVCache(llm, 1, 400, device="cuda"), visual(pixels))
+        vision_graphs.encode_pixels(visual, pixels)  # captured here: capturing waits
+        cache = KVCache(llm, 1, 400, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = prefill(model, [prompt], cache, vision_graphs.encode_pixels(visual, pixels))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(logits, expected)
