@@ -1,10 +1,12 @@
 """The vision tower captured as a CUDA graph per batch shape of pixels, and replayed.
 
-The tower's 48 blocks launch about 500 kernels an image. On a GPU Python takes longer to launch
-them than the GPU to run them (an image took 10.5 to 16.5 ms on an H100 in different runs, about
-9.5 of it kernels), and a replay launches them all at once and returns: the host goes on to the
-prefill's kernels while the GPU still encodes (`generation.prefill` does not wait for it), and
-the first token comes when the GPU has run both rather than when Python has launched both.
+Qwen-VL's tower launches about 500 kernels an image. On a GPU Python can take longer to launch
+them than the GPU to run them (an image took 10.5 to 16.5 ms on an H100 from run to run; its
+kernels, 9.4 ms on an H200), and a replay launches them all at once and returns: the host goes
+on to the prefill's kernels while the GPU still encodes (`generation.prefill` does not wait for
+it), and the first token comes when the GPU has run both rather than when Python has launched
+both: 28.7 ms on an H100 where the tower launched from Python took 47.5 in the same run
+(benchmarks/results/gpu.md).
 
 A graph keeps the memory of the weights it was captured with: it is captured again when any of
 the tower's parameters moves (`.to()`, a reload with new tensors, an adapter), and never used
