@@ -25,7 +25,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# benchmarks.run --no-vision-graphs: off (the tower's eager forward everywhere)
+# False: the tower's forward everywhere
 GRAPHED = True
 # a graph per batch size keeps its activations' memory: larger batches run eager
 MAX_IMAGES = 8
