@@ -295,6 +295,55 @@ def test_index_listing_a_missing_shard(layouts, tmp_path):
     assert "pytorch_model.bin.index.json" in str(caught.value)
 
 
+def point_index_at(folder: Path, shard) -> tuple[Path, str]:
+    """Make the .bin index give one tensor the shard `shard`; returns the index and that tensor."""
+    index_path = folder / "pytorch_model.bin.index.json"
+    index = json.loads(index_path.read_text())
+    tensor = sorted(index["weight_map"])[0]
+    index["weight_map"][tensor] = shard
+    index_path.write_text(json.dumps(index))
+    return index_path, tensor
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "through-a-link"])
+def test_index_naming_a_shard_outside_the_folder_is_refused(layouts, tmp_path, where):
+    folder = copy_folder(layouts["sharded-bin"], tmp_path / "model")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    # a real weight file lies there: only the name's place keeps it from being read
+    shutil.copy(folder / "pytorch_model-00001-of-00003.bin", outside / "stolen.bin")
+    if where == "parent":
+        shard = "../elsewhere/stolen.bin"
+    elif where == "absolute":
+        shard = str(outside / "stolen.bin")
+    else:
+        os.symlink(outside, folder / "linked")
+        shard = "linked/stolen.bin"
+    index_path, _ = point_index_at(folder, shard)
+    with pytest.raises(CheckpointError) as caught:
+        QwenVLForCausalLM.from_pretrained(folder)
+    assert str(index_path) in str(caught.value) and repr(shard) in str(caught.value)
+
+
+@pytest.mark.parametrize("shard", [42, None, ["pytorch_model-00001-of-00003.bin"], ""], ids=repr)
+def test_index_with_a_shard_that_is_not_a_file_name(layouts, tmp_path, shard):
+    folder = copy_folder(layouts["sharded-bin"], tmp_path / "model")
+    index_path, tensor = point_index_at(folder, shard)
+    with pytest.raises(CheckpointError, match="not a file name") as caught:
+        QwenVLForCausalLM.from_pretrained(folder)
+    message = str(caught.value)
+    assert str(index_path) in message and repr(tensor) in message and repr(shard) in message
+
+
+def test_index_without_a_weight_map(layouts, tmp_path):
+    folder = copy_folder(layouts["sharded-safetensors"], tmp_path / "model")
+    index_path = folder / "model.safetensors.index.json"
+    index_path.write_text(json.dumps(["model-00001-of-00003.safetensors"]))
+    with pytest.raises(CheckpointError, match="'weight_map'") as caught:
+        QwenVLForCausalLM.from_pretrained(folder)
+    assert str(index_path) in str(caught.value)
+
+
 @pytest.mark.parametrize(
     ("layout", "filename"),
     [("sharded-bin", "pytorch_model-00003-of-00003.bin"), ("single-safetensors", "model.safetensors")],
@@ -306,6 +355,44 @@ def test_truncated_weight_file(layouts, tmp_path, layout, filename):
     with pytest.raises(CheckpointError, match="truncated or corrupt") as caught:
         QwenVLForCausalLM.from_pretrained(folder)
     assert str(path) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "culprit"),
+    [
+        ({"hidden_size": -8}, "hidden_size must be a positive integer, got -8"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, got 0"),
+        ({"vocab_size": 2048.5}, "vocab_size must be a positive integer, got 2048.5"),
+        ({"kv_channels": "32"}, "kv_channels must be a positive integer, got '32'"),
+        ({"intermediate_size": True}, "intermediate_size must be a positive integer, got True"),
+        ({"layer_norm_epsilon": 0}, "layer_norm_epsilon must be a positive number, got 0"),
+        ({"rotary_emb_base": -10000}, "rotary_emb_base must be a positive number, got -10000"),
+        ({"rotary_pct": 1.5}, "rotary_pct must lie in (0, 1], got 1.5"),
+        ({"kv_channels": 2}, "kv_channels 2 * rotary_pct 1.0 gives 2 rotary channels"),
+        ({"seq_length": 1}, "seq_length 1 with use_logn_attn"),
+        ({"visual": {"width": -1}}, "visual.width must be a positive integer, got -1"),
+        ({"visual": {"mlp_ratio": 0.0}}, "visual.mlp_ratio must be a positive number, got 0.0"),
+        ({"visual": {"heads": 3}}, "visual.width 32 is not a multiple of visual.heads 3"),
+        ({"visual": {"patch_size": 15}}, "visual.image_size 448 is not a multiple of visual.patch_size 15"),
+        ({"visual": {"output_dim": 200}}, "visual.output_dim 200 is not a multiple of 128"),
+        ({"visual": {"n_queries": 17}}, "visual.n_queries 17 is not a square number"),
+    ],
+    ids=repr,
+)
+def test_config_with_a_size_no_model_can_have(base, tmp_path, changes, culprit):
+    folder = copy_without_weights(base, tmp_path / "bad-size")
+    data = json.loads((folder / "config.json").read_text())
+    data.update({k: v for k, v in changes.items() if k != "visual"})
+    data["visual"].update(changes.get("visual", {}))
+    (folder / "config.json").write_text(json.dumps(data))
+    # refused before any tensor is made, not by torch from inside the model's construction
+    with pytest.raises(CheckpointError) as caught:
+        QwenVLForCausalLM.from_pretrained(folder)
+    assert str(folder / "config.json") in str(caught.value) and culprit in str(caught.value)
+    # a config built in code is refused with the same message when a model is made from it
+    with pytest.raises(ValueError) as caught, torch.device("meta"):
+        QwenVLForCausalLM(QwenVLConfig.from_dict(data))
+    assert culprit in str(caught.value)
 
 
 def rewrite_bin(folder: Path, edit) -> Path:
@@ -363,6 +450,22 @@ def test_hub_id_loads_from_the_cache(hub_cache, reference):
     assert_same_parameters(model, reference)
     tokenizer = QwenVLTokenizer.from_pretrained(HUB_ID, cache_dir=hub_cache, local_files_only=True)
     assert tokenizer.encode("Hello world") == [9707, 1879]
+
+
+def test_hub_snapshot_of_linked_shards_loads(layouts, reference, tmp_path):
+    """The cache huggingface_hub writes: snapshot files are links to ../../blobs/<hash>."""
+    repo = tmp_path / "hf-cache" / "models--Qwen--Qwen-VL-Chat"
+    snapshot, blobs = repo / "snapshots" / COMMIT, repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    source = layouts["sharded-safetensors"]
+    for k, path in enumerate(sorted(source.iterdir())):
+        shutil.copy(path, blobs / f"blob{k}")
+        os.symlink(f"../../blobs/blob{k}", snapshot / path.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    model = QwenVLForCausalLM.from_pretrained(HUB_ID, cache_dir=tmp_path / "hf-cache", local_files_only=True)
+    assert_same_parameters(model, reference)
 
 
 @pytest.mark.parametrize("set_at", ["before-import", "after-import"])

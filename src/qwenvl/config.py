@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 from transformers import PretrainedConfig
 
 MODEL_TYPE = "qwen"
+RESAMPLER_HEAD_DIM = 128  # the original resampler has output_dim / 128 heads
+
+
+def _is_number(value: Any) -> bool:
+    """An int or a finite float (JSON true and false are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_positive_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+def _check_positive_number(key: str, value: Any) -> None:
+    if not _is_number(value) or value <= 0:
+        raise ValueError(f"{key} must be a positive number, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -23,6 +40,27 @@ class VisionConfig:
     output_dim: int = 4096
     image_start_id: int = 151857
     n_queries: int = 256  # resampler queries = positions of an image span
+
+    def __post_init__(self) -> None:
+        """ValueError naming a key (as `visual.key`) whose value no model can be built with."""
+        for key in ("image_size", "patch_size", "width", "layers", "heads", "output_dim", "n_queries"):
+            _check_positive_int(f"visual.{key}", getattr(self, key))
+        _check_positive_number("visual.mlp_ratio", self.mlp_ratio)
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"visual.image_size {self.image_size} is not a multiple of "
+                f"visual.patch_size {self.patch_size}"
+            )
+        if self.width % self.heads:
+            raise ValueError(f"visual.width {self.width} is not a multiple of visual.heads {self.heads}")
+        if self.output_dim % RESAMPLER_HEAD_DIM:
+            raise ValueError(
+                f"visual.output_dim {self.output_dim} is not a multiple of {RESAMPLER_HEAD_DIM}, "
+                f"the width of the resampler's heads"
+            )
+        # the position tables (ViT and resampler) are square grids, resized from n_queries cells
+        if math.isqrt(self.n_queries) ** 2 != self.n_queries:
+            raise ValueError(f"visual.n_queries {self.n_queries} is not a square number")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> VisionConfig:
@@ -43,7 +81,7 @@ class VisionConfig:
 
     @property
     def resampler_heads(self) -> int:
-        return self.output_dim // 128
+        return self.output_dim // RESAMPLER_HEAD_DIM
 
 
 @dataclass(frozen=True)
@@ -64,6 +102,35 @@ class LLMConfig:
     use_dynamic_ntk: bool = True
     use_logn_attn: bool = True
     no_bias: bool = True
+
+    def __post_init__(self) -> None:
+        """ValueError naming a key whose value no model can be built with."""
+        sizes = (
+            "vocab_size",
+            "hidden_size",
+            "num_attention_heads",
+            "kv_channels",
+            "num_hidden_layers",
+            "intermediate_size",
+            "seq_length",
+            "max_position_embeddings",
+        )
+        for key in sizes:
+            _check_positive_int(key, getattr(self, key))
+        for key in ("layer_norm_epsilon", "rotary_emb_base"):
+            _check_positive_number(key, getattr(self, key))
+        if not _is_number(self.rotary_pct) or not 0 < self.rotary_pct <= 1:
+            raise ValueError(f"rotary_pct must lie in (0, 1], got {self.rotary_pct!r}")
+        # rotation turns channel pairs, and the NTK base's exponent divides by rotary_dim - 2
+        if self.rotary_dim % 2 or self.rotary_dim < 4:
+            raise ValueError(
+                f"kv_channels {self.kv_channels} * rotary_pct {self.rotary_pct} gives "
+                f"{self.rotary_dim} rotary channels: an even number of at least 4 is needed"
+            )
+        if self.use_logn_attn and self.seq_length < 2:
+            raise ValueError(
+                f"seq_length {self.seq_length} with use_logn_attn: the log-n scale divides by log(seq_length)"
+            )
 
     @property
     def projection_size(self) -> int:
@@ -127,6 +194,10 @@ class QwenVLConfig(PretrainedConfig):
         # remote-code and training-only keys (use_flash_attn, onnx_safe, dropout...) are accepted and unused
         kwargs.pop("auto_map", None)
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def check(self) -> None:
+        """ValueError naming a key (and its value) that no model can be built with."""
+        _ = self.llm, self.vision  # each dataclass checks its values as it is built
 
     @property
     def llm(self) -> LLMConfig:

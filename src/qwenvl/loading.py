@@ -119,22 +119,19 @@ def _cpu_computes(dtype: torch.dtype) -> bool:
 
 
 def weight_files(folder: str) -> list[str]:
-    """The checkpoint's weight files, from its index when sharded; each checked to exist."""
+    """The checkpoint's weight files, from its index when sharded; each checked to exist (and, when
+    an index names it, to lie inside `folder`)."""
     for index_name in WEIGHT_INDEXES:
         index_path = os.path.join(folder, index_name)
         if os.path.exists(index_path):
-            try:
-                with open(index_path, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index_path} is not a valid weight index: {e}") from e
-            files = sorted(set(weight_map.values()))
-            missing = [name for name in files if not os.path.exists(os.path.join(folder, name))]
+            names = _shard_names(index_path)
+            files = [_shard_path(folder, index_path, name) for name in names]
+            missing = [name for name, path in zip(names, files, strict=True) if not os.path.exists(path)]
             if missing:
                 raise CheckpointError(
                     f"{index_path} lists shards that are missing from {folder}: {', '.join(missing)}"
                 )
-            return [os.path.join(folder, name) for name in files]
+            return files
     for name in WEIGHT_FILES:
         path = os.path.join(folder, name)
         if os.path.exists(path):
@@ -142,6 +139,39 @@ def weight_files(folder: str) -> list[str]:
     raise CheckpointError(
         f"no weights in {folder}: expected one of {', '.join(WEIGHT_INDEXES + WEIGHT_FILES)}"
     )
+
+
+def _shard_names(index_path: str) -> list[str]:
+    """The distinct shard names of a weight index, each checked to be a string."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index_path} is not a valid weight index: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path} is not a valid weight index: it has no 'weight_map' object")
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str) or not name:
+            raise CheckpointError(f"{index_path} gives tensor {tensor!r} the shard {name!r}: not a file name")
+    return sorted(set(weight_map.values()))
+
+
+def _shard_path(folder: str, index_path: str, name: str) -> str:
+    """`name` joined to `folder`, once it is known to name a file inside it.
+
+    The file itself may be a link to elsewhere (a hub cache's snapshot links each file to
+    `../../blobs/<hash>`): the name and the folders leading to it must stay inside `folder`, the
+    link's target need not.
+    """
+    parts = re.split(r"[/\\]", name)
+    if os.path.isabs(name) or os.path.splitdrive(name)[0] or ".." in parts:
+        raise CheckpointError(f"{index_path} lists shard {name!r}: not a file name inside {folder}")
+    path = os.path.join(folder, name)
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, os.path.realpath(os.path.dirname(path))]) != root:
+        raise CheckpointError(f"{index_path} lists shard {name!r}, whose folder lies outside {folder}")
+    return path
 
 
 def read_shard(path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -242,7 +272,12 @@ def load_config(folder: str) -> QwenVLConfig:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
     if data.get("model_type") != "qwen" or "visual" not in data:
         raise CheckpointError(f"{path} is not a Qwen-VL config (model_type {data.get('model_type')!r})")
-    return QwenVLConfig.from_dict(data)
+    config = QwenVLConfig.from_dict(data)
+    try:
+        config.check()
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    return config
 
 
 def load_generation_config(folder: str):

@@ -59,14 +59,29 @@ def load_items(path: str | os.PathLike) -> list[dict]:
     path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
         text = f.read()
+    if path.endswith(".jsonl"):
+        return _json_lines(path, text)
     try:
-        if path.endswith(".jsonl"):
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
         items = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(items, list):
         raise DataError(f"{path} must hold a JSON list of samples, not a {type(items).__name__}")
+    return items
+
+
+def _json_lines(path: str, text: str) -> list[object]:
+    """One sample a line; blank lines are skipped, but counted in the line number of an error."""
+    items = []
+    # lines end at "\n" alone: str.splitlines would also split at U+2028 and other characters
+    # that JSON strings may hold unescaped
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {number}, column {e.colno}: not valid JSON: {e.msg}") from e
     return items
 
 

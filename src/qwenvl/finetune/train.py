@@ -154,9 +154,14 @@ def supervised_loss_sum(
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX
     if vocabulary is None:
-        return F.cross_entropy(core.lm_head(hidden[:, :-1][keep]).float(), targets[keep], reduction="sum")
-    logits = vocabulary.logits(core.lm_head.weight, hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), vocabulary.targets(targets[keep]), reduction="sum")
+        logits, columns = core.lm_head(hidden[:, :-1][keep]), targets[keep]
+    else:
+        logits = vocabulary.logits(core.lm_head.weight, hidden[:, :-1][keep])
+        columns = vocabulary.targets(targets[keep])
+    # bf16 and fp16 logits are upcast, as the model's own loss does; a float64 model keeps float64
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return F.cross_entropy(logits, columns, reduction="sum")
 
 
 def label_count(batch: Batch) -> int:
