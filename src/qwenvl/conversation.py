@@ -1,7 +1,7 @@
 """Conversations whose images are already loaded: prompt ids plus the images they reference.
 
 Front ends (server, web demo, CLI) load images themselves under their own policy, then build the
-prompt here. Each image gets a placeholder reference in its span, a digest of its pixels (the
+prompt here. Each image gets a placeholder reference in its span, a digest of the picture (the
 span's content is replaced by the image's features, so the name never reaches the model, but it
 tells pictures apart for prefix reuse). Text a client sends (its messages, the replies it gives
 back as history, its system message) can never open a file or become a control token.
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .chat_format import DEFAULT_SYSTEM, make_context
+from .images import image_digest
 from .tokenizer import QwenVLTokenizer
 
 
@@ -66,9 +67,13 @@ def build_prompt(
 
 
 def image_name(image) -> str:
-    """The reference a loaded picture gets in its span: a digest of its pixels. The same picture
-    gets the same tokens, so a later turn reuses its keys and values (engine.py); another picture
-    behind the same words gets other tokens, so it never reuses a stranger's."""
+    """The reference a loaded picture gets in its span: a digest of the bytes it was decoded from
+    (`images.image_digest`), else of its pixels. The same picture gets the same tokens, so a later
+    turn reuses its keys and values (engine.py); another picture behind the same words gets other
+    tokens, so it never reuses a stranger's."""
+    encoded = image_digest(image)
+    if encoded is not None:
+        return f"image-{encoded}"
     digest = hashlib.blake2b(f"{image.mode} {image.size}".encode(), digest_size=12)
     digest.update(image.tobytes())
     return f"image-{digest.hexdigest()}"
