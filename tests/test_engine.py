@@ -10,9 +10,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import qwenvl.engine
 from qwenvl import make_context
 from qwenvl.conversation import Message, build_prompt
-from qwenvl.engine import STEADY_STEPS, Engine, EngineBusyError, EngineStoppedError, choose_rows_tokens
+from qwenvl.engine import (
+    STEADY_STEPS,
+    Engine,
+    EngineBusyError,
+    EngineStoppedError,
+    RequestFailedError,
+    choose_rows_tokens,
+)
 from qwenvl.generation import PromptTooLongError, SamplingParams, choose_tokens, generate_tokens
 from qwenvl.images import load_image, preprocess
 
@@ -23,6 +31,16 @@ IMAGE_START = 151857  # <img>
 
 def alone(model, prompt, params=GREEDY):
     return generate_tokens(model, [prompt], params, model._features_for_ids(torch.tensor([prompt])))[0]
+
+
+def drive(engine: Engine, handles, max_steps: int = 10_000) -> None:
+    """Step an engine that runs no loop of its own until every handle has its last event: what
+    joins which batch when depends on the order of calls here, never on the clock."""
+    for _ in range(max_steps):
+        if all(handle.done.is_set() for handle in handles):
+            return
+        engine.step()
+    raise AssertionError(f"the requests did not finish in {max_steps} steps")
 
 
 @pytest.mark.parametrize("decode_mode", ["auto", "plain"])
@@ -242,17 +260,18 @@ def test_a_closed_event_loop_does_not_kill_the_engine(tiny_model, tokenizer):
 def test_a_steady_batch_decodes_through_its_runner(tiny_model, tokenizer):
     prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("Tell me a story")]
     params = SamplingParams(max_new_tokens=3 * STEADY_STEPS)
-    with Engine(tiny_model, max_batch_size=2) as engine:
-        first = engine.submit(prompts[0], params)
-        tokens = iter(first)
-        got = [next(tokens) for _ in range(2 * STEADY_STEPS)]
-        assert engine.steady_batches == 1  # a batch of one, unchanged for STEADY_STEPS steps
-        joined = engine.submit(prompts[1], params)  # a new batch (or a batch of its own): a new runner
-        got += list(tokens)
-        got_joined = list(joined)
-    assert engine.steady_batches >= 2
-    assert got == alone(tiny_model, prompts[0], params)
-    assert got_joined == alone(tiny_model, prompts[1], params)
+    engine = Engine(tiny_model, max_batch_size=2)
+    first = engine.submit(prompts[0], params)
+    for _ in range(2 * STEADY_STEPS):
+        engine.step()
+    assert engine.steady_batches == 1  # a batch of one, unchanged for STEADY_STEPS steps
+    # joins when fewer than STEADY_STEPS of the first's tokens are left: the pair changes (the
+    # first ends) before it is steady, then the second runs alone long enough to be
+    joined = engine.submit(prompts[1], params)
+    drive(engine, [first, joined])
+    assert engine.steady_batches == 2
+    assert list(first) == alone(tiny_model, prompts[0], params)
+    assert list(joined) == alone(tiny_model, prompts[1], params)
 
 
 def test_short_batches_keep_the_plain_step(tiny_model, tokenizer):
@@ -285,3 +304,90 @@ def test_graphed_engine_equals_the_plain_one(tiny_model, tokenizer):
     graphed, steady = answers("auto")
     assert steady >= 1
     assert graphed == answers("static")[0]
+
+
+# -- one request's failure is its own ------------------------------------------------------------
+
+
+def test_a_request_whose_token_choice_fails_fails_alone(tiny_model, tokenizer):
+    """A bad request in a batch of three good ones: it fails, they return what they return alone."""
+    prompt = tokenizer.encode("The capital of France is")
+    good = [
+        GREEDY,
+        SamplingParams(max_new_tokens=10, do_sample=True, top_k=20, seed=5),
+        SamplingParams(max_new_tokens=7, repetition_penalty=1.3),
+    ]
+    # built directly, past from_config's checks: a NaN temperature makes the sampling raise
+    bad = SamplingParams(max_new_tokens=10, do_sample=True, temperature=float("nan"))
+    engine = Engine(tiny_model, max_batch_size=4)
+    handles = [engine.submit(prompt, params) for params in (good[0], bad, *good[1:])]
+    drive(engine, handles)
+    with pytest.raises(RequestFailedError, match="choosing its next token"):
+        list(handles[1])
+    assert [list(h) for h in handles[:1] + handles[2:]] == [alone(tiny_model, prompt, p) for p in good]
+    assert engine.running == 0
+
+
+def test_a_decode_step_that_fails_for_one_row_fails_that_request_alone(tiny_model, tokenizer, monkeypatch):
+    bad_prompt = tokenizer.encode("Hi")
+    good_prompts = [make_context(tokenizer, q)[1] for q in ("What is 2+2?", "Name a colour.", "Count to 3.")]
+    fails_at = len(bad_prompt) + 2  # the step feeding the bad row's third token
+    assert min(len(p) for p in good_prompts) > fails_at  # no good row ever holds that many tokens
+    step = qwenvl.engine.static_decode_step
+
+    def failing_step(model, tokens, cache, *args, **kwargs):
+        if bool((cache.lengths == fails_at).any()):
+            raise RuntimeError("out of memory (simulated)")
+        return step(model, tokens, cache, *args, **kwargs)
+
+    monkeypatch.setattr(qwenvl.engine, "static_decode_step", failing_step)
+    engine = Engine(tiny_model, max_batch_size=4)
+    handles = [engine.submit(p, GREEDY) for p in (good_prompts[0], bad_prompt, *good_prompts[1:])]
+    drive(engine, handles)
+    with pytest.raises(RequestFailedError, match="decoding"):
+        list(handles[1])
+    monkeypatch.undo()
+    assert [list(h) for h in handles[:1] + handles[2:]] == [alone(tiny_model, p) for p in good_prompts]
+
+
+def test_a_request_whose_prefill_fails_fails_alone(tiny_model, tokenizer, monkeypatch):
+    prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("Tell me a story")]
+    prefill = qwenvl.engine.prefill
+
+    def failing_prefill(model, rows, cache, features=None):
+        if list(rows[0]) == prompts[1]:
+            raise RuntimeError("broken prompt (simulated)")
+        return prefill(model, rows, cache, features)
+
+    monkeypatch.setattr(qwenvl.engine, "prefill", failing_prefill)
+    engine = Engine(tiny_model, max_batch_size=4)
+    handles = [engine.submit(p, GREEDY) for p in prompts]
+    drive(engine, handles)
+    with pytest.raises(RequestFailedError, match="preparing its prompt"):
+        list(handles[1])
+    assert list(handles[0]) == alone(tiny_model, prompts[0])
+
+
+def test_a_temperature_too_small_to_sample_decodes_greedily(tiny_model, tokenizer):
+    prompt = tokenizer.encode("The capital of France is")
+    tiny_temperature = SamplingParams(max_new_tokens=10, do_sample=True, temperature=1e-40, seed=1)
+    engine = Engine(tiny_model)
+    handle = engine.submit(prompt, tiny_temperature)
+    drive(engine, [handle])
+    assert list(handle) == alone(tiny_model, prompt) == alone(tiny_model, prompt, tiny_temperature)
+
+
+def test_a_requests_pictures_are_released_once_encoded(tiny_model, tokenizer):
+    import gc
+    import weakref
+
+    prompt = make_context(tokenizer, "Picture 1: <img>images/shapes.png</img>\nWhat is it?")[1]
+    image = load_image("images/shapes.png")
+    released = weakref.ref(image)
+    engine = Engine(tiny_model)
+    handle = engine.submit(prompt, SamplingParams(max_new_tokens=20), [image])
+    del image
+    engine.step()  # the prefill and a step: the request decodes on
+    gc.collect()
+    assert released() is None and not handle.done.is_set()
+    drive(engine, [handle])

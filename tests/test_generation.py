@@ -167,6 +167,10 @@ def test_prompt_longer_than_the_context_is_refused(tiny_model, tokenizer):
     [
         ({"top_p": 0.0}, "top_p"),
         ({"do_sample": True, "temperature": 0}, "temperature"),
+        ({"do_sample": True, "temperature": float("nan")}, "temperature"),
+        ({"do_sample": True, "temperature": float("inf")}, "temperature"),
+        ({"top_p": float("nan")}, "top_p"),
+        ({"repetition_penalty": float("nan")}, "repetition_penalty"),
         ({"max_new_tokens": -1}, "max_new_tokens"),
         ({"decode_mode": "fastest"}, "decode_mode"),
     ],
@@ -180,6 +184,16 @@ def test_generation_config_defaults_flow_into_params(tiny_model):
     params = SamplingParams.from_config(tiny_model.generation_config)
     assert params.do_sample and params.top_p == 0.3 and params.top_k == 0 and params.max_new_tokens == 512
     assert SamplingParams.from_config(tiny_model.generation_config, do_sample=False).do_sample is False
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-6])
+def test_temperatures_too_small_to_sample_choose_greedily(temperature):
+    """logits / 1e-40 overflows fp32 to inf (a NaN softmax); below 1e-5 the choice is the argmax."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.0]])
+    params = SamplingParams(do_sample=True, temperature=temperature)
+    assert params.greedy
+    assert choose_tokens(logits, params, None, torch.Generator().manual_seed(0)).tolist() == [1, 0]
+    assert not SamplingParams(do_sample=True, temperature=1e-4).greedy
 
 
 def test_top_k_and_top_p_filters():

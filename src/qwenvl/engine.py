@@ -10,6 +10,9 @@ conversation) reuses their keys and values instead of re-encoding the image and 
 A batch that has run unchanged for a while decodes through a DecodeRunner over its cache: on CUDA
 its step captured once as a CUDA graph and replayed, as `generate` decodes. Rows joining or
 leaving make a new cache, and the runner goes with the old one.
+
+A request that fails (its prefill, the choice of its next token, or a decode step that fails
+for it alone) ends with RequestFailedError; the other rows of the batch go on untouched.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from .generation import (
     new_cache,
     prefill,
 )
+from .host_memory import return_free_memory
 from .model.qwenvl import image_span_starts
 from .prefix_cache import PrefixCache
 from .static_decode import DecodeRunner, static_decode_step
@@ -63,6 +67,14 @@ class EngineStoppedError(RuntimeError):
     """The engine was stopped before the request finished."""
 
 
+class RequestFailedError(RuntimeError):
+    """This request failed in the engine, while `stage`; the cause is chained. Others went on."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"the request failed while {stage}")
+        self.stage = stage
+
+
 @dataclass
 class Event:
     token: int | None = None
@@ -82,12 +94,15 @@ class RequestHandle:
         self._sync: queue.Queue[Event] = queue.Queue()
         self._async: asyncio.Queue[Event] | None = asyncio.Queue() if loop is not None else None
         self.cancelled = threading.Event()
+        self.done = threading.Event()  # set once the engine has published the request's last event
 
     def cancel(self) -> None:
         """Stop generating for this request; its slot is freed at the next step."""
         self.cancelled.set()
 
     def _publish(self, event: Event) -> None:
+        if event.finish_reason is not None or event.error is not None:
+            self.done.set()
         if self._async is None:
             self._sync.put(event)
             return
@@ -148,26 +163,65 @@ class _Row:
     finish_reason: str | None = None  # set once the row's last event is published
 
 
-def choose_rows_tokens(rows: Sequence[_Row]) -> list[int]:
+def choose_rows_tokens(rows: Sequence[_Row]) -> list[int | RequestFailedError]:
     """Each row's next token from its logits, read off the device at once: one wait per step, not
-    one per row, and one argmax for the rows that choose greedily without a repetition penalty."""
+    one per row, and one argmax for the rows that choose greedily without a repetition penalty.
+
+    A row whose choice raises, or whose logits are not finite, gets a RequestFailedError instead
+    of a token; the other rows get what they would get alone. Sampled rows draw from their logits
+    with non-finite values zeroed: a GPU's multinomial given NaN fails the whole device, not the row.
+    """
     if not rows:
         return []
     chosen: list[torch.Tensor | None] = [None] * len(rows)
+    finite: list[torch.Tensor | None] = [None] * len(rows)
+    failed: dict[int, RequestFailedError] = {}
     plain = [i for i, row in enumerate(rows) if _plain_greedy(row.request.params)]
     if plain:  # the same choice for each of them, whatever else their parameters say
         logits = torch.stack([rows[i].logits for i in plain])
         greedy = choose_tokens(logits, rows[plain[0]].request.params, None, None)
-        for i, token in zip(plain, greedy, strict=True):
-            chosen[i] = token[None]
+        sound = torch.isfinite(logits).all(-1)
+        for k, i in enumerate(plain):
+            chosen[i], finite[i] = greedy[k : k + 1], sound[k : k + 1]
     for i, row in enumerate(rows):
-        if chosen[i] is None:
-            chosen[i] = choose_tokens(row.logits[None], row.request.params, row.seen, row.generator)
-    return torch.cat(chosen).tolist()
+        if chosen[i] is not None:
+            continue
+        try:
+            safe = torch.nan_to_num(row.logits[None], nan=0.0, posinf=0.0, neginf=0.0)
+            chosen[i] = choose_tokens(safe, row.request.params, row.seen, row.generator)
+            finite[i] = torch.isfinite(row.logits).all()[None]
+        except Exception as error:
+            failed[i] = _failure("choosing its next token", error)
+    kept = [i for i in range(len(rows)) if i not in failed]
+    tokens, sound = [], []
+    if kept:
+        both = torch.stack(
+            [torch.cat([chosen[i] for i in kept]), torch.cat([finite[i] for i in kept]).long()]
+        )
+        tokens, sound = both.tolist()
+    out: list[int | RequestFailedError] = []
+    read = iter(zip(tokens, sound, strict=True))
+    for i in range(len(rows)):
+        if i in failed:
+            out.append(failed[i])
+            continue
+        token, is_finite = next(read)
+        if is_finite:
+            out.append(token)
+        else:
+            out.append(_failure("choosing its next token", FloatingPointError("non-finite logits")))
+    return out
+
+
+def _failure(stage: str, cause: BaseException) -> RequestFailedError:
+    logger.error("a request failed while %s", stage, exc_info=cause)
+    error = RequestFailedError(stage)
+    error.__cause__ = cause
+    return error
 
 
 def _plain_greedy(params: SamplingParams) -> bool:
-    return not params.do_sample and params.repetition_penalty == 1.0
+    return params.greedy and params.repetition_penalty == 1.0
 
 
 def concat_caches(caches: Sequence[KVCache]) -> KVCache:
@@ -216,6 +270,7 @@ class Engine:
         self._runner: DecodeRunner | None = None  # the steady batch's, over self._cache
         self._steps_unchanged = 0  # steps the running batch has taken since it last changed
         self.steady_batches = 0  # batches that ran long enough unchanged to get a runner
+        self._prefilled_since_idle = False
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         if decode_mode not in DECODE_MODES:
@@ -254,7 +309,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 while not self._stop.is_set():
-                    self._work()
+                    self.step()
         finally:
             self._looping.clear()
             self._fail_all(EngineStoppedError("the engine stopped"))
@@ -337,17 +392,23 @@ class Engine:
 
     # -- the worker --------------------------------------------------------------------------------
 
-    def _work(self) -> None:
-        """Admit, step and retire once."""
+    def step(self) -> None:
+        """One turn of the worker loop: admit waiting requests (waiting a moment for one if nothing
+        runs), decode one token for every running row, retire the finished rows. `run` calls it
+        until stopped; tests call it to drive the engine a step at a time."""
         try:
             self._admit(block=not self._rows)
             self._retire_finished()
             if self._rows:
                 self._step()
                 self._retire_finished()
-        except Exception as error:  # keep serving: fail the requests in flight, not the engine
+        except Exception as error:  # a failure no row can be blamed for: the running rows fail
             logger.exception("engine step failed")
-            self._fail_all(error)
+            self._fail_running(error)
+        if self._prefilled_since_idle and not self._rows:
+            self._prefilled_since_idle = False
+            if self.device.type == "cpu":
+                return_free_memory()  # going idle: what the prefills and the pictures took goes back
 
     def _admit(self, block: bool) -> None:
         while len(self._rows) < self.max_batch_size:
@@ -359,11 +420,14 @@ class Engine:
             if request.handle.cancelled.is_set():
                 request.handle._publish(Event(finish_reason="cancelled"))
                 continue
+            self._prefilled_since_idle = True
             try:
                 row, cache = self._prefill(request)
             except Exception as error:
-                request.handle._publish(Event(error=error))
+                request.handle._publish(Event(error=_failure("preparing its prompt", error)))
                 continue
+            finally:
+                request.images = []  # encoded now (or failed): the pictures need not stay in memory
             self._rows.append(row)
             self._set_cache(cache if self._cache is None else concat_caches([self._cache, cache]))
             self._emit_next([len(self._rows) - 1])
@@ -396,11 +460,36 @@ class Engine:
     def _step(self) -> None:
         """Decode one token for every running row."""
         tokens = torch.as_tensor([row.generated[-1] for row in self._rows], device=self.device)
-        logits = self._decoder()(tokens)
+        try:
+            logits = self._decoder()(tokens)
+        except Exception:
+            logger.exception("a decode step of %d rows failed; decoding them one by one", len(self._rows))
+            logits = self._decode_rows_alone(tokens)
         self._steps_unchanged += 1
         for i, row in enumerate(self._rows):
             row.logits = logits[i]
         self._emit_next(range(len(self._rows)))
+
+    def _decode_rows_alone(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The failed step again, a row at a time: the rows it fails for fail, the others go on
+        with what the batch would have given them (a batch computes each row as it would alone)."""
+        # The step may have advanced the lengths before failing. Each row holds its prompt and
+        # every token it generated but the last, which this step was feeding.
+        held = [len(row.request.prompt) + len(row.generated) - 1 for row in self._rows]
+        self._cache.lengths.copy_(torch.as_tensor(held, device=self.device))
+        survivors, caches, logits = [], [], []
+        for i, row in enumerate(self._rows):
+            cache = self._cache.select([i])
+            try:
+                logits.append(static_decode_step(self.model, tokens[i : i + 1], cache))
+            except Exception as error:
+                row.request.handle._publish(Event(error=_failure("decoding", error)))
+                continue
+            survivors.append(row)
+            caches.append(cache)
+        self._rows = survivors
+        self._set_cache(concat_caches(caches) if caches else None)
+        return torch.cat(logits) if logits else torch.empty(0)
 
     def _decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The running batch's decode step: its runner once it is steady, else the static step
@@ -435,6 +524,10 @@ class Engine:
             else:
                 rows.append(row)
         for row, token in zip(rows, choose_rows_tokens(rows), strict=True):
+            if isinstance(token, RequestFailedError):
+                row.finish_reason = "error"
+                row.request.handle._publish(Event(error=token))
+                continue
             params = row.request.params
             row.generated.append(token)
             if row.seen is not None:
@@ -461,11 +554,14 @@ class Engine:
         tokens, pictures = row.request.prompt + row.generated[:-1], row.request.pictures
         self._prefixes.keep(tokens, self._cache.select([index]), pictures)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def _fail_running(self, error: BaseException) -> None:
         for row in self._rows:
             row.request.handle._publish(Event(error=error))
         self._rows = []
         self._set_cache(None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail_running(error)
         while True:
             try:
                 self._waiting.get_nowait().handle._publish(Event(error=error))

@@ -7,6 +7,7 @@ batch produces what it would produce alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -25,6 +26,11 @@ DECODE_MODES = ("auto", "plain", *MODES)
 
 class PromptTooLongError(ValueError):
     """A prompt that does not fit the model's context window."""
+
+
+# Below this temperature sampling is greedy decoding (vLLM's rule too): dividing fp32 logits by a
+# smaller one overflows to inf, and the softmax of inf is NaN.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -63,15 +69,21 @@ class SamplingParams:
         params = cls(**values)
         if params.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
-        if params.do_sample and params.temperature <= 0:
+        # written so that NaN fails each check
+        if params.do_sample and not 0 < params.temperature < math.inf:
             raise ValueError(f"temperature must be > 0 when sampling, got {params.temperature}")
         if not 0 < params.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
-        if params.repetition_penalty <= 0:
+        if not 0 < params.repetition_penalty < math.inf:
             raise ValueError(f"repetition_penalty must be > 0, got {params.repetition_penalty}")
         if params.decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {params.decode_mode!r}")
         return params
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are chosen by argmax (no sampling, or a temperature too small to sample)."""
+        return not self.do_sample or self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def with_stop_words(self, stop_words_ids: Sequence[Sequence[int]]) -> SamplingParams:
         merged = list(self.stop_words_ids)
@@ -140,7 +152,7 @@ def choose_tokens(
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if not params.do_sample:
+    if params.greedy:
         return logits.argmax(-1)
     logits = filter_top_k(logits / params.temperature, params.top_k)
     if params.top_p < 1.0:
