@@ -16,13 +16,11 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
 from qwenvl import make_context
@@ -31,45 +29,18 @@ from qwenvl.engine import Engine
 from qwenvl.images import ImagePolicy
 from qwenvl.server.app import create_app, reply_boxes
 
-IMAGES = Path(__file__).parent / "data" / "images"
-SHAPES, GRAY = IMAGES / "shapes.png", IMAGES / "gray.png"
-GREEDY = {"temperature": 0, "max_tokens": 8}
-IMAGE_SPAN = 258  # <img>, 256 image tokens, </img>
-
-
-def data_url(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-
-
-def image_part(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def user(*parts) -> dict:
-    return {
-        "role": "user",
-        "content": [p if isinstance(p, dict) else {"type": "text", "text": p} for p in parts],
-    }
-
-
-@contextmanager
-def serving(app):
-    """Run `app` on a free loopback port; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+from .server_helpers import (
+    GRAY,
+    GREEDY,
+    IMAGE_SPAN,
+    SHAPES,
+    assert_error,
+    data_url,
+    image_part,
+    post,
+    serving,
+    user,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,19 +72,6 @@ def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
-def post(base: str, body, **kwargs) -> httpx.Response:
-    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60, **kwargs)
-
-
-def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    for word in words:
-        assert word in error["message"], error["message"]
-    return error
-
-
 def library_chat(model, tokenizer, query: str, history=()) -> tuple[str, int]:
     """model.chat's greedy reply, and the prompt's length in tokens."""
     reply, _ = model.chat(tokenizer, query, history=list(history), do_sample=False, max_new_tokens=8)
@@ -137,7 +95,7 @@ def test_image_question_equals_model_chat(client, tiny_model, tokenizer):
     assert result.usage.prompt_tokens == prompt_tokens > IMAGE_SPAN
     assert result.usage.completion_tokens <= 8
     assert result.usage.total_tokens == result.usage.prompt_tokens + result.usage.completion_tokens
-    assert result.choices[0].message.model_extra["boxes"] == reply_boxes(expected, Image.open(SHAPES))
+    assert result.choices[0].message.model_extra["boxes"] == reply_boxes(expected, Image.open(SHAPES).size)
 
 
 def test_streamed_reply_equals_the_whole_reply(url, client):
@@ -340,6 +298,8 @@ def test_local_files_only_under_the_image_root(url, image_root):
         assert response.json()["usage"]["prompt_tokens"] > IMAGE_SPAN
     for ref in (f"{image_root}/../outside.png", str(SHAPES), SHAPES.as_uri(), "/etc/hostname"):
         assert_error(post(url, {"messages": [user(image_part(ref))]}), 400, "outside the allowed local roots")
+    nul = f"{image_root}/inside.png\x00.txt"
+    assert_error(post(url, {"messages": [user(image_part(nul))]}), 400, "NUL character")
 
 
 def test_remote_images_refused_unless_enabled(url):
@@ -348,10 +308,10 @@ def test_remote_images_refused_unless_enabled(url):
 
 
 def test_too_many_images(url, monkeypatch):
-    import qwenvl.server.app
+    import qwenvl.server.image_loader
 
     loaded = []
-    monkeypatch.setattr(qwenvl.server.app, "load_image", lambda *a: loaded.append(a))
+    monkeypatch.setattr(qwenvl.server.image_loader, "read_image", lambda *a: loaded.append(a))
     parts = [image_part(data_url(GRAY))] * 5
     assert_error(post(url, {"messages": [user(*parts, "so many")]}), 400, "at most 4")
     assert loaded == []  # refused before any image is decoded
@@ -371,7 +331,7 @@ def test_models_health_and_unknown_routes(url, client):
 
 def test_reply_boxes_in_pixels():
     text = "<ref>cat</ref><box>(100,200),(300,400)</box> and <box>(0,0),(1000,1000)</box>"
-    boxes = reply_boxes(text, Image.new("RGB", (500, 250)))
+    boxes = reply_boxes(text, (500, 250))
     assert boxes == [
         {"phrase": "cat", "box": [100, 200, 300, 400], "pixels": [50, 50, 150, 100]},
         {"phrase": "cat", "box": [0, 0, 1000, 1000], "pixels": [0, 0, 500, 250]},
@@ -453,12 +413,14 @@ def serve_process(checkpoint, port: int, *flags: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
-def test_serve_command_flags(tiny_checkpoint, stop_signal):
+def test_serve_command_flags(tiny_checkpoint, stop_signal, tmp_path):
     """Sampling flags become defaults; Ctrl-C or SIGTERM stops the server cleanly."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    flags = ["--api-key", "k", "--max-new-tokens", "3", "--greedy", "--decode-mode", "plain"]
+    key_file = tmp_path / "key"
+    key_file.write_text("k\n")  # a key in a file stays out of the process list
+    flags = ["--api-key-file", str(key_file), "--max-new-tokens", "3", "--greedy", "--decode-mode", "plain"]
     process = serve_process(tiny_checkpoint, port, *flags)
     try:
         assert process.stdout.readline().strip() == f"serving ckpt at http://127.0.0.1:{port}/v1"
@@ -491,3 +453,27 @@ def test_serve_on_a_taken_port_says_so_and_exits(tiny_checkpoint):
             process.kill()
     assert code != 0
     assert "address already in use" in process.stderr.read()
+
+
+def test_the_api_key_comes_from_a_file_the_flag_or_the_environment(tmp_path, monkeypatch):
+    import argparse
+
+    from qwenvl.server import add_arguments
+    from qwenvl.server.run import api_key
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    monkeypatch.delenv("QWENVL_API_KEY", raising=False)
+    assert api_key(parser.parse_args([])) is None
+    monkeypatch.setenv("QWENVL_API_KEY", "from-env")
+    assert api_key(parser.parse_args([])) == "from-env"
+    assert api_key(parser.parse_args(["--api-key", "typed"])) == "typed"
+    (tmp_path / "key").write_text("from-file\nsecond line ignored\n")
+    assert api_key(parser.parse_args(["--api-key-file", str(tmp_path / "key")])) == "from-file"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        api_key(parser.parse_args(["--api-key-file", str(tmp_path / "empty")]))
+    with pytest.raises(ValueError, match="missing"):
+        api_key(parser.parse_args(["--api-key-file", str(tmp_path / "missing")]))
+    with pytest.raises(SystemExit):  # one or the other
+        parser.parse_args(["--api-key", "a", "--api-key-file", str(tmp_path / "key")])

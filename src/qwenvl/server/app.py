@@ -1,14 +1,16 @@
 """The HTTP app: OpenAI chat requests -> qwenvl prompts -> the engine -> OpenAI responses.
 
 Nothing here generates: the engine's worker loop batches every request, and handlers only
-await their tokens, so the event loop stays free while the model runs. Images are loaded in a
-thread, under the operator's image policy; text a user types is always plain text.
+await their tokens, so the event loop stays free while the model runs. Images are loaded in
+thread pools of their own (`image_loader`), under the operator's image policy; text a user types
+is always plain text. A request that fails in the engine fails alone; a client that hangs up
+frees its place in the batch within a step.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
+import contextlib
 import json
 import logging
 import time
@@ -19,48 +21,37 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from ..chat_format import DEFAULT_SYSTEM, decode_reply, get_stop_words_ids
 from ..conversation import Message, build_prompt
-from ..engine import EngineBusyError, EngineStoppedError, RequestHandle
+from ..engine import EngineBusyError, EngineStoppedError, RequestFailedError, RequestHandle
 from ..generation import PromptTooLongError, SamplingParams
 from ..grounding import parse_boxes
-from ..images import ImageError, ImagePolicy, load_image
+from ..images import ImagePolicy, original_size
+from .errors import APIError
+from .image_loader import DEFAULT_FETCH_THREADS, ImageLoader
+from .middleware import DEFAULT_MAX_REQUEST_BYTES, LimitRequestBody, RequireKey
 from .schemas import ChatCompletionRequest, ChatMessage, ImagePart
 
 logger = logging.getLogger(__name__)
-
-
-class APIError(Exception):
-    """An error answered as OpenAI's `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param=None, code=None):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
 
 
 # -- OpenAI messages -> a qwenvl conversation --------------------------------------------------------
 
 
 async def read_conversation(
-    messages: Sequence[ChatMessage], policy: ImagePolicy, max_images: int, default_system: str
+    messages: Sequence[ChatMessage], images: ImageLoader, max_images: int, default_system: str
 ) -> tuple[str, list[tuple[Message, str]], Message]:
-    """(system prompt, history of (user message, reply), query); images loaded in order."""
+    """(system prompt, history of (user message, reply), query). The conversation's shape is
+    checked first; then its images are loaded, all at once."""
     if not messages:
         raise APIError(400, "messages must not be empty", param="messages")
-    images = sum(isinstance(p, ImagePart) for m in messages if isinstance(m.content, list) for p in m.content)
-    if images > max_images:
+    count = sum(isinstance(p, ImagePart) for m in messages if isinstance(m.content, list) for p in m.content)
+    if count > max_images:
         raise APIError(
             400,
-            f"{images} images; this server takes at most {max_images}",
+            f"{count} images; this server takes at most {max_images}",
             param="messages",
             code="too_many_images",
         )
@@ -69,8 +60,9 @@ async def read_conversation(
             400, "the last message must be from the user", param=f"messages[{len(messages) - 1}].role"
         )
     systems: list[str] = []
-    history: list[tuple[Message, str]] = []
+    turns: list[tuple[list, str]] = []
     pending: list | None = None  # the parts of the user turn being read
+    references: list[tuple[str, str]] = []  # (param, URL) of every image, in order
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if message.role in ("system", "developer"):
@@ -78,13 +70,18 @@ async def read_conversation(
         elif message.role == "assistant":
             if pending is None:
                 raise APIError(400, "an assistant message must follow a user message", param=f"{where}.role")
-            history.append((Message(pending), _text(message, where)))
+            turns.append((pending, _text(message, where)))
             pending = None
         else:  # consecutive user messages make one turn
-            parts = await _user_parts(message, where, policy)
+            parts = _user_parts(message, where, references)
             pending = parts if pending is None else [*pending, "\n", *parts]
+    loaded = await images.load_all(references)
+
+    def with_images(parts: list) -> Message:  # an int part is the index of an image
+        return Message([loaded[p] if isinstance(p, int) else p for p in parts])
+
     system = "\n".join(systems) if systems else default_system
-    return system, history, Message(pending)
+    return system, [(with_images(parts), reply) for parts, reply in turns], with_images(pending)
 
 
 def _text(message: ChatMessage, where: str) -> str:
@@ -95,7 +92,9 @@ def _text(message: ChatMessage, where: str) -> str:
     return "".join(p.text for p in message.content)
 
 
-async def _user_parts(message: ChatMessage, where: str, policy: ImagePolicy) -> list:
+def _user_parts(message: ChatMessage, where: str, references: list[tuple[str, str]]) -> list:
+    """The message's parts: texts (str, never parsed for <img> tags) and, for each image, its index
+    in `references`, where it is added."""
     if message.content is None:
         raise APIError(400, "a user message needs content", param=f"{where}.content")
     if isinstance(message.content, str):
@@ -103,13 +102,10 @@ async def _user_parts(message: ChatMessage, where: str, policy: ImagePolicy) -> 
     parts: list = []
     for j, part in enumerate(message.content):
         if isinstance(part, ImagePart):
-            try:  # a thread: decoding (or an allowed fetch) must not hold up the event loop
-                parts.append(await asyncio.to_thread(load_image, part.image_url.url, policy))
-            except ImageError as error:
-                param = f"{where}.content[{j}].image_url"
-                raise APIError(400, f"{param}: {error}", param=param, code="invalid_image") from None
+            parts.append(len(references))
+            references.append((f"{where}.content[{j}].image_url", part.image_url.url))
         else:
-            parts.append(part.text)  # a str: never parsed for <img> tags
+            parts.append(part.text)
     return parts
 
 
@@ -133,13 +129,14 @@ def sampling_params(
         raise APIError(400, str(error)) from None
 
 
-def reply_boxes(text: str, image) -> list[dict]:
-    """The reply's grounding boxes; `pixels` refer to `image` (the conversation's last), if any."""
+def reply_boxes(text: str, size: tuple[int, int] | None) -> list[dict]:
+    """The reply's grounding boxes; `pixels` refer to a picture of `size` (the conversation's last,
+    as stored), if any."""
     return [
         {
             "phrase": box.phrase,
             "box": list(box.coords),
-            "pixels": list(box.to_pixels(*image.size)) if image is not None else None,
+            "pixels": list(box.to_pixels(*size)) if size is not None else None,
         }
         for box in parse_boxes(text)
     ]
@@ -234,9 +231,9 @@ class Exchange:
             "choices": [choice],
         }
 
-    def completion(self, image) -> dict:
+    def completion(self, picture_size: tuple[int, int] | None) -> dict:
         text = self.reply.text
-        message = {"role": "assistant", "content": text, "boxes": reply_boxes(text, image)}
+        message = {"role": "assistant", "content": text, "boxes": reply_boxes(text, picture_size)}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason()}
         return {**self._envelope("chat.completion", choice), "usage": self.usage()}
 
@@ -250,6 +247,8 @@ def _generation_error(error: BaseException, timeout: float) -> APIError:
         return APIError(504, f"the request took longer than {timeout:g}s", "timeout_error", code="timeout")
     if isinstance(error, EngineStoppedError):
         return APIError(503, "the server is shutting down", "server_error", code="unavailable")
+    if isinstance(error, RequestFailedError):  # the engine logged the cause
+        return APIError(500, f"generation failed: {error}", "server_error", code="generation_failed")
     logger.error("generation failed", exc_info=error)
     return APIError(500, "generation failed", "server_error")
 
@@ -258,20 +257,12 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-class RequireKey:
-    """ASGI middleware: `/v1/...` needs `Authorization: Bearer <key>`, checked before the body is read."""
-
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.key):
-                message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
-                error = APIError(401, message, "authentication_error", code="invalid_api_key")
-                return await error.response()(scope, receive, send)
-        await self.app(scope, receive, send)
+async def cancel_on_disconnect(request: Request, handle: RequestHandle) -> None:
+    """Cancel `handle` when the client hangs up (run as a task beside a non-streamed reply; a
+    streamed one is cancelled by its response ending)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    handle.cancel()
 
 
 # -- the app ------------------------------------------------------------------------------------------
@@ -289,16 +280,25 @@ def create_app(
     generation_config=None,
     sampling_defaults: Mapping[str, Any] | None = None,
     system: str = DEFAULT_SYSTEM,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    fetch_threads: int = DEFAULT_FETCH_THREADS,
 ) -> FastAPI:
     """The server app over a started `engine`; `sampling_defaults` are SamplingParams overrides
     applied before each request's own (the `qwenvl serve` sampling flags)."""
     config = generation_config if generation_config is not None else engine.model.generation_config
+    images = ImageLoader(image_policy, fetch_threads)
     chat_format = getattr(config, "chat_format", None) or "chatml"
     max_window = getattr(config, "max_window_size", None) or 6144
     stop_ids = get_stop_words_ids(chat_format, tokenizer)
     defaults = dict(sampling_defaults or {})
     started = int(time.time())
-    app = FastAPI(title="qwenvl", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        images.close()
+
+    app = FastAPI(title="qwenvl", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
@@ -325,6 +325,8 @@ def create_app(
         logger.error("%s %s failed", request.method, request.url.path, exc_info=error)
         return APIError(500, "internal server error", "server_error").response()
 
+    # the last added runs first: the key is checked before the body is read
+    app.add_middleware(LimitRequestBody, limit=max_request_bytes)
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)
 
@@ -338,14 +340,15 @@ def create_app(
         return {"object": "list", "data": [model]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.n != 1:
             raise APIError(400, f"only n=1 is supported, got n={body.n}", param="n")
-        system_text, history, query = await read_conversation(body.messages, image_policy, max_images, system)
+        system_text, history, query = await read_conversation(body.messages, images, max_images, system)
         # in a thread: a long conversation takes a while to tokenize
         prompt = await asyncio.to_thread(
             build_prompt, tokenizer, query, history, system_text, max_window, chat_format
         )
+        del history, query  # the pictures now live in the prompt, and in the engine until its prefill
         params = sampling_params(body, config, defaults, stop_ids)
         try:
             handle = engine.submit(prompt.ids, params, prompt.images, loop=asyncio.get_running_loop())
@@ -355,16 +358,22 @@ def create_app(
             ) from None
         except PromptTooLongError as error:
             raise APIError(400, str(error), param="messages", code="context_length_exceeded") from None
+        # the boxes' pixels need only the last picture's size
+        picture_size = original_size(prompt.images[-1]) if prompt.images else None
+        del prompt
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
         exchange = Exchange(model_id, handle, ReplyText(tokenizer, chat_format, stops))
         deadline = asyncio.get_running_loop().time() + request_timeout
         if not body.stream:
+            watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
             try:
                 async for _ in reply_deltas(handle, exchange.reply, deadline):
                     pass
             except Exception as error:  # engine errors and the deadline
                 raise _generation_error(error, request_timeout) from None
-            return exchange.completion(prompt.images[-1] if prompt.images else None)
+            finally:
+                watcher.cancel()
+            return exchange.completion(picture_size)
 
         async def events() -> AsyncIterator[str]:
             yield _sse(exchange.chunk({"role": "assistant", "content": ""}))

@@ -10,28 +10,142 @@ API_KEY_ENV = "QWENVL_API_KEY"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Server flags; the model and sampling flags come from `qwenvl.frontend`."""
+    from ..images import DEFAULT_MAX_BYTES, DEFAULT_MAX_REDIRECTS, DEFAULT_TIMEOUT, SERVER_DECODED_PIXELS
+    from .image_loader import DEFAULT_FETCH_THREADS
+    from .middleware import DEFAULT_MAX_REQUEST_BYTES
+
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     group.add_argument("--port", type=int, default=8000)
-    group.add_argument(
+    key = group.add_mutually_exclusive_group()
+    key.add_argument(
         "--api-key",
-        default=os.environ.get(API_KEY_ENV) or None,
-        help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV}, else no key)",
+        default=None,
+        help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV}, else no key); a key "
+        "given here is visible to other users in the process list: prefer --api-key-file or the variable",
     )
-    group.add_argument(
-        "--allow-remote-images", action="store_true", help="let requests name http(s) image URLs"
+    key.add_argument(
+        "--api-key-file", default=None, metavar="PATH", help="read the API key from the first line of PATH"
     )
+    group.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
+    group.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
+    group.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     group.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help=f"larger request bodies are answered 413 (default: {DEFAULT_MAX_REQUEST_BYTES})",
+    )
+
+    images = parser.add_argument_group(
+        "images",
+        "What requests' image_url parts may name. By default only data: URLs; local files and "
+        "http(s) URLs only as allowed here.",
+    )
+    images.add_argument("--max-images", type=int, default=8, help="images per conversation")
+    images.add_argument(
         "--image-root",
         action="append",
         default=[],
         metavar="DIR",
         help="let requests name local files (paths, file://) under DIR (repeatable; default: none)",
     )
-    group.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together")
-    group.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503")
-    group.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
-    group.add_argument("--max-images", type=int, default=8, help="images per conversation")
+    images.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="let requests name http(s) image URLs of any public host",
+    )
+    images.add_argument(
+        "--allowed-media-domains",
+        type=_domain_patterns,
+        default=None,
+        metavar="HOSTS",
+        help="let requests name http(s) image URLs of these hosts only: a comma-separated list of "
+        "names and *.domain patterns (e.g. 'images.example.com,*.example.org')",
+    )
+    images.add_argument(
+        "--allow-private-media",
+        action="store_true",
+        help="let image URLs reach loopback, private, link-local and other non-public addresses "
+        "(refused by default, on the first request and on every redirect)",
+    )
+    images.add_argument(
+        "--image-fetch-timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"time for one image's whole fetch (default: {DEFAULT_TIMEOUT:g})",
+    )
+    images.add_argument(
+        "--max-image-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_BYTES,
+        help=f"largest encoded image, fetched or sent (default: {DEFAULT_MAX_BYTES})",
+    )
+    images.add_argument(
+        "--max-image-redirects",
+        type=int,
+        default=DEFAULT_MAX_REDIRECTS,
+        help=f"redirects followed per image URL (default: {DEFAULT_MAX_REDIRECTS})",
+    )
+    images.add_argument(
+        "--image-fetch-threads",
+        type=_positive_int,
+        default=DEFAULT_FETCH_THREADS,
+        help=f"images fetched at once, over all requests (default: {DEFAULT_FETCH_THREADS})",
+    )
+    images.add_argument(
+        "--max-decoded-pixels",
+        type=_positive_int,
+        default=SERVER_DECODED_PIXELS,
+        help="larger pictures are decoded at a reduced size; the model sees 448x448 "
+        f"(default: {SERVER_DECODED_PIXELS})",
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def _domain_patterns(text: str) -> tuple[str, ...]:
+    from ..remote_images import parse_domain_patterns
+
+    try:
+        return parse_domain_patterns(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key requests must bear: --api-key-file, else --api-key, else $QWENVL_API_KEY."""
+    if args.api_key_file is not None:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as file:
+                key = file.readline().strip()
+        except OSError as error:
+            raise ValueError(f"--api-key-file {args.api_key_file}: {error.strerror}") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file}: the first line is empty")
+        return key
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def image_policy(args: argparse.Namespace):
+    from ..images import ImagePolicy
+
+    return ImagePolicy.strict(
+        args.image_root,
+        allow_remote=args.allow_remote_images,
+        timeout=args.image_fetch_timeout,
+        max_bytes=args.max_image_bytes,
+        allow_private_addresses=args.allow_private_media,
+        allowed_domains=args.allowed_media_domains,
+        max_redirects=args.max_image_redirects,
+        max_decoded_pixels=args.max_decoded_pixels,
+    )
 
 
 def served_name(name: str) -> str:
@@ -46,9 +160,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     from ..chat_format import DEFAULT_SYSTEM
     from ..engine import Engine
     from ..frontend import interrupts_call, load_from_args, sampling_options
-    from ..images import ImagePolicy
     from .app import create_app
 
+    key, policy = api_key(args), image_policy(args)  # before the slow load: a bad flag fails at once
     loaded = load_from_args(args)
     model_id = served_name(loaded.name)
     engine = Engine(
@@ -61,12 +175,14 @@ def run_from_args(args: argparse.Namespace) -> int:
         engine,
         loaded.tokenizer,
         model_id=model_id,
-        image_policy=ImagePolicy.strict(args.image_root, allow_remote=args.allow_remote_images),
-        api_key=args.api_key or None,
+        image_policy=policy,
+        api_key=key,
         max_images=args.max_images,
         request_timeout=args.request_timeout,
         sampling_defaults=sampling_options(args),
         system=getattr(args, "system", None) or DEFAULT_SYSTEM,
+        max_request_bytes=args.max_request_bytes,
+        fetch_threads=args.image_fetch_threads,
     )
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port))
 
