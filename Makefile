@@ -24,8 +24,9 @@ format: venv
 	.venv/bin/ruff format src tests benchmarks
 	.venv/bin/ruff check --fix src tests benchmarks
 
+# one test process per core (pytest-xdist); each runs PyTorch on one thread (tests/conftest.py)
 test: venv lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto
 
 # Rebuilds src/qwenvl/assets/demo-model from nothing: data, training, packing, the held-out
 # evaluation (about four and a half hours on 2 CPU cores). A fresh ViT is a colour-and-position encoder

@@ -15,6 +15,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist runs the suite in one process per core (`make test`): one thread each, or each
+# process's parallel regions wait on cores the others hold
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 DATA = Path(__file__).parent / "data"
 
 

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from PIL import Image
@@ -307,7 +306,6 @@ def test_build_demo_without_a_browser(tiny_model, tokenizer, engine):
 def test_in_a_browser(tiny_model, tokenizer, engine, tmp_path, monkeypatch):
     chromium = chromium_or_skip()
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))  # uploads land here
-    started = time.monotonic()
     # computed first: the same prompt but for the span's reference, which features replace
     expected, _ = tiny_model.chat(
         tokenizer, f"Picture 1: <img>{SHAPES}</img>\nWhat is in the picture?", **GREEDY
@@ -350,4 +348,3 @@ def test_in_a_browser(tiny_model, tokenizer, engine, tmp_path, monkeypatch):
 
         page.click("#clear")
         page.locator("[data-testid=bot]").first.wait_for(state="detached")
-    assert time.monotonic() - started < 60
