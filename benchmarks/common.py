@@ -1,4 +1,5 @@
-"""What every benchmark shares: run metadata, a timing helper, Markdown tables, JSON records.
+"""What every benchmark shares: run metadata, timing (wall clock, waiting for the device, inside a
+CUDA graph), memory bandwidth, Markdown tables, JSON records.
 
 A record is `{"benchmark": name, "environment": {...}, "results": {...}}`; `results` holds the raw
 figures (every timed sample, not only the medians) so later runs can be compared honestly.
@@ -11,6 +12,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import resource
 import shlex
 import statistics
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
-VERSIONED_PACKAGES = ("qwenvl", "torch", "transformers", "tiktoken", "numpy")
+VERSIONED_PACKAGES = ("qwenvl", "torch", "triton", "transformers", "tiktoken", "numpy")
 
 
 def cpu_model() -> str:
@@ -52,6 +54,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     """Where and how a benchmark ran, for the JSON record."""
     return {
         "device": device,
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "cpu_model": cpu_model(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -104,13 +107,56 @@ def time_call(
     return Timing(samples)
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, *, warmup: int = 1, repeats: int = 5) -> Timing:
+    """`time_call` that waits for the device at the end of every call."""
+
+    def call() -> None:
+        fn()
+        synchronize(device)
+
+    return time_call(call, warmup=warmup, repeats=repeats)
+
+
+def memory_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 5) -> float:
+    """Bytes/s of copying a tensor well past the last-level cache (read + write: 2 x its size)."""
+    source = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
+    target = torch.empty_like(source)
+    timing = timed(lambda: target.copy_(source), device, warmup=1, repeats=repeats)
+    return 2 * source.numel() * source.element_size() / timing.median
+
+
+def graph_time(fn: Callable[[], Any], calls: int = 20, replays: int = 5) -> float:
+    """Seconds per call of `fn` on the current GPU, recorded `calls` times in one CUDA graph (no
+    launch overhead), replayed `replays` times."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (replays * calls)
+
+
 def peak_rss_bytes() -> int:
     """This process's resident-set high-water mark (ru_maxrss is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class OtherLoad:
-    """How many cores other processes kept busy since creation, from /proc/stat minus our own CPU time.
+    """How many cores other processes kept busy since creation, from /proc/stat minus our own CPU time
+    and that of the child processes we ran (`run_isolated`'s, once they have ended).
 
     On a small shared machine this is the first thing to check when a figure looks off: at 0.5 or
     more, threads wait for a core and times can double.
@@ -121,13 +167,14 @@ class OtherLoad:
 
     @staticmethod
     def _sample() -> tuple[float, float, float]:
-        """(wall seconds, CPU seconds busy on the whole machine, CPU seconds used by this process)."""
+        """(wall seconds, CPU seconds busy on the whole machine, CPU seconds of this process and its
+        ended children)."""
         with open("/proc/stat", encoding="ascii") as f:
             jiffies = [int(x) for x in f.readline().split()[1:]]
         idle = jiffies[3] + jiffies[4]  # idle and iowait
         busy = (sum(jiffies[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user
-        own = resource.getrusage(resource.RUSAGE_SELF)
-        return time.monotonic(), busy, own.ru_utime + own.ru_stime
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        return time.monotonic(), busy, sum(u.ru_utime + u.ru_stime for u in usage)
 
     def cores(self) -> float:
         wall, busy, own = (end - start for start, end in zip(self._start, self._sample(), strict=True))
@@ -164,6 +211,16 @@ def add_json_option(parser: argparse.ArgumentParser, default_name: str) -> None:
 
 def json_path(args: argparse.Namespace, default_name: str) -> Path:
     return args.json if args.json is not None else RESULTS_DIR / default_name.format(**vars(args))
+
+
+def device_kind(device: str) -> str:
+    """What a record's file name says of its device: "cpu", or "cuda_" and the GPU's model
+    ("cuda_h200" for an NVIDIA H200, "cuda_h100" for an NVIDIA H100 80GB HBM3)."""
+    if device != "cuda":
+        return device
+    words = re.split(r"[\s_-]+", torch.cuda.get_device_name().lower())
+    model = next((w for w in words if w != "nvidia" and any(c.isdigit() for c in w)), "gpu")
+    return f"cuda_{model}"
 
 
 def save_record(path: Path, benchmark: str, results: dict[str, Any], device: str = "cpu") -> None:

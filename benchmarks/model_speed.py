@@ -4,29 +4,22 @@ Run: .venv/bin/python -m benchmarks.model_speed --config tiny|mid [--dtype fp32 
      [--json PATH]
 
 The model has random weights built in memory (its own init; values do not change the speed).
-Each dtype runs in a fresh process, so its peak RSS is its own. Ratios compare the dtypes, and
-batch 8 with batch 1, within this run.
+Each dtype runs in a fresh process, so its peak RSS is its own. Prefill and decode go through
+the library's `Decoder` in its default mode and backend (static steps over the CPU backend). Ratios
+compare the dtypes, and batch 8 with batch 1, within this run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 
-from qwenvl import QwenVLConfig, QwenVLForCausalLM, QwenVLTokenizer, make_context
-from qwenvl.cache import KVCache
-from qwenvl.chat_format import DEFAULT_SYSTEM
-from qwenvl.generation import SamplingParams, choose_tokens, decode_step, prefill
+from qwenvl import QwenVLForCausalLM, QwenVLTokenizer
 
 from .common import (
-    MID_CONFIG,
     OtherLoad,
-    Timing,
     add_json_option,
     json_path,
     markdown_table,
@@ -35,68 +28,17 @@ from .common import (
     save_record,
     time_call,
 )
+from .decode_speed import DecodePath, decode_run
+from .models import DTYPES, MIB, build_model, model_config, picture, prompt_ids, tensor_bytes
 
-GOLDEN_CONFIG = Path(__file__).parent.parent / "tests" / "data" / "golden" / "config.json"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUESTION = "What is in this picture? Describe the main objects, their colours and where they are."
-GREEDY = SamplingParams(do_sample=False)
-MIB = 2**20
+FAST = DecodePath()  # the decoder's defaults: mode "auto", the device's backend
 
 
-def load_config(name: str) -> dict:
-    if name == "tiny":
-        return json.loads(GOLDEN_CONFIG.read_text())
-    return MID_CONFIG
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype):
-    """Create parameters directly in `dtype`, so no fp32 copy inflates the peak memory."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_model(config: dict, dtype: torch.dtype) -> QwenVLForCausalLM:
-    torch.manual_seed(0)
-    with default_dtype(dtype):
-        return QwenVLForCausalLM(QwenVLConfig.from_dict(config)).eval()
-
-
-def prompt_ids(tokenizer: QwenVLTokenizer) -> list[int]:
-    """One image and a question in ChatML, with the system message that `model.chat` sends."""
-    _, ids = make_context(tokenizer, f"Picture 1: <img>x.png</img>\n{QUESTION}", system=DEFAULT_SYSTEM)
-    return ids
-
-
-def new_cache(model: QwenVLForCausalLM, batch: int, capacity: int) -> KVCache:
-    return KVCache(model.transformer.llm_config, batch, capacity, model.dtype)
-
-
-def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def decode_timing(
-    model: QwenVLForCausalLM, prompt: list[int], features: torch.Tensor, batch: int, steps: int
-) -> tuple[Timing, int]:
-    """Per-step timing of greedy decoding for `batch` copies of the prompt, and their KV cache's bytes.
-
-    The prefill that fills the cache is not timed.
-    """
-    warmup = 2
-    cache = new_cache(model, batch, len(prompt) + warmup + steps)
-    logits = prefill(model, [prompt] * batch, cache, features.repeat(batch, 1, 1))
-    tokens = choose_tokens(logits, GREEDY, None, None)
-
-    def step() -> None:
-        nonlocal tokens
-        tokens = choose_tokens(decode_step(model, tokens, cache), GREEDY, None, None)
-
-    return time_call(step, warmup=warmup, repeats=steps), tensor_bytes((cache.keys, cache.values))
+def cache_bytes(model: QwenVLForCausalLM, rows: int, capacity: int) -> int:
+    """Bytes of the keys and values of a KV cache of `rows` x `capacity` positions."""
+    llm = model.transformer.llm_config
+    positions = llm.num_hidden_layers * rows * llm.num_attention_heads * capacity * llm.kv_channels
+    return 2 * positions * model.dtype.itemsize
 
 
 @torch.inference_mode()
@@ -106,22 +48,24 @@ def measure(config_name: str, dtype_name: str, decode_steps: int, repeats: int) 
     tokenizer = QwenVLTokenizer()
     prompt = prompt_ids(tokenizer)
     rss_before_model = peak_rss_bytes()
-    model = build_model(load_config(config_name), DTYPES[dtype_name])
+    model = build_model(model_config(config_name), DTYPES[dtype_name])
     visual = model.transformer.visual
-    size = visual.config.image_size
-    pixels = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    pixels = picture(model, 4)
 
     encode_1 = time_call(lambda: visual(pixels[:1]), repeats=repeats)
     encode_4 = time_call(lambda: visual(pixels), repeats=repeats)
     features = visual(pixels[:1])
     prefill_1 = time_call(
-        lambda cache: prefill(model, [prompt], cache, features),
-        setup=lambda: new_cache(model, 1, len(prompt)),
+        lambda decoder: decoder.prefill([prompt], features),
+        setup=lambda: FAST.decoder(model, 1, len(prompt)),
         repeats=repeats,
     )
-    decode_1, _ = decode_timing(model, prompt, features, 1, decode_steps)
-    decode_8, cache_8_bytes = decode_timing(model, prompt, features, 8, decode_steps)
+    capacity = len(prompt) + 2 + decode_steps + 1
+    timing = {"warmup": 2, "steps": decode_steps, "capacity": capacity}
+    decode_1, _ = decode_run(model, prompt, features, 1, FAST, **timing)
+    decode_8, _ = decode_run(model, prompt, features, 8, FAST, **timing)
     return {
+        "decoder": FAST.resolved(model),
         "prompt_tokens": len(prompt),
         "parameters": sum(p.numel() for p in model.parameters()),
         "image_encode_batch1": encode_1.as_dict(),
@@ -133,7 +77,7 @@ def measure(config_name: str, dtype_name: str, decode_steps: int, repeats: int) 
         "decode_tokens_per_s_batch1": 1 / decode_1.median,
         "decode_tokens_per_s_batch8": 8 / decode_8.median,
         "weights_bytes": tensor_bytes(model.parameters()),
-        "kv_cache_batch8_bytes": cache_8_bytes,
+        "kv_cache_batch8_bytes": cache_bytes(model, 8, capacity),
         "rss_before_model_bytes": rss_before_model,
         "peak_rss_bytes": peak_rss_bytes(),
         "other_processes_cores": other_load.cores(),
@@ -236,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     per_dtype = {name: measure_quietest(args, name) for name in args.dtype}
-    results = {"config": args.config, "model_config": load_config(args.config), "dtypes": per_dtype}
+    results = {"config": args.config, "model_config": model_config(args.config), "dtypes": per_dtype}
     results["ratios"] = ratios(per_dtype)
     print(report(results))
     path = json_path(args, "model_speed_{config}.json")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-# Triton kernels (fused_decode) run on CPU tensors under Triton's interpreter; it must be chosen
+# The Triton backend's kernels run on CPU tensors under Triton's interpreter; it must be chosen
 # before the kernels are defined, i.e. before qwenvl is imported
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,29 +24,29 @@ DATA = Path(__file__).parent / "data"
 
 
 def triton_runs() -> bool:
-    """Whether fused_decode's Triton kernels can run in this session: a GPU, or the interpreter."""
-    from qwenvl import fused_decode
+    """Whether the Triton backend's kernels can run in this session: a GPU, or the interpreter."""
+    from qwenvl.decode import kernels
 
-    runs = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    return fused_decode.triton is not None and runs
+    return kernels.available() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 NEEDS_TRITON = pytest.mark.skipif(not triton_runs(), reason="needs Triton (a GPU, or its interpreter on CPU)")
 
 
 @pytest.fixture
-def flash_decoding(monkeypatch):
-    """Every decode step's attention through fused_decode.decode_attention, as on a GPU."""
-    from qwenvl import fused_decode
+def interpreter_settings():
+    """Kernel settings for Triton's interpreter: it runs each program as a Python loop, so fewer
+    programs and loop turns than a GPU's settings (64 rows of 64 columns a matvec program, 64 keys
+    a turn and 2 programs a multiprocessor in the decode attention); any blocks show how the rows
+    and keys are cut."""
+    from qwenvl.decode import AttentionBlocks, KernelSettings, MatvecBlocks
 
     if not triton_runs():
         pytest.skip("needs Triton (a GPU, or its interpreter on CPU)")
-    monkeypatch.setattr(fused_decode, "FLASH_DECODING", True)
-    # Fewer programs and loop turns than the GPU's few-query settings (16 keys a turn, 16 shares
-    # of a row's keys at batch 1 of 4 heads): the interpreter runs each program as a Python loop,
-    # and any number of shares and keys a turn shows how the keys are cut
-    monkeypatch.setattr(fused_decode, "KEYS_PER_BLOCK", 64)
-    monkeypatch.setattr(fused_decode, "PROGRAMS_PER_MULTIPROCESSOR", 2)
+    return KernelSettings(
+        matvec_blocks=MatvecBlocks(rows=64, columns=64),
+        few_queries=AttentionBlocks(keys=64, warps=2, programs_per_multiprocessor=2),
+    )
 
 
 GOLDEN = DATA / "golden"

@@ -1,10 +1,10 @@
-"""Compile every fused_decode kernel for an H100 (sm_90) without a GPU.
+"""Compile every Triton kernel of the decode backend for an H100 (sm_90) without a GPU.
 
 Prints each kernel's name, the 16-byte loads in its code, its programmatic-dependent-launch
 instructions (`griddepcontrol`: waits, then launches), and whether a global load comes before its
-wait, all of its last variant (the one with DEPENDENT_LAUNCH's instructions, EARLY).
+wait, all of its last variant (the one with dependent launch's instructions, EARLY).
 
-Run by test_fused_decode in a process without TRITON_INTERPRET. The argument types are those of
+Run by test_triton_ops in a process without TRITON_INTERPRET. The argument types are those of
 a bf16 decode step of Qwen-VL's shapes; those not named are bf16 pointers, or int32 strides.
 """
 
@@ -14,7 +14,9 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from qwenvl import fused_decode
+from qwenvl.decode import KernelSettings, kernels
+
+DEFAULTS = KernelSettings()
 
 KERNELS = {
     "_add_rms_norm_kernel": (
@@ -31,7 +33,7 @@ KERNELS = {
          "heads": "i32", "head_dim": "i32", "scale": "fp32", "query_row_stride": "i32",
          "query_head_stride": "i32"},
         # shares combined after, and the one share that writes the output itself
-        [{"SPLITS": splits, "BLOCK_KEYS": fused_decode.KEYS_PER_BLOCK, "BLOCK": 128, "EARLY": early}
+        [{"SPLITS": splits, "BLOCK_KEYS": DEFAULTS.few_queries.keys, "BLOCK": 128, "EARLY": early}
          for splits, early in ((6, False), (1, True))],
     ),
     "_attention_combine_kernel": (
@@ -39,7 +41,7 @@ KERNELS = {
         [{"SPLITS": 6, "BLOCK_SPLITS": 8, "BLOCK": 128, "EARLY": early} for early in (False, True)],
     ),
     "_silu_gate_kernel": ({"width": "i32"}, [{"BLOCK": 1024, "EARLY": early} for early in (False, True)]),
-    # matvec's take the rest of their constants from matvec_config, at the width of "k"
+    # matvec's take the rest of their constants from the default settings, at the width of "k"
     "_matvec_kernel": (
         {"n": "i32", "k": "i32"},
         [{"k": 4096, "HAS_BIAS": True, "GATED": False, "EARLY": False},
@@ -56,16 +58,16 @@ def default_type(arg: str) -> str:
 def main() -> None:
     target = GPUTarget("cuda", 90, 32)
     for name, (types, cases) in KERNELS.items():
-        kernel = getattr(fused_decode, name)
+        kernel = getattr(kernels, name)
         for case in cases:
             constants = dict(case)
             options = {"enable_fp_fusion": True}  # matvec's; the others' from _launch_options
             if "k" in constants:
-                config = fused_decode.matvec_config(constants.pop("k"))
+                config = DEFAULTS.matvec_for(constants.pop("k")).launch()
                 for key, value in config.items():
                     (options if key.startswith("num_") else constants).setdefault(key, value)
             else:
-                launch = fused_decode._launch_options(constants["BLOCK"], torch.device("cpu"))
+                launch = kernels._launch_options(constants["BLOCK"], torch.device("cpu"), DEFAULTS)
                 options = {key: launch[key] for key in ("num_warps", "enable_fp_fusion")}
             signature = {arg: types.get(arg, default_type(arg)) for arg in kernel.arg_names}
             signature.update(dict.fromkeys(constants, "constexpr"))

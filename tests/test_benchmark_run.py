@@ -1,5 +1,5 @@
-"""The benchmark run's eager baseline matches the fast path, and its record holds the five ratios
-and the checkpoint's load time."""
+"""benchmarks.run's suite on the tiny model: the baseline decoder chooses the fast decoder's greedy
+tokens, a run's record holds its ratios as numbers, and the command's flags become KernelSettings."""
 
 from __future__ import annotations
 
@@ -7,28 +7,27 @@ import json
 
 import pytest
 import torch
+from benchmarks import run
 from benchmarks.common import save_record
-from benchmarks.model_speed import prompt_ids
-from benchmarks.run import (
-    LOAD_LABEL,
-    FastPath,
-    GrowingCache,
-    decode_run,
-    greedy_tokens_equal,
-    measure,
-    report,
-)
+from benchmarks.decode_speed import BASELINE, DecodePath, decode_run, greedy_tokens_equal
+from benchmarks.models import picture, prompt_ids
 
-from qwenvl.generation import prefill
+from qwenvl import QwenVLForCausalLM
+from qwenvl.decode import KernelSettings
 
-pytestmark = pytest.mark.usefixtures("in_golden_dir", "one_thread")
+from .conftest import NEEDS_TRITON
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 RATIOS = (
-    "decode_speedup_vs_eager",
+    "decode_speedup_vs_baseline",
     "bf16_over_fp32_decode",
-    "batch8_over_batch1_throughput",
-    "second_turn_speedup",
+    "batch2_over_batch1_throughput",
     "decode_roofline_fraction",
+    "first_token_speedup_vs_baseline",
+    "second_turn_speedup",
+    "chat_second_turn_speedup",
+    "engine_over_generate_decode",
 )
 
 
@@ -41,89 +40,84 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# Triton's interpreter runs each of the kernel's programs as Python: 6 steps keep it to seconds
-@pytest.mark.parametrize(("attention", "steps"), [("default", 16), ("flash_decoding", 6)])
-def test_growing_cache_baseline_equals_static_fast_path(tiny_model, tokenizer, attention, steps, request):
-    """One image + question (301 tokens, past seq_length 64: NTK and log-n in play), greedy steps.
-
-    Also with every decode step's attention in fused_decode's kernel, as on a GPU (Triton's
-    interpreter here).
-    """
-    if attention == "flash_decoding":
-        request.getfixturevalue("flash_decoding")
-    prompt = prompt_ids(tokenizer)
+def features_of(model) -> torch.Tensor:
     with torch.inference_mode():
-        size = tiny_model.transformer.vision_config.image_size
-        pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-        features = tiny_model.transformer.visual(pixels)
-    capacity = len(prompt) + 20
-    static = FastPath("static")
-    equal, baseline, fast = greedy_tokens_equal(tiny_model, prompt, features, static, steps, capacity)
-    assert equal and len(baseline) == steps + 1 and baseline == fast
-    # batch 2 through the timed path: both rows of both paths agree with the batch-1 tokens
-    timing = {"warmup": 1, "steps": 2, "capacity": capacity}
-    _, baseline_rows = decode_run(tiny_model, prompt, features, 2, None, **timing)
-    _, fast_rows = decode_run(tiny_model, prompt, features, 2, static, **timing)
+        return model.transformer.visual(picture(model))
+
+
+def test_the_baseline_decoder_chooses_the_fast_decoders_greedy_tokens(tiny_model, tokenizer):
+    """One image + question (301 tokens, past seq_length 64: NTK and log-n in play), greedy steps."""
+    prompt, features = prompt_ids(tokenizer), features_of(tiny_model)
+    capacity = len(prompt) + 10
+    fast = DecodePath()  # on CPU: static steps over the CPU backend
+    assert fast.resolved(tiny_model) == {"mode": "static", "ops": "cpu", "kernel_settings": None}
+    assert BASELINE.resolved(tiny_model) == {"mode": "plain", "ops": "torch", "kernel_settings": None}
+    with torch.inference_mode():
+        equal, baseline, tokens = greedy_tokens_equal(tiny_model, prompt, features, fast, 8, capacity)
+        assert equal and baseline == tokens and len(baseline) == 9
+        # batch 2 through the timed path: both rows of both decoders are the batch-1 tokens
+        timing = {"warmup": 1, "steps": 2, "capacity": capacity}
+        _, baseline_rows = decode_run(tiny_model, prompt, features, 2, BASELINE, **timing)
+        _, fast_rows = decode_run(tiny_model, prompt, features, 2, fast, **timing)
     assert baseline_rows == fast_rows == [baseline[:4]] * 2
 
 
-def test_growing_cache_grows_by_concatenation(tiny_model, tokenizer):
-    llm = tiny_model.transformer.llm_config
-    cache = GrowingCache(llm, 1)
-    prompt = tokenizer.encode("a b c d")
-    prefill(tiny_model, [prompt], cache)
-    shape = (1, llm.num_attention_heads, len(prompt), llm.kv_channels)
-    assert all(k.shape == shape for k in cache.keys) and cache.lengths.tolist() == [len(prompt)]
-    assert cache.capacity == len(prompt) + 1 and cache.batch_size == 1
+@NEEDS_TRITON
+def test_the_triton_backend_chooses_the_same_tokens(tiny_checkpoint, tokenizer, interpreter_settings):
+    """The fast path as on a GPU (Triton's interpreter here: a few steps keep it to seconds), with
+    the settings it is given; a copy of the tiny model, whose MLP weights the backend packs."""
+    model = QwenVLForCausalLM.from_pretrained(tiny_checkpoint, fp32=True)
+    prompt, features = prompt_ids(tokenizer), features_of(model)
+    fast = DecodePath("static", "triton", interpreter_settings)
+    assert fast.resolved(model)["kernel_settings"] == interpreter_settings.to_dict()
+    with torch.inference_mode():
+        equal, baseline, tokens = greedy_tokens_equal(model, prompt, features, fast, 3, len(prompt) + 4)
+    assert equal and len(tokens) == 4
 
 
-def test_tiny_record_has_the_five_ratios_as_numbers(tmp_path):
-    # greedy equality over 16 steps is the first test's; here 2 steps keep the run short
-    results = measure(
-        "tiny",
-        "cpu",
-        batch_sizes=(3, 8),
-        steps=1,
-        warmup=0,
-        repeats=1,
-        bandwidth_mb=8,
-        equal_steps=2,
-        engine_tokens=3,
-    )
+def test_a_tiny_run_records_its_ratios_as_numbers(tmp_path):
+    # equal greedy tokens over more steps are the tests' above: here one step of each keeps it short
+    options = run.Options(batch_sizes=(2,), steps=1, warmup=0, repeats=1, equal_steps=2, engine_tokens=2)
+    results = run.measure("tiny", "cpu", options, bandwidth_mb=8, isolated=False)
     path = tmp_path / "run.json"
     save_record(path, "run_tiny_cpu", results)
     record = json.loads(path.read_text())["results"]
     for key in RATIOS:
-        value = record[key]
-        assert isinstance(value, float) and value > 0, key
-    assert record["batch3_over_batch1_throughput"] > 0 and record["batch_sizes"] == [1, 3, 8]
-    assert record["greedy_tokens_equal"] is True
-    assert record["dtypes"]["bf16"]["second_turn_time_to_first_token"]["reuse"]["reused_tokens"] > 0
-    assert record["engine_over_fast_path_decode"] > 0 and record["chat_second_turn_speedup"] > 0
+        assert isinstance(record[key], float) and record[key] > 0, key
+    assert record["greedy_tokens_equal"] is True and record["batch_sizes"] == [1, 2]
     assert record["engine_graphs_speedup"] is None  # no graphs on CPU
-    assert record["dtypes"]["bf16"]["engine_decode_batch1"]["auto"]["new_tokens"] == 3
-    loaded = record["checkpoint"]  # a checkpoint of the config, loaded in each dtype
-    assert loaded["shards"] == 10 and loaded["bytes"] > 0
-    assert loaded["seconds"].keys() == {"fp32", "bf16"} and min(loaded["seconds"].values()) > 0
-    assert LOAD_LABEL in report(results)
-
-
-def test_one_dtype_leaves_the_cross_dtype_ratio_unmeasured():
-    results = measure(
-        "tiny",
-        "cpu",
-        dtype_names=("fp32",),
-        batch_sizes=(2,),
-        steps=1,
-        warmup=0,
-        repeats=1,
-        bandwidth_mb=8,
-        equal_steps=1,
-        load_time=False,
-        settings={"KEYS_PER_BLOCK": 32},  # benchmarks.tuned's; the CPU's steps have no use for it
+    assert record["fast_path"] == {"mode": "static", "ops": "cpu", "kernel_settings": None}
+    assert record["baseline"] == {"mode": "plain", "ops": "torch", "kernel_settings": None}
+    bf16 = record["dtypes"]["bf16"]
+    assert bf16["second_turn"]["reuse"]["reused_tokens"] > 0 and "second_turn" not in record["dtypes"]["fp32"]
+    assert bf16["engine_decode"]["engine"]["new_tokens"] == 2
+    assert record["checkpoint"] is None
+    report = run.report(results)
+    assert "fast path Decoder(mode='static', ops='cpu'), baseline Decoder(mode='plain', ops='torch')" in (
+        report
     )
-    assert results["settings"] == {"KEYS_PER_BLOCK": 32}
-    assert results["bf16_over_fp32_decode"] is None and results["second_turn_speedup"] is None
-    assert results["checkpoint"] is None and LOAD_LABEL not in report(results)
-    assert results["decode_speedup_vs_eager_dtype"] == "fp32" and results["decode_roofline_fraction"] > 0
-    assert "not measured" in report(results)
+    assert "| one request's decode in the engine, CUDA graphs over none | not measured |" in report
+
+
+def test_the_commands_flags_change_the_settings_it_is_given(tmp_path):
+    parser = run.argparse.ArgumentParser()
+
+    def settings(*argv: str) -> KernelSettings | None:
+        args = run.argparse.Namespace(device="cpu", settings=None, sdpa_decode=False, no_matvec=False)
+        args.no_dependent_launch = False
+        for flag in argv:
+            if flag.startswith("--"):
+                setattr(args, flag[2:].replace("-", "_"), True)
+            else:
+                args.settings = flag
+        return run.kernel_settings(parser, args)
+
+    assert settings() is None  # the decoder's own: the device's
+    assert settings("--no-matvec", "--sdpa-decode") == KernelSettings(matvec=False, flash_decoding=False)
+    path = tmp_path / "settings.json"
+    KernelSettings(dependent_launch=False).with_changes(matvec=False).save(path)
+    assert settings(str(path), "--sdpa-decode") == KernelSettings(
+        matvec=False, flash_decoding=False, dependent_launch=False
+    )
+    with pytest.raises(SystemExit):
+        settings(str(tmp_path / "missing.json"))

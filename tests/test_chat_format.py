@@ -85,11 +85,15 @@ def test_list_content_text_never_becomes_a_control_token_or_image(tokenizer):
         make_context(tokenizer, [{"video": "x.mp4"}])
 
 
-def test_streamable_prefix_never_shows_what_may_be_taken_back():
-    from qwenvl.chat_format import streamable_prefix
+def test_prompt_settings_take_arguments_then_the_config_then_the_defaults():
+    from types import SimpleNamespace
 
-    assert streamable_prefix("A cat.\nHum", "raw") == "A cat."
-    assert streamable_prefix("A cat. H", "raw") == "A cat."
-    assert streamable_prefix("A cat.", "raw") == "A cat."
-    assert streamable_prefix("A cat. Hum", "chatml") == "A cat. Hum"
-    assert streamable_prefix("猫\ufffd") == "猫"
+    from qwenvl.chat_format import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_WINDOW_SIZE, prompt_settings
+
+    assert prompt_settings(None) == (DEFAULT_CHAT_FORMAT, DEFAULT_MAX_WINDOW_SIZE) == ("chatml", 6144)
+    config = SimpleNamespace(chat_format="raw", max_window_size=100)
+    assert prompt_settings(config) == ("raw", 100)
+    assert prompt_settings(config, "chatml", 50) == ("chatml", 50)
+    assert prompt_settings(SimpleNamespace(chat_format=None, max_window_size=None)) == ("chatml", 6144)
+    with pytest.raises(ValueError, match="'vicuna'"):
+        prompt_settings(SimpleNamespace(chat_format="vicuna"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,15 +12,15 @@ import torch
 import qwenvl.engine
 from qwenvl import make_context
 from qwenvl.conversation import Message, build_prompt
+from qwenvl.decode import Decoder
 from qwenvl.engine import (
     STEADY_STEPS,
     Engine,
     EngineBusyError,
     EngineStoppedError,
     RequestFailedError,
-    choose_rows_tokens,
 )
-from qwenvl.generation import PromptTooLongError, SamplingParams, choose_tokens, generate_tokens
+from qwenvl.generation import PromptTooLongError, SamplingParams, generate_tokens
 from qwenvl.images import load_image, preprocess
 
 pytestmark = pytest.mark.usefixtures("in_golden_dir")
@@ -130,27 +129,6 @@ def test_rows_choosing_each_their_way_in_one_batch_equal_their_own_generation(ti
     assert outputs == [alone(tiny_model, prompt, params) for params in kinds]
 
 
-def test_a_batch_chooses_what_each_row_would_alone():
-    torch.manual_seed(0)
-    logits = torch.randn(4, 50)
-    kinds = [GREEDY, SamplingParams(do_sample=True, top_k=5), SamplingParams(repetition_penalty=1.5), GREEDY]
-    seen = torch.zeros(1, 50, dtype=torch.bool)
-    seen[0, logits[2].argmax()] = True  # the penalty turns the third row away from its top token
-
-    def rows():
-        return [
-            SimpleNamespace(
-                request=SimpleNamespace(params=params), logits=logits[i], seen=seen if i == 2 else None,
-                generator=torch.Generator().manual_seed(i),
-            )
-            for i, params in enumerate(kinds)
-        ]  # fmt: skip
-
-    alone = [int(choose_tokens(r.logits[None], r.request.params, r.seen, r.generator)[0]) for r in rows()]
-    assert choose_rows_tokens(rows()) == alone
-    assert alone[2] != int(logits[2].argmax()) and choose_rows_tokens([]) == []
-
-
 def test_cancel_frees_the_slot(tiny_model, tokenizer):
     prompt = tokenizer.encode("Tell me a story")
     with Engine(tiny_model, max_batch_size=1) as engine:
@@ -257,14 +235,16 @@ def test_a_closed_event_loop_does_not_kill_the_engine(tiny_model, tokenizer):
         assert list(engine.submit(prompt, GREEDY)) == alone(tiny_model, prompt)
 
 
-def test_a_steady_batch_decodes_through_its_runner(tiny_model, tokenizer):
+def test_a_steady_batch_decodes_through_its_own_decoder(tiny_model, tokenizer):
     prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("Tell me a story")]
     params = SamplingParams(max_new_tokens=3 * STEADY_STEPS)
     engine = Engine(tiny_model, max_batch_size=2)
     first = engine.submit(prompts[0], params)
-    for _ in range(2 * STEADY_STEPS):
+    engine.step()
+    assert engine.steady_batches == 1  # alone, nothing waiting: from its first step, as generate
+    for _ in range(2 * STEADY_STEPS - 1):
         engine.step()
-    assert engine.steady_batches == 1  # a batch of one, unchanged for STEADY_STEPS steps
+    assert engine.steady_batches == 1
     # joins when fewer than STEADY_STEPS of the first's tokens are left: the pair changes (the
     # first ends) before it is steady, then the second runs alone long enough to be
     joined = engine.submit(prompts[1], params)
@@ -276,7 +256,7 @@ def test_a_steady_batch_decodes_through_its_runner(tiny_model, tokenizer):
 
 def test_short_batches_keep_the_plain_step(tiny_model, tokenizer):
     prompt = tokenizer.encode("The capital of France is")
-    short = SamplingParams(max_new_tokens=STEADY_STEPS + 1)  # too few steps left once steady
+    short = SamplingParams(max_new_tokens=STEADY_STEPS)  # too few steps left after the first token
     with Engine(tiny_model) as engine:
         assert list(engine.submit(prompt, short)) == alone(tiny_model, prompt, short)
     assert engine.steady_batches == 0
@@ -333,14 +313,14 @@ def test_a_decode_step_that_fails_for_one_row_fails_that_request_alone(tiny_mode
     good_prompts = [make_context(tokenizer, q)[1] for q in ("What is 2+2?", "Name a colour.", "Count to 3.")]
     fails_at = len(bad_prompt) + 2  # the step feeding the bad row's third token
     assert min(len(p) for p in good_prompts) > fails_at  # no good row ever holds that many tokens
-    step = qwenvl.engine.static_decode_step
 
-    def failing_step(model, tokens, cache, *args, **kwargs):
-        if bool((cache.lengths == fails_at).any()):
-            raise RuntimeError("out of memory (simulated)")
-        return step(model, tokens, cache, *args, **kwargs)
+    class FailingDecoder(Decoder):
+        def step(self, tokens):
+            if bool((self.cache.lengths == fails_at).any()):
+                raise RuntimeError("out of memory (simulated)")
+            return super().step(tokens)
 
-    monkeypatch.setattr(qwenvl.engine, "static_decode_step", failing_step)
+    monkeypatch.setattr(qwenvl.engine, "Decoder", FailingDecoder)
     engine = Engine(tiny_model, max_batch_size=4)
     handles = [engine.submit(p, GREEDY) for p in (good_prompts[0], bad_prompt, *good_prompts[1:])]
     drive(engine, handles)
@@ -352,14 +332,14 @@ def test_a_decode_step_that_fails_for_one_row_fails_that_request_alone(tiny_mode
 
 def test_a_request_whose_prefill_fails_fails_alone(tiny_model, tokenizer, monkeypatch):
     prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("Tell me a story")]
-    prefill = qwenvl.engine.prefill
 
-    def failing_prefill(model, rows, cache, features=None):
-        if list(rows[0]) == prompts[1]:
-            raise RuntimeError("broken prompt (simulated)")
-        return prefill(model, rows, cache, features)
+    class FailingDecoder(Decoder):
+        def prefill(self, rows, image_features=None):
+            if list(rows[0]) == prompts[1]:
+                raise RuntimeError("broken prompt (simulated)")
+            return super().prefill(rows, image_features)
 
-    monkeypatch.setattr(qwenvl.engine, "prefill", failing_prefill)
+    monkeypatch.setattr(qwenvl.engine, "Decoder", FailingDecoder)
     engine = Engine(tiny_model, max_batch_size=4)
     handles = [engine.submit(p, GREEDY) for p in prompts]
     drive(engine, handles)

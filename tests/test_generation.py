@@ -5,19 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qwenvl import generation, make_context
-from qwenvl.cache import KVCache
+from qwenvl import make_context
+from qwenvl.decode import Decoder, sampling
 from qwenvl.generation import (
     PromptTooLongError,
     SamplingParams,
     choose_tokens,
-    decode_step,
     filter_top_k,
     filter_top_p,
     generate_tokens,
-    prefill,
     stream_tokens,
-    tokens_a_step_ahead,
 )
 
 pytestmark = pytest.mark.usefixtures("in_golden_dir")
@@ -30,16 +27,17 @@ def prompt_of(tokenizer, text: str, length: int | None = None) -> list[int]:
     return ids
 
 
-def test_cached_decode_equals_full_forward(tiny_model, tokenizer):
+@pytest.mark.parametrize(("mode", "backend"), [("plain", "torch"), ("static", "cpu")])
+def test_cached_decode_equals_full_forward(tiny_model, tokenizer, mode, backend):
     """Past seq_length (64) too: prompt 70 + 10 new tokens keeps the same NTK alpha and uses log-n."""
     for length in (9, 70):
         prompt = prompt_of(tokenizer, "The capital of France is a city with", length)
         new = generate_tokens(tiny_model, [prompt], SamplingParams(max_new_tokens=10))[0]
-        cache = KVCache(tiny_model.transformer.llm_config, 1, length + 10)
+        decoder = Decoder(tiny_model, 1, length + 10, mode=mode, ops=backend)
         with torch.no_grad():
-            step_logits = [prefill(tiny_model, [prompt], cache)[0]]
+            step_logits = [decoder.prefill([prompt])[0]]
             for token in new[:-1]:
-                step_logits.append(decode_step(tiny_model, torch.tensor([token]), cache)[0])
+                step_logits.append(decoder.step(torch.tensor([token]))[0])
             full = tiny_model(torch.tensor([prompt + new])).logits[0]
         expected = full[length - 1 : length - 1 + len(new)]
         torch.testing.assert_close(torch.stack(step_logits), expected, atol=1e-4, rtol=1e-4)
@@ -100,35 +98,19 @@ def test_streaming_yields_each_step(tiny_model, tokenizer):
     assert [s[0] for s in steps] == generate_tokens(tiny_model, [prompt], SamplingParams(max_new_tokens=6))[0]
 
 
-def test_tokens_come_a_step_ahead_on_a_gpu_and_when_asked_on_cpu(monkeypatch):
-    events = []
-
-    def following(tokens: torch.Tensor) -> torch.Tensor:
-        events.append(("step", tokens.item()))
-        return tokens + 1
-
-    steps = tokens_a_step_ahead(torch.tensor([0]), following, 3)
-    assert next(steps) == [0] and events == []
-    assert next(steps) == [1] and events == [("step", 0)]
-    assert list(steps) == [[2]] and events == [("step", 0), ("step", 1)]
-
-    class OnGpu:  # stands for a CUDA tensor
-        is_cuda = True
-
-        def __init__(self, value: int):
-            self.value = value
-
-    def to_host(tokens: OnGpu):
-        events.append(("copy", tokens.value))
-        return lambda: [tokens.value]
-
-    events.clear()
-    monkeypatch.setattr(generation, "to_host", to_host)
-    steps = tokens_a_step_ahead(OnGpu(0), lambda t: events.append(("step", t.value)) or OnGpu(t.value + 1), 3)
-    assert next(steps) == [0]
-    assert events == [("copy", 0), ("step", 0)]  # the next step is queued before the host waits
-    assert list(steps) == [[1], [2]]
-    assert events == [("copy", 0), ("step", 0), ("copy", 1), ("step", 1), ("copy", 2)]  # none past the last
+def test_on_cpu_a_step_is_computed_only_once_asked_for(tiny_model, tokenizer, monkeypatch):
+    """(On a GPU the next step is queued before the host reads a token: tests/test_decoder.py.)"""
+    steps = []
+    step = Decoder.step
+    monkeypatch.setattr(Decoder, "step", lambda self, tokens: steps.append(1) or step(self, tokens))
+    tokens = stream_tokens(
+        tiny_model, [prompt_of(tokenizer, "The capital of France is")], SamplingParams(max_new_tokens=3)
+    )
+    next(tokens)
+    assert steps == []  # the first token comes from the prefill
+    next(tokens)
+    assert len(steps) == 1
+    assert len(list(tokens)) == 1 and len(steps) == 2  # none past the last token
 
 
 def test_chat_stream_grows_to_the_chat_reply(tiny_model, tokenizer):
@@ -233,7 +215,7 @@ def test_half_precision_agrees_with_fp32(tiny_checkpoint, tiny_model, tokenizer,
 
 
 def test_nucleus_sampling_stays_inside_the_nucleus():
-    from qwenvl.generation import _sample_nucleus
+    from qwenvl.decode.sampling import _sample_nucleus
 
     logits = torch.full((1, 5000), -10.0)
     logits[0, [3, 17, 42]] = torch.tensor([5.0, 4.5, 1.0])  # the top two hold > 90% of the mass
@@ -248,12 +230,11 @@ def test_nucleus_sampling_stays_inside_the_nucleus():
 
 def test_nucleus_sampling_without_candidates_stays_inside_the_nucleus(monkeypatch):
     """As on a GPU: the whole vocabulary sorted, no wait for the device to know the nucleus's width."""
-    from qwenvl import generation
 
-    assert generation.nucleus_by_candidates(torch.device("cpu"))
-    assert not generation.nucleus_by_candidates(torch.device("cuda"))
-    monkeypatch.setattr(generation, "nucleus_by_candidates", lambda device: False)
-    monkeypatch.setattr(generation, "_sample_nucleus", None)  # never called
+    assert sampling.nucleus_by_candidates(torch.device("cpu"))
+    assert not sampling.nucleus_by_candidates(torch.device("cuda"))
+    monkeypatch.setattr(sampling, "nucleus_by_candidates", lambda device: False)
+    monkeypatch.setattr(sampling, "_sample_nucleus", None)  # never called
     logits = torch.full((1, 5000), -10.0)
     logits[0, [3, 17, 42]] = torch.tensor([5.0, 4.5, 1.0])
     params = SamplingParams(do_sample=True, top_p=0.9)

@@ -1,157 +1,143 @@
-"""The parts of benchmarks.gpu_profile that run without a GPU (Triton's interpreter): the matvec sweep
-and the report of what it found."""
+"""The parts of benchmarks.gpu_profile that run without a GPU (Triton's interpreter, or steps that
+only note their settings): each step gets settings of its own, and tuned reads what they record."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
-from benchmarks import gpu_profile
+from benchmarks import gpu_attention, gpu_products, gpu_profile, gpu_step_sweep, tuned
+from benchmarks.models import build_model
 
-from qwenvl import fused_decode
-from qwenvl.static_decode import static_decode_step
+from qwenvl.decode import Decoder, KernelSettings, MatvecBlocks
 
-from .conftest import NEEDS_TRITON
-from .test_fused_decode import prefilled, small_model
+from .conftest import NEEDS_TRITON, small_config
 
-pytestmark = NEEDS_TRITON
-
-
-def profile_results(**parts) -> dict:
-    """A profile's record with nothing measured but `parts`, for its report."""
-    nothing = {"products_per_step_s": 1e-3, "weight_bytes_per_step": 1e6, "products_gb_per_s": 1.0}
-    return {
-        "config": "small", "device_name": "cpu", "memory_bandwidth_bytes_per_s": 1e10, "gemv": [],
-        "gemv_step": {**nothing, "copy_bound_step_s": 1e-4}, "sections": {}, **parts,
-    }  # fmt: skip
+BASE = KernelSettings(matvec_blocks_by_width=((256, MatvecBlocks(rows=2)),))
+CANDIDATES = [(4, 1024, 4, True), (16, 256, 4, False), (3, 64, 4, True)]
 
 
-def test_matvec_sweep_tries_each_candidate_on_one_width_and_restores_the_blocks(monkeypatch):
-    monkeypatch.setattr(fused_decode, "MATVEC", True)
-    model = small_model(1.0, torch.float32)
-    llm = model.transformer.llm_config
-    cache = prefilled(model, [6])
-    lengths = cache.lengths.clone()
-    widths = [llm.hidden_size, llm.mlp_width]
-    # the interpreter's blocks (test_fused_decode.INTERPRETER_BLOCKS) stand for the default
-    monkeypatch.setattr(fused_decode, "matvec_config", lambda k: gpu_profile.blocks((32, 64, 4, True)))
-    default = fused_decode.matvec_config
-    # 3 rows: not a power of two
-    candidates = [(32, 64, 4, True), (16, 128, 4, False), (3, 64, 4, True)]
-    used = []
+def noting_steps(seen: list[KernelSettings]):
+    """make_step for steps that note the settings they were built with; blocks of 3 rows fail."""
 
-    def make_step():
-        def step() -> None:
-            with torch.inference_mode():
-                static_decode_step(model, torch.tensor([5]), cache, fused=True)
-            cache.lengths.copy_(lengths)
+    def make_step(settings: KernelSettings):
+        if any(blocks.rows == 3 for _, blocks in settings.matvec_blocks_by_width):
+            raise ValueError("arange's range must be a power of 2")
+        return lambda: seen.append(settings)
 
-        return step
+    return make_step
+
+
+def timing(seconds: list[float]):
+    """A timer that runs the step once and gives the next of `seconds`."""
+    times = iter(seconds)
 
     def timer(step) -> float:
-        step()  # under the candidate's blocks: what the kernel was launched with
-        used.append({width: fused_decode.matvec_config(width) for width in widths})
-        return 0.002
+        step()
+        return next(times)
 
+    return timer
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return build_model(small_config(), torch.float32)
+
+
+def prefilled(model) -> Decoder:
+    decoder = Decoder(model, 1, 24, ops="torch")
+    decoder.prefill([list(range(100, 110))])
+    return decoder
+
+
+def test_the_matvec_sweep_builds_each_step_with_its_own_settings():
+    seen: list[KernelSettings] = []
     saved = []
-    rows = gpu_profile.matvec_sweep(
-        make_step, timer, widths, candidates, save=lambda: saved.append(len(saved))
+    widths = [128, 256]
+    rows = gpu_step_sweep.matvec_sweep(
+        noting_steps(seen), timing([0.004, 0.002] * 2), BASE, widths, CANDIDATES, save=lambda: saved.append(1)
     )
-    assert len(saved) == len(rows) == 2 * len(candidates)  # the record is saved after each row
-    assert fused_decode.matvec_config is default
-    assert [(r["width"], r["blocks"]["BLOCK_N"]) for r in rows] == [
-        (w, c[0]) for w in widths for c in candidates
+    assert len(saved) == len(rows) == 6  # the record is saved after each row
+    assert [(r["width"], r["blocks"]["rows"]) for r in rows] == [
+        (w, c[0]) for w in widths for c in CANDIDATES
     ]
-    assert [r["default"] for r in rows] == [True, False, False] * 2  # the same blocks at every width
-    assert "error" in rows[2] and "error" in rows[5]  # it compiles nothing else, and the sweep goes on
-    assert [r["step_ms"] for r in rows if "error" not in r] == [2.0] * 4
-    # the width swept takes the candidate's blocks, the other keeps its own
-    assert used[1] == {widths[0]: gpu_profile.blocks(candidates[1]), widths[1]: default(widths[1])}
-    assert used[3] == {widths[0]: default(widths[0]), widths[1]: gpu_profile.blocks(candidates[1])}
+    assert [r["default"] for r in rows] == [True] + [False] * 5  # the base's blocks at 128, not at 256
+    assert "power of 2" in rows[2]["error"]
+    assert [r.get("step_ms") for r in rows] == [4.0, 2.0, None, 4.0, 2.0, None]
+    # the width swept takes the candidate's blocks, the others keep the base's
+    assert seen[1].matvec_for(128) == MatvecBlocks(rows=16, columns=256, ahead=False)
+    assert seen[1].matvec_for(256) == MatvecBlocks(rows=2) and seen[3].matvec_for(128) == BASE.matvec_for(128)
+    assert BASE.matvec_for(128) == MatvecBlocks()  # nothing was set anywhere: nothing to put back
+    picked = tuned.pick({"settings": BASE.to_dict(), "matvec_sweep": rows})
+    assert picked.matvec_for(128) == picked.matvec_for(256) == MatvecBlocks(rows=16, columns=256, ahead=False)
+    report = "\n".join(gpu_step_sweep.report_lines({"matvec_sweep": rows}))
+    assert "| 128 | rows=4 columns=1024 warps=4 stages=3 ahead * | 4 |" in report
+    assert "| 256 | rows=16 columns=256 warps=4 stages=3 | 2 |" in report
 
-    results = profile_results(decode_attention=[], matvec_sweep=rows)
-    report = gpu_profile.report(results)
-    assert f"| {widths[0]} | BLOCK_N=32 BLOCK_K=64 warps=4 AHEAD * | 2 |" in report
-    assert f"| {widths[1]} | BLOCK_N=16 BLOCK_K=128 warps=4 | 2 |" in report
 
-
-def test_dependent_launch_timings_capture_the_early_step_under_the_flag_and_restore_it():
-    flags = []
-
-    def graph_step(fused: bool):
-        assert fused
-        captured = fused_decode.DEPENDENT_LAUNCH  # a graph keeps what it captured
-
-        def step() -> None:
-            flags.append(captured)
-
-        return step
-
-    timings = iter([0.004, 0.003] * 3)
-    rounds = gpu_profile.dependent_launch_timings(graph_step, lambda step: step() or next(timings))
-    assert fused_decode.DEPENDENT_LAUNCH is True
-    assert flags == [False, True] + [False, True] * 3  # captured at once, then timed in turns
+def test_early_launch_and_candidates_are_captured_first_then_timed_in_turns():
+    seen: list[KernelSettings] = []
+    rounds = gpu_step_sweep.dependent_launch_timings(noting_steps(seen), timing([0.004, 0.003] * 3), BASE)
+    assert [s.dependent_launch for s in seen] == [False, True] * 4  # captured, then three rounds
     assert rounds == [{"usual_ms": 4.0, "early_ms": 3.0}] * 3
-    results = profile_results(dependent_launch=rounds)
-    assert "kernels launched as usual / early, in turns: 4.000 / 3.000, 4.000 / 3.000" in gpu_profile.report(
-        results
+    assert tuned.pick({"dependent_launch": rounds}).dependent_launch is True
+
+    seen.clear()
+    candidates = gpu_profile.candidate_settings(BASE, {"base": {}, "usual": {"dependent_launch": False}})
+    assert candidates["usual"] == BASE.with_changes(dependent_launch=False)
+    rows = gpu_step_sweep.candidate_timings(
+        noting_steps(seen), timing([0.004, 0.003, 0.005, 0.002]), candidates, 2
     )
+    assert seen == [candidates["base"], candidates["usual"]] * 3
+    assert [(r["name"], r["step_ms"]) for r in rows] == [("base", [4.0, 5.0]), ("usual", [3.0, 2.0])]
+    assert tuned.pick({"candidates": rows}) == candidates["usual"]
+    report = "\n".join(gpu_step_sweep.report_lines({"dependent_launch": rounds, "candidates": rows}))
+    assert "launched as usual / early, in turns: 4.000 / 3.000, 4.000 / 3.000" in report
+    assert "| usual | 2.5 | 3.000 2.000 |" in report
 
 
-def test_candidates_are_each_captured_under_their_settings_and_timed_in_turns(monkeypatch):
-    captured = []
-
-    def graph_step(fused: bool):
-        settings = (fused_decode.DEPENDENT_LAUNCH, fused_decode.matvec_config(4096)["BLOCK_N"])
-
-        def step() -> None:
-            captured.append(settings)
-
-        return step
-
-    blocks = {"4096": {"BLOCK_N": 16, "BLOCK_K": 256}}
-    candidates = {"default": {}, "usual": {"DEPENDENT_LAUNCH": False, "matvec_config": blocks}}
-    timings = iter([0.004, 0.003, 0.005, 0.002])
-    rows = gpu_profile.candidate_timings(graph_step, lambda step: step() or next(timings), candidates, 2)
-    assert fused_decode.DEPENDENT_LAUNCH is True and fused_decode.matvec_config(4096)["BLOCK_N"] == 4
-    assert captured == [(True, 4), (False, 16)] + [(True, 4), (False, 16)] * 2  # captured, then in turns
-    assert rows == [
-        {"name": "default", "settings": {}, "step_ms": [4.0, 5.0]},
-        {"name": "usual", "settings": candidates["usual"], "step_ms": [3.0, 2.0]},
-    ]
-    report = gpu_profile.report({"config": "real", "device_name": "GPU", "sections": {}, "candidates": rows})
-    assert "| default | 4.5 | 4.000 5.000 | {} |" in report
-    assert '| usual | 2.5 | 3.000 2.000 | {"DEPENDENT_LAUNCH": false, ' in report
+@NEEDS_TRITON
+def test_a_triton_step_runs_under_its_settings_and_puts_the_lengths_back(small_model, interpreter_settings):
+    cache = prefilled(small_model).cache
+    make_step = lambda settings: gpu_step_sweep.triton_step(small_model, cache, settings, mode="static")
+    candidates = [(32, 64, 4, True), (3, 64, 4, True)]  # 3 rows: not a power of two, does not compile
+    llm = small_model.transformer.llm_config
+    timer = timing([0.001] * 4)
+    rows = gpu_step_sweep.matvec_sweep(make_step, timer, interpreter_settings, [llm.hidden_size], candidates)
+    assert rows[0]["step_ms"] == 1.0 and "error" in rows[1]
+    assert cache.lengths.tolist() == [10]
 
 
-def test_attention_blocks_try_each_and_restore_the_default(monkeypatch):
-    # a few of the GPU's candidates: each is a second's Python under the interpreter
-    monkeypatch.setattr(gpu_profile, "ATTENTION_BLOCKS", ((16, 2, 8), (32, 1, 4), (64, 4, 2)))
-    llm = small_model(1.0, torch.float32).transformer.llm_config
-    seen = []
-
-    def blocks() -> tuple[int, int, int]:
-        return (
-            fused_decode.KEYS_PER_BLOCK,
-            fused_decode.ATTENTION_WARPS,
-            fused_decode.PROGRAMS_PER_MULTIPROCESSOR,
-        )
-
-    def timer(attend) -> float:
-        seen.append(blocks())
-        attend()
-        return 1e-5
-
-    rows = gpu_profile.attention_block_rows(llm, torch.device("cpu"), timer, context=40)
-    default = (16, 2, 8)
-    assert blocks() == default
-    assert seen == list(gpu_profile.ATTENTION_BLOCKS)
-    assert [r["default"] for r in rows] == [b == default for b in gpu_profile.ATTENTION_BLOCKS]
-    # the interpreter's 8 multiprocessors over the small model's 4 heads (few queries): the shares
-    # follow the programs a multiprocessor
-    assert [r["splits"] for r in rows] == [
-        -(-programs * 8 // 4) for _, _, programs in gpu_profile.ATTENTION_BLOCKS
-    ]
+@NEEDS_TRITON
+def test_attention_blocks_each_run_under_their_own_settings(small_model, interpreter_settings):
+    llm = small_model.transformer.llm_config
+    candidates = ((64, 2, 2), (16, 1, 4), (32, 4, 1))
+    timer = timing([1e-5] * len(candidates))
+    rows = gpu_attention.attention_block_rows(
+        llm, torch.device("cpu"), interpreter_settings, timer, 40, candidates
+    )
+    assert [r["default"] for r in rows] == [True, False, False]
+    # the interpreter's 8 multiprocessors over 4 heads (few queries): shares follow the programs
+    assert [r["splits"] for r in rows] == [-(-programs * 8 // 4) for _, _, programs in candidates]
     assert all(r["us"] == 10.0 and r["max_abs_gap"] < 0.05 for r in rows)  # bf16 sums in another order
-    results = profile_results(decode_attention_blocks=rows)
-    report = gpu_profile.report(results)
-    assert "over 40 keys (us), by keys a turn, warps and shares" in report
-    assert "| 16 * | 2 | 16 | 10 | 0 |" in report
+    assert tuned.pick({"decode_attention_blocks": rows}).few_queries.keys == 64
+    report = "\n".join(gpu_attention.report_lines({"decode_attention_blocks": rows}))
+    assert "over 40 keys (us)" in report and "| 64 * | 2 | 2 | 4 | 10 | 0 |" in report
+
+
+@NEEDS_TRITON
+def test_products_are_timed_through_cublas_and_matvec(small_model, interpreter_settings):
+    rows, step = gpu_products.product_rows(small_model, 1e12, interpreter_settings, timing([1e-5] * 30))
+    assert [r["weight"] for r in rows][-2:] == ["lm_head", "mlp.w1 + mlp.w2 packed"]
+    assert "us_matvec" not in rows[-2] and all("us_matvec" in r for r in rows if r["weight"] != "lm_head")
+    assert rows[0]["matvec_blocks"] == dataclasses.asdict(interpreter_settings.matvec_blocks)
+    layer = sum(
+        r["shape"][0] * r["shape"][1] for r in rows[:5]
+    )  # one layer's weights, the packed pair left out
+    assert step["weight_bytes_per_step"] == 4 * (layer + rows[5]["shape"][0] * rows[5]["shape"][1])
+    results = {"config": "small", "device_name": "cpu", "settings": {}, "memory_bandwidth_bytes_per_s": 1e12}
+    report = gpu_profile.report({**results, "products": rows, "products_step": step})
+    assert (
+        "| mlp.w1 + mlp.w2 packed | 256x128 |" in report and "decode step's products through cuBLAS" in report
+    )

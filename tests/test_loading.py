@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from qwenvl import QwenVLConfig, QwenVLForCausalLM, QwenVLTokenizer
+from qwenvl.chat_format import CHAT_GENERATION_DEFAULTS
 from qwenvl.hub import ModelNotFoundError
 from qwenvl.loading import CheckpointError, PrecisionError, load_config, resolve_device, select_dtype
-from qwenvl.model.causal_lm import CHAT_GENERATION_DEFAULTS
 from qwenvl.random_checkpoint import build_checkpoint, random_state_dict, save_weights
 
 from .conftest import DATA, small_config

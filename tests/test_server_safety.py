@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 import qwenvl.engine
+from qwenvl.decode import Decoder
 from qwenvl.engine import Engine
 from qwenvl.images import ImagePolicy
 from qwenvl.server.app import create_app
@@ -83,15 +84,15 @@ def post_alone(tiny_model, tokenizer, body: dict) -> str:
 
 def test_a_request_failing_in_the_engine_is_a_500_for_it_alone(tiny_model, tokenizer, monkeypatch):
     poison = tokenizer.encode("POISON")
-    prefill = qwenvl.engine.prefill
 
-    def failing_prefill(model, rows, cache, features=None):
-        text = list(rows[0])
-        if any(text[i : i + len(poison)] == poison for i in range(len(text))):
-            raise RuntimeError("broken prompt (simulated)")
-        return prefill(model, rows, cache, features)
+    class FailingDecoder(Decoder):
+        def prefill(self, rows, image_features=None):
+            text = list(rows[0])
+            if any(text[i : i + len(poison)] == poison for i in range(len(text))):
+                raise RuntimeError("broken prompt (simulated)")
+            return super().prefill(rows, image_features)
 
-    monkeypatch.setattr(qwenvl.engine, "prefill", failing_prefill)
+    monkeypatch.setattr(qwenvl.engine, "Decoder", FailingDecoder)
     bodies = [ask("Name a colour."), ask("POISON"), ask("Count to three."), ask("Say hello.")]
     together, alone = one_batch_then_alone(tiny_model, tokenizer, bodies)
     for responses in (together, alone):

@@ -16,8 +16,8 @@ import torch
 from qwenvl import vision_graphs
 from qwenvl.cache import KVCache
 from qwenvl.chat_format import make_context
+from qwenvl.decode import Decoder
 from qwenvl.engine import concat_caches
-from qwenvl.generation import prefill
 from qwenvl.model.llm import Step
 from qwenvl.transfers import to_device
 
@@ -46,7 +46,7 @@ def test_a_fresh_cache_is_known_empty_until_something_writes_it(tiny_model, toke
     cache = KVCache(llm, 1, 400)
     assert cache.empty
     with torch.inference_mode():
-        prefill(tiny_model, [tokenizer.encode("a b c")], cache)
+        Decoder(tiny_model, cache=cache).prefill([tokenizer.encode("a b c")])
     assert not cache.empty and cache.lengths.tolist() == [3]
     assert not cache.select([0]).empty and not concat_caches([cache, cache]).empty
     # a cache written behind the flag's back (flag left False) is asked on the device: still right
@@ -66,7 +66,7 @@ def test_prefill_from_host_ids_writes_each_image_span(tiny_model, tokenizer):
         ids = torch.tensor([prompt], device=tiny_model.device)
         assert torch.equal(host, tiny_model.transformer.embed(ids, features))
         cache = KVCache(tiny_model.transformer.llm_config, 1, len(prompt) + 1)
-        logits = prefill(tiny_model, [prompt], cache, features)
+        logits = Decoder(tiny_model, cache=cache).prefill([prompt], features)
         whole = tiny_model(input_ids=torch.tensor([prompt]), image_features=features).logits[:, -1]
     torch.testing.assert_close(logits, whole)
 
@@ -104,13 +104,71 @@ def test_prefill_into_a_fresh_cache_does_not_wait_for_the_gpu(tiny_model, tokeni
     pixels = pixels_for(model, 1, "cuda")
     llm = model.transformer.llm_config
     with torch.inference_mode():
-        expected = prefill(model, [prompt], KVCache(llm, 1, 400, device="cuda"), visual(pixels))
+        expected = Decoder(model, cache=KVCache(llm, 1, 400, device="cuda")).prefill([prompt], visual(pixels))
         vision_graphs.encode_pixels(visual, pixels)  # captured here: capturing waits
-        cache = KVCache(llm, 1, 400, device="cuda")
+        decoder = Decoder(model, cache=KVCache(llm, 1, 400, device="cuda"))
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            logits = prefill(model, [prompt], cache, vision_graphs.encode_pixels(visual, pixels))
+            logits = decoder.prefill([prompt], vision_graphs.encode_pixels(visual, pixels))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(logits, expected)
+
+
+def test_the_host_knows_each_rows_length(tiny_model, tokenizer):
+    """What lets a prefill into a cache that holds a conversation (and a plain step) launch its
+    kernels without asking the device how long the rows are."""
+    from qwenvl.prefix_cache import PrefixCache
+
+    cache = KVCache(tiny_model.transformer.llm_config, 2, 40)
+    decoder = Decoder(tiny_model, cache=cache)
+    decoder.prefill([[1, 2, 3], [4, 5]])
+    assert cache.held == cache.lengths.tolist() == [3, 2]
+    decoder.step(torch.tensor([6, 7]))
+    Decoder(tiny_model, cache=cache, mode="plain").step(torch.tensor([8, 9]))
+    assert cache.held == cache.lengths.tolist() == [5, 4]
+    assert cache.select([1]).held == [4] and concat_caches([cache, cache.select([0])]).held == [5, 4, 5]
+    kept = PrefixCache()
+    kept.keep([1, 2, 3, 6], cache.select([0]))
+    restored = KVCache(tiny_model.transformer.llm_config, 1, 40)
+    assert kept.restore(tiny_model, [1, 2, 3, 6, 10, 11], restored) == 4
+    assert restored.held == restored.lengths.tolist() == [4]
+
+
+@NEEDS_CUDA
+def test_a_second_turns_prefill_does_not_wait_for_the_gpu(tiny_model, tokenizer):
+    from qwenvl.prefix_cache import PrefixCache
+
+    model = copy.deepcopy(tiny_model).cuda().eval()
+    llm = model.transformer.llm_config
+    first = tokenizer.encode("a b c d e f g h")
+    with torch.inference_mode():
+        cache = KVCache(llm, 1, 40, device="cuda")
+        Decoder(model, cache=cache).prefill([first])
+        kept = PrefixCache()
+        kept.keep(first, cache)
+        second = KVCache(llm, 1, 40, device="cuda")
+        start = kept.restore(model, [*first, 5, 6, 7], second)
+        decoder = Decoder(model, cache=second)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            decoder.prefill([[*first, 5, 6, 7][start:]])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+def test_without_native_bf16_a_bf16_tower_computes_in_fp32(tiny_model, monkeypatch):
+    """Emulated bf16 products took the mid-size tower 7x its fp32 time (vision_graphs' docstring)."""
+    from qwenvl.decode import cpu_ops
+
+    monkeypatch.setattr(cpu_ops, "onednn_bf16", lambda: False)
+    bf16 = copy.deepcopy(tiny_model.transformer.visual).to(torch.bfloat16)
+    fp32 = copy.deepcopy(bf16).float()  # the same weights, as fp32 copies hold them
+    pixels = pixels_for(tiny_model, 1)
+    with torch.no_grad():
+        features = vision_graphs.encode_pixels(bf16, pixels)
+        assert features.dtype == torch.bfloat16
+        assert torch.equal(features, fp32(pixels).to(torch.bfloat16))
+    assert next(bf16.parameters()).dtype == torch.bfloat16  # the module is left as it was

@@ -2,7 +2,7 @@
 
 from .chat_format import decode_reply, get_stop_words_ids, make_context
 from .config import QwenVLConfig
-from .model import QwenVLForCausalLM
+from .modeling import QwenVLForCausalLM
 from .prefix_cache import PrefixCache
 from .tokenizer import QWenTokenizer, QwenVLTokenizer
 from .transformers_registration import register

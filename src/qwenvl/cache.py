@@ -28,10 +28,30 @@ class KVCache:
         self.ntk_alpha = torch.ones(batch_size, dtype=torch.float32, device=device)
         # rotary inverse frequencies of each row's prefill [B, rotary_dim/2], set by the prefill
         self.inv_freq = torch.zeros(batch_size, cfg.rotary_dim // 2, dtype=torch.float32, device=device)
-        # No token written yet, known on the host: a prefill into the cache need not ask the GPU
-        # (and wait for it) whether it is. Whatever writes `lengths` clears it: the model's
-        # forward, the decode steps, PrefixCache.restore; False is always safe (the GPU is asked).
-        self.empty = True
+        # The rows' lengths as the host knows them, so that a prefill or a plain step need not ask
+        # the GPU (and wait for everything queued before) how long the rows are. Whatever writes
+        # `lengths` keeps it in step (`advanced`, `set_lengths`, the decoder after each step);
+        # None is always safe: the device is asked.
+        self.held: list[int] | None = [0] * batch_size
+
+    @property
+    def empty(self) -> bool:
+        """Known on the host to hold no token (False: holds some, or not known)."""
+        return self.held is not None and not any(self.held)
+
+    @empty.setter
+    def empty(self, value: bool) -> None:
+        self.held = [0] * self.batch_size if value else None
+
+    def advanced(self, counts: list[int]) -> None:
+        """`lengths` have grown by `counts` on the device: the host's mirror follows."""
+        if self.held is not None:
+            self.held = [n + c for n, c in zip(self.held, counts, strict=True)]
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Every row's length, on the device and on the host."""
+        self.lengths.copy_(torch.as_tensor(lengths, device=self.lengths.device))
+        self.held = list(lengths)
 
     @property
     def batch_size(self) -> int:
@@ -63,9 +83,10 @@ class KVCache:
     def select(self, rows: torch.Tensor | list[int]) -> KVCache:
         """A cache holding only `rows` (a copy), e.g. to drop finished sequences from a batch."""
         picked = KVCache.__new__(KVCache)
-        rows = torch.as_tensor(rows, device=self.lengths.device)
+        host_rows = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
+        rows = torch.as_tensor(host_rows, device=self.lengths.device)
         picked.keys, picked.values = self.keys[:, rows], self.values[:, rows]
         picked.lengths, picked.ntk_alpha = self.lengths[rows], self.ntk_alpha[rows]
         picked.inv_freq = self.inv_freq[rows]
-        picked.empty = False
+        picked.held = None if self.held is None else [self.held[i] for i in host_rows]
         return picked

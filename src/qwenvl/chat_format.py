@@ -2,12 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 from .tokenizer import QwenVLTokenizer
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
 CHAT_FORMATS = ("chatml", "raw")
+DEFAULT_CHAT_FORMAT = "chatml"
+DEFAULT_MAX_WINDOW_SIZE = 6144  # tokens of history a prompt keeps (older turns are dropped)
+# Qwen-VL-Chat's generation_config.json, for checkpoints that lack one.
+CHAT_GENERATION_DEFAULTS = dict(
+    chat_format=DEFAULT_CHAT_FORMAT,
+    do_sample=True,
+    top_p=0.3,
+    top_k=0,
+    max_new_tokens=512,
+    max_window_size=DEFAULT_MAX_WINDOW_SIZE,
+    eos_token_id=151643,
+    pad_token_id=151643,
+)
+RAW_STOP_WORD = "Human:"  # a raw-format reply ends where the model starts the next turn
 GROUNDING_TAGS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>")
 # A message is text (its <img>/<ref>/<box> tags are live, as in the original) or a list-format
 # list of parts whose text is always plain: the safe form for text typed by someone else. A
@@ -15,6 +33,16 @@ GROUNDING_TAGS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>")
 # model wrote, but <img> stays text, so a client's history can never name a file.
 Content = str | Sequence[dict]
 History = Sequence[tuple[Content, Content | None]]
+
+
+def prompt_settings(
+    generation_config: Any, chat_format: str | None = None, max_window_size: int | None = None
+) -> tuple[str, int]:
+    """(chat format, max window size): those given, else the generation config's, else the defaults."""
+    chat_format = chat_format or getattr(generation_config, "chat_format", None) or DEFAULT_CHAT_FORMAT
+    _check_format(chat_format)
+    window = max_window_size or getattr(generation_config, "max_window_size", None) or DEFAULT_MAX_WINDOW_SIZE
+    return chat_format, window
 
 
 def _check_format(chat_format: str) -> None:
@@ -65,8 +93,8 @@ def make_context(
     query: Content,
     history: History | None = None,
     system: Content = "",
-    max_window_size: int = 6144,
-    chat_format: str = "chatml",
+    max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
+    chat_format: str = DEFAULT_CHAT_FORMAT,
 ) -> tuple[str, list[int]]:
     """(raw_text, token_ids) of the prompt, keeping the newest history turns that fit the window.
 
@@ -117,35 +145,77 @@ def get_stop_words_ids(chat_format: str, tokenizer: QwenVLTokenizer) -> list[lis
     _check_format(chat_format)
     if chat_format == "chatml":
         return [[tokenizer.im_end_id], [tokenizer.im_start_id]]
-    return [tokenizer.encode("Human:"), [tokenizer.eod_id]]
+    return [tokenizer.encode(RAW_STOP_WORD), [tokenizer.eod_id]]
 
 
 def decode_reply(
-    tokenizer: QwenVLTokenizer, generated_ids: Sequence[int], chat_format: str = "chatml"
+    tokenizer: QwenVLTokenizer, generated_ids: Sequence[int], chat_format: str = DEFAULT_CHAT_FORMAT
 ) -> str:
-    """The reply text of generated ids (prompt excluded): cut at the first stop, stripped.
+    """The reply text of generated ids (prompt excluded), as `ReplyText` ends it: cut at the first
+    end token (and, raw, at "Human:"), stripped.
 
     Unlike the original, a reply cut by max_new_tokens keeps its last token.
     """
-    _check_format(chat_format)
-    ids = list(generated_ids)
-    ends = {tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.eod_id}
-    cut = next((i for i, t in enumerate(ids) if t in ends), len(ids))
-    text = tokenizer.decode(ids[:cut])
-    if chat_format == "raw" and "Human:" in text:
-        text = text[: text.index("Human:")]
-    return text.strip()
+    reply = ReplyText(tokenizer, chat_format)
+    reply.tokens.extend(generated_ids)
+    return reply.finish()
 
 
-def streamable_prefix(text: str, chat_format: str = "chatml") -> str:
-    """The part of a reply still being generated that can be shown without being taken back later.
+class ReplyText:
+    """A reply decoded as its tokens arrive, as text that can be shown and is never taken back.
 
-    Holds back a trailing partial character and, for the raw format, an ending that could grow
-    into the "Human:" stop word.
+    `add(token)` returns the new text that can be shown, `finish()` the rest; `text` is all of it
+    so far. The whole reply is decoded each time. Held back until later tokens settle them: a
+    trailing partial UTF-8 character (U+FFFD) and an ending that may grow into a stop string.
+    The reply ends at the first end token or stop string and is stripped; the stop strings are
+    the client's `stops`, cut exactly, and for the raw format "Human:" (where the model starts
+    the next turn), cut with the spaces before it.
     """
-    text = text.rstrip("\ufffd")
-    if chat_format == "raw":
-        for size in range(min(len("Human:"), len(text)), 0, -1):
-            if "Human:".startswith(text[-size:]):
-                return text[:-size].rstrip()
-    return text
+
+    def __init__(
+        self, tokenizer: QwenVLTokenizer, chat_format: str = DEFAULT_CHAT_FORMAT, stops: Sequence[str] = ()
+    ):
+        _check_format(chat_format)
+        self.tokenizer = tokenizer
+        self.raw = chat_format == "raw"
+        self.stops = [s for s in stops if s]
+        self.ends = {tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.eod_id}
+        self.tokens: list[int] = []  # every token fed, those after the reply's end too
+        self.text = ""
+        self.stopped = False  # a stop string was found
+        self.done = False  # nothing more will be shown
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        return self._advance(final=False)
+
+    def finish(self) -> str:
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self.done:
+            return ""
+        end = next((i for i, t in enumerate(self.tokens) if t in self.ends), None)
+        text = self.tokenizer.decode(self.tokens[:end])
+        if self.raw and RAW_STOP_WORD in text:
+            text, self.stopped = text[: text.index(RAW_STOP_WORD)], True
+        text = text.strip()
+        found = [text.index(s) for s in self.stops if s in text]
+        if found:
+            text, self.stopped = text[: min(found)], True
+        self.done = final or self.stopped or end is not None
+        if not self.done:  # later tokens may still complete a character or a stop string
+            text = text.rstrip("\ufffd")
+            held = _stop_prefix_length(text, [*self.stops, RAW_STOP_WORD] if self.raw else self.stops)
+            # trailing spaces wait for what follows: a reply that ends there is stripped
+            text = text[: len(text) - held].rstrip()
+        if not text.startswith(self.text):  # only a malformed <img> span decodes differently later
+            logger.warning("reply text changed while streaming; the change is not shown")
+            return ""
+        delta, self.text = text[len(self.text) :], text
+        return delta
+
+
+def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)

@@ -235,32 +235,29 @@ def _answer(
     echo: TextIO | None,
     prefix_cache: PrefixCache | None = None,
 ) -> Answer:
-    """Generate a reply with chat_stream, writing each new piece of text to `echo` as it arrives."""
+    """Generate a reply with chat_stream, writing each new piece of text to `echo` as it arrives
+    (the stream only ever extends the text it yielded before)."""
     options: dict[str, Any] = frontend.sampling_options(args)
     if args.system is not None:
         options["system"] = args.system
     if prefix_cache is not None:
         options["prefix_cache"] = prefix_cache
     started = time.perf_counter()
-    first, text, shown = None, "", ""
-    for text in loaded.model.chat_stream(loaded.tokenizer, query, history=history, **options):
+    first, text = None, ""
+    for grown in loaded.model.chat_stream(loaded.tokenizer, query, history=history, **options):
         if first is None:
             first = time.perf_counter() - started
-        if echo is not None and text.startswith(shown):
-            echo.write(text[len(shown) :])
+        if echo is not None:
+            echo.write(grown[len(text) :])
             echo.flush()
-            shown = text
-    if echo is not None and shown != text:
-        echo.write(f"\n{text}")  # the stream revised text already shown: show the final reply whole
+        text = grown
     return Answer(text, first, time.perf_counter() - started)
 
 
 def _usage(loaded: frontend.LoadedModel, query: str, reply: str, system: str | None) -> dict[str, int]:
-    from .chat_format import DEFAULT_SYSTEM, make_context
+    from .chat_format import DEFAULT_SYSTEM, make_context, prompt_settings
 
-    config = loaded.model.generation_config
-    window = getattr(config, "max_window_size", None) or 6144
-    chat_format = getattr(config, "chat_format", None) or "chatml"
+    chat_format, window = prompt_settings(loaded.model.generation_config)
     _, prompt = make_context(loaded.tokenizer, query, None, system or DEFAULT_SYSTEM, window, chat_format)
     return {"prompt_tokens": len(prompt), "completion_tokens": len(loaded.tokenizer.encode_chat(reply))}
 

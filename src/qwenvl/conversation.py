@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .chat_format import DEFAULT_SYSTEM, make_context
+from .chat_format import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM, make_context
 from .images import image_digest
 from .tokenizer import QwenVLTokenizer
 
@@ -41,8 +41,8 @@ def build_prompt(
     query: Message,
     history: Sequence[tuple[Message, str]] = (),
     system: str = DEFAULT_SYSTEM,
-    max_window_size: int = 6144,
-    chat_format: str = "chatml",
+    max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
+    chat_format: str = DEFAULT_CHAT_FORMAT,
 ) -> Prompt:
     """The prompt for `query` after `history`; old turns that do not fit the window are dropped
     (with their images)."""

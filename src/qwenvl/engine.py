@@ -7,9 +7,11 @@ them into the running batch, whose rows keep their own lengths in one KV cache. 
 sequences are remembered so that a later prompt that starts the same way (the next turn of a
 conversation) reuses their keys and values instead of re-encoding the image and the history.
 
-A batch that has run unchanged for a while decodes through a DecodeRunner over its cache: on CUDA
-its step captured once as a CUDA graph and replayed, as `generate` decodes. Rows joining or
-leaving make a new cache, and the runner goes with the old one.
+Each running row is a `decode.Sequence` (its token choice and stopping, as in `generate`); the
+batch decodes through a `decode.Decoder` over its cache, static steps at first and, once the batch
+has run unchanged for a while, in the engine's decode mode: on CUDA its step recorded once as a
+CUDA graph and replayed, as `generate` decodes. Rows joining or leaving make a new cache, and the
+decoder goes with the old one.
 
 A request that fails (its prefill, the choice of its next token, or a decode step that fails
 for it alone) ends with RequestFailedError; the other rows of the batch go on untouched.
@@ -18,127 +20,48 @@ for it alone) ends with RequestFailedError; the other rows of the batch go on un
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from . import fused_decode
 from .cache import KVCache
 from .conversation import image_name
-from .generation import (
-    PromptTooLongError,
-    SamplingParams,
-    choose_tokens,
-    decode_step,
-    is_finished,
-    max_new_tokens,
-    new_cache,
-    prefill,
-)
+from .decode.backends import ops_for
+from .decode.decoder import Decoder
+from .decode.sampling import DECODE_MODES as DECODER_MODES
+from .decode.sampling import PromptTooLongError, SamplingParams
+from .decode.sequence import ChoiceError, choose_next
+from .decode.sequence import Sequence as DecodingSequence
+from .generation import max_new_tokens, new_cache
 from .host_memory import return_free_memory
+from .model.ops import TorchOps
 from .model.qwenvl import image_span_starts
 from .prefix_cache import PrefixCache
-from .static_decode import DecodeRunner, static_decode_step
+from .request_handle import (
+    EngineBusyError,
+    EngineStoppedError,
+    Event,
+    RequestFailedError,
+    RequestHandle,
+)
 from .vision_graphs import encode_pixels
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# "auto": "cuda_graph" on CUDA, "static" elsewhere; "plain": generation.decode_step at every step
-DECODE_MODES = ("auto", "plain", "static", "cuda_graph")
-# A batch gets its own runner once it has taken this many steps unchanged and each of its rows
-# may take as many more: capturing a graph costs about three steps (two warm-up steps and the
-# capture), and a batch that changes every few steps would pay that again and again.
+# the decoder's modes but "compile", which would compile again for every new batch
+DECODE_MODES = tuple(mode for mode in DECODER_MODES if mode != "compile")
+# A batch gets its own decoder in the engine's mode once each of its rows may take this many
+# more steps, and it has taken as many unchanged or nothing waits to join it: capturing a graph
+# costs about three steps (two warm-up steps and the capture), and a batch that changes every few
+# steps would pay that again and again.
 STEADY_STEPS = 8
-
-
-class EngineBusyError(RuntimeError):
-    """The request queue is full: the caller should retry later (a server answers 503)."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine was stopped before the request finished."""
-
-
-class RequestFailedError(RuntimeError):
-    """This request failed in the engine, while `stage`; the cause is chained. Others went on."""
-
-    def __init__(self, stage: str):
-        super().__init__(f"the request failed while {stage}")
-        self.stage = stage
-
-
-@dataclass
-class Event:
-    token: int | None = None
-    finish_reason: str | None = None  # "stop" or "length" on the last event
-    error: BaseException | None = None
-
-
-class RequestHandle:
-    """What `Engine.submit` returns: the stream of a request's tokens, and a way to cancel it."""
-
-    def __init__(self, request_id: int, loop: asyncio.AbstractEventLoop | None):
-        self.id = request_id
-        self.prompt_tokens = 0
-        self.reused_tokens = 0
-        self.finish_reason: str | None = None
-        self._loop = loop
-        self._sync: queue.Queue[Event] = queue.Queue()
-        self._async: asyncio.Queue[Event] | None = asyncio.Queue() if loop is not None else None
-        self.cancelled = threading.Event()
-        self.done = threading.Event()  # set once the engine has published the request's last event
-
-    def cancel(self) -> None:
-        """Stop generating for this request; its slot is freed at the next step."""
-        self.cancelled.set()
-
-    def _publish(self, event: Event) -> None:
-        if event.finish_reason is not None or event.error is not None:
-            self.done.set()
-        if self._async is None:
-            self._sync.put(event)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
-        except RuntimeError:  # the reader's event loop is closed: nobody is listening any more
-            self.cancelled.set()
-
-    def _read(self, event: Event) -> int | None:
-        if event.error is not None:
-            raise event.error
-        if event.finish_reason is not None:
-            self.finish_reason = event.finish_reason
-        return event.token
-
-    def __iter__(self) -> Iterator[int]:
-        """Token ids as they are generated (blocking); ends when the request finishes."""
-        while True:
-            event = self._sync.get()
-            token = self._read(event)
-            if token is not None:
-                yield token
-            if event.finish_reason is not None:
-                return
-
-    async def stream(self) -> AsyncIterator[int]:
-        """The same, for asyncio code (the handle must come from `submit(..., loop=...)`)."""
-        if self._async is None:
-            raise RuntimeError("submit the request with loop=asyncio.get_running_loop() to stream it")
-        while True:
-            event = await self._async.get()
-            token = self._read(event)
-            if token is not None:
-                yield token
-            if event.finish_reason is not None:
-                return
 
 
 @dataclass
@@ -152,65 +75,12 @@ class _Request:
 
 @dataclass
 class _Row:
-    """A running sequence: its request and what it generated so far."""
+    """A running sequence: its request and its decoding state."""
 
     request: _Request
-    max_new: int
-    generated: list[int] = field(default_factory=list)
-    seen: torch.Tensor | None = None
-    generator: torch.Generator | None = None
-    logits: torch.Tensor | None = None  # of the next token, [V]
-    finish_reason: str | None = None  # set once the row's last event is published
-
-
-def choose_rows_tokens(rows: Sequence[_Row]) -> list[int | RequestFailedError]:
-    """Each row's next token from its logits, read off the device at once: one wait per step, not
-    one per row, and one argmax for the rows that choose greedily without a repetition penalty.
-
-    A row whose choice raises, or whose logits are not finite, gets a RequestFailedError instead
-    of a token; the other rows get what they would get alone. Sampled rows draw from their logits
-    with non-finite values zeroed: a GPU's multinomial given NaN fails the whole device, not the row.
-    """
-    if not rows:
-        return []
-    chosen: list[torch.Tensor | None] = [None] * len(rows)
-    finite: list[torch.Tensor | None] = [None] * len(rows)
-    failed: dict[int, RequestFailedError] = {}
-    plain = [i for i, row in enumerate(rows) if _plain_greedy(row.request.params)]
-    if plain:  # the same choice for each of them, whatever else their parameters say
-        logits = torch.stack([rows[i].logits for i in plain])
-        greedy = choose_tokens(logits, rows[plain[0]].request.params, None, None)
-        sound = torch.isfinite(logits).all(-1)
-        for k, i in enumerate(plain):
-            chosen[i], finite[i] = greedy[k : k + 1], sound[k : k + 1]
-    for i, row in enumerate(rows):
-        if chosen[i] is not None:
-            continue
-        try:
-            safe = torch.nan_to_num(row.logits[None], nan=0.0, posinf=0.0, neginf=0.0)
-            chosen[i] = choose_tokens(safe, row.request.params, row.seen, row.generator)
-            finite[i] = torch.isfinite(row.logits).all()[None]
-        except Exception as error:
-            failed[i] = _failure("choosing its next token", error)
-    kept = [i for i in range(len(rows)) if i not in failed]
-    tokens, sound = [], []
-    if kept:
-        both = torch.stack(
-            [torch.cat([chosen[i] for i in kept]), torch.cat([finite[i] for i in kept]).long()]
-        )
-        tokens, sound = both.tolist()
-    out: list[int | RequestFailedError] = []
-    read = iter(zip(tokens, sound, strict=True))
-    for i in range(len(rows)):
-        if i in failed:
-            out.append(failed[i])
-            continue
-        token, is_finite = next(read)
-        if is_finite:
-            out.append(token)
-        else:
-            out.append(_failure("choosing its next token", FloatingPointError("non-finite logits")))
-    return out
+    sequence: DecodingSequence
+    # "stop" or "length" (the sequence's), "cancelled" or "error": set once its last event is out
+    finish_reason: str | None = None
 
 
 def _failure(stage: str, cause: BaseException) -> RequestFailedError:
@@ -218,10 +88,6 @@ def _failure(stage: str, cause: BaseException) -> RequestFailedError:
     error = RequestFailedError(stage)
     error.__cause__ = cause
     return error
-
-
-def _plain_greedy(params: SamplingParams) -> bool:
-    return params.greedy and params.repetition_penalty == 1.0
 
 
 def concat_caches(caches: Sequence[KVCache]) -> KVCache:
@@ -233,7 +99,8 @@ def concat_caches(caches: Sequence[KVCache]) -> KVCache:
     merged.lengths = torch.cat([c.lengths for c in caches])
     merged.ntk_alpha = torch.cat([c.ntk_alpha for c in caches])
     merged.inv_freq = torch.cat([c.inv_freq for c in caches])
-    merged.empty = False
+    known = all(c.held is not None for c in caches)
+    merged.held = [n for c in caches for n in c.held] if known else None
     return merged
 
 
@@ -254,9 +121,11 @@ class Engine:
         max_queue: int = 64,
         prefix_cache_entries: int = 8,
         decode_mode: str = "auto",
+        ops: TorchOps | str | None = None,
     ):
-        """`decode_mode`: one of DECODE_MODES; "static" and "cuda_graph" are the modes of a steady
-        batch's DecodeRunner (the steps before it are static ones)."""
+        """`decode_mode`: one of DECODE_MODES, the mode of a steady batch's decoder (the steps
+        before it are static ones; "plain": every step). `ops`: the decoders' backend, an object
+        or a name (default: the device's)."""
         self.model = model
         self.max_batch_size = max_batch_size
         self._waiting: queue.Queue[_Request] = queue.Queue(maxsize=max_queue)
@@ -267,22 +136,22 @@ class Engine:
         self._looping = threading.Event()  # set while run() loops, in whichever thread
         self._rows: list[_Row] = []
         self._cache: KVCache | None = None
-        self._runner: DecodeRunner | None = None  # the steady batch's, over self._cache
+        self._decoder: Decoder | None = None  # the running batch's, over self._cache
+        self._steady_decoder = False  # whether it is the steady batch's (in the engine's mode)
         self._steps_unchanged = 0  # steps the running batch has taken since it last changed
-        self.steady_batches = 0  # batches that ran long enough unchanged to get a runner
+        self.steady_batches = 0  # batches that ran long enough unchanged to get their own decoder
         self._prefilled_since_idle = False
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         if decode_mode not in DECODE_MODES:
-            # "compile" among them: it would compile again for every new batch
             raise ValueError(f"the engine's decode mode is one of {DECODE_MODES}, not {decode_mode!r}")
         if decode_mode == "auto":
             decode_mode = "cuda_graph" if self.device.type == "cuda" else "static"
         if decode_mode == "cuda_graph" and self.device.type != "cuda":
             raise ValueError(f"decode mode 'cuda_graph' needs the model on a CUDA device, not {self.device}")
         self.decode_mode = decode_mode
-        if fused_decode.available(self.device):  # the steps' MLPs then take one product for w1 and w2
-            fused_decode.pack_gate_weights(model)
+        # built now: its copies of the weights, its packing, once
+        self.ops = ops if isinstance(ops, TorchOps) else ops_for(model, ops)
 
     # -- life cycle --------------------------------------------------------------------------------
 
@@ -422,7 +291,7 @@ class Engine:
                 continue
             self._prefilled_since_idle = True
             try:
-                row, cache = self._prefill(request)
+                row, cache, logits = self._prefill(request)
             except Exception as error:
                 request.handle._publish(Event(error=_failure("preparing its prompt", error)))
                 continue
@@ -430,10 +299,11 @@ class Engine:
                 request.images = []  # encoded now (or failed): the pictures need not stay in memory
             self._rows.append(row)
             self._set_cache(cache if self._cache is None else concat_caches([self._cache, cache]))
-            self._emit_next([len(self._rows) - 1])
+            self._emit_next([row], logits)
 
-    def _prefill(self, request: _Request) -> tuple[_Row, KVCache]:
-        """A batch-1 cache for the request (reusing a stored prefix when exact) and its first logits."""
+    def _prefill(self, request: _Request) -> tuple[_Row, KVCache, torch.Tensor]:
+        """A batch-1 cache for the request (reusing a stored prefix when exact), its row, and the
+        logits of its first token [1, V]."""
         model, prompt, params = self.model, request.prompt, request.params
         cache = new_cache(model, [prompt], params)
         # digests, not references: a caller's ids may name different pictures alike
@@ -448,40 +318,35 @@ class Engine:
 
             pixels = preprocess(request.images[first_new_image:], model.transformer.vision_config.image_size)
             features = encode_pixels(model.transformer.visual, pixels.to(self.device))
-        logits = prefill(model, [prompt[start:]], cache, features)[0]
-        row = _Row(request, max_new_tokens(model, [prompt], params), logits=logits)
-        if params.seed is not None:
-            row.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        if params.repetition_penalty != 1.0:
-            row.seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=self.device)
-            row.seen[0, torch.as_tensor(prompt, device=self.device)] = True
-        return row, cache
+        logits = Decoder(model, cache=cache, mode="static", ops=self.ops).prefill([prompt[start:]], features)
+        sequence = DecodingSequence.start(
+            prompt, params, max_new_tokens(model, [prompt], params), model.config.vocab_size, self.device
+        )
+        return _Row(request, sequence), cache, logits
 
     def _step(self) -> None:
         """Decode one token for every running row."""
-        tokens = torch.as_tensor([row.generated[-1] for row in self._rows], device=self.device)
+        tokens = torch.as_tensor([row.sequence.generated[-1] for row in self._rows], device=self.device)
         try:
-            logits = self._decoder()(tokens)
+            logits = self._decoding().step(tokens)
         except Exception:
             logger.exception("a decode step of %d rows failed; decoding them one by one", len(self._rows))
             logits = self._decode_rows_alone(tokens)
         self._steps_unchanged += 1
-        for i, row in enumerate(self._rows):
-            row.logits = logits[i]
-        self._emit_next(range(len(self._rows)))
+        self._emit_next(self._rows, logits)
 
     def _decode_rows_alone(self, tokens: torch.Tensor) -> torch.Tensor:
         """The failed step again, a row at a time: the rows it fails for fail, the others go on
         with what the batch would have given them (a batch computes each row as it would alone)."""
-        # The step may have advanced the lengths before failing. Each row holds its prompt and
-        # every token it generated but the last, which this step was feeding.
-        held = [len(row.request.prompt) + len(row.generated) - 1 for row in self._rows]
-        self._cache.lengths.copy_(torch.as_tensor(held, device=self.device))
+        # the step may have advanced the lengths before failing
+        self._cache.set_lengths([row.sequence.held for row in self._rows])
         survivors, caches, logits = [], [], []
         for i, row in enumerate(self._rows):
             cache = self._cache.select([i])
             try:
-                logits.append(static_decode_step(self.model, tokens[i : i + 1], cache))
+                logits.append(
+                    Decoder(self.model, cache=cache, mode="static", ops=self.ops).step(tokens[i : i + 1])
+                )
             except Exception as error:
                 row.request.handle._publish(Event(error=_failure("decoding", error)))
                 continue
@@ -491,51 +356,55 @@ class Engine:
         self._set_cache(concat_caches(caches) if caches else None)
         return torch.cat(logits) if logits else torch.empty(0)
 
-    def _decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The running batch's decode step: its runner once it is steady, else the static step
-        (whose shapes stay put too, which spares the host syncs)."""
+    def _decoding(self) -> Decoder:
+        """The running batch's decoder: static steps (whose shapes stay put, which spares the host
+        syncs), then the engine's own mode once the batch is steady."""
         if self.decode_mode == "plain":
-            return functools.partial(decode_step, self.model, cache=self._cache)
-        if self._runner is None and self._steady():
-            self._runner = DecodeRunner(self.model, self._cache, self.decode_mode)
+            if self._decoder is None:
+                self._decoder = Decoder(self.model, cache=self._cache, mode="plain", ops=self.ops)
+            return self._decoder
+        if not self._steady_decoder and self._steady():
+            self._decoder = Decoder(self.model, cache=self._cache, mode=self.decode_mode, ops=self.ops)
+            self._steady_decoder = True
             self.steady_batches += 1
-        if self._runner is not None:
-            return self._runner
-        return functools.partial(static_decode_step, self.model, cache=self._cache)
+        if self._decoder is None:
+            self._decoder = Decoder(self.model, cache=self._cache, mode="static", ops=self.ops)
+        return self._decoder
 
     def _steady(self) -> bool:
-        left = min(row.max_new - len(row.generated) for row in self._rows)
-        return self._steps_unchanged >= STEADY_STEPS and left >= STEADY_STEPS
+        """Whether the batch is worth its own decoder: each row may take STEADY_STEPS more steps,
+        and no request waits to join it (a request alone then decodes graphed from its first step,
+        as `generate` does) or it has run STEADY_STEPS steps unchanged."""
+        left = min(row.sequence.max_new - len(row.sequence.generated) for row in self._rows)
+        return left >= STEADY_STEPS and (self._waiting.empty() or self._steps_unchanged >= STEADY_STEPS)
 
     def _set_cache(self, cache: KVCache | None) -> None:
-        """The running batch changed: its new cache; the old one's runner (and graph) goes."""
-        self._cache, self._runner, self._steps_unchanged = cache, None, 0
+        """The running batch changed: its new cache; the old one's decoder (and graph) goes."""
+        self._cache, self._decoder, self._steady_decoder, self._steps_unchanged = cache, None, False, 0
 
-    def _emit_next(self, indices: Iterable[int]) -> None:
-        """Choose the next token of each row of `indices` from its logits and publish it, with its
-        end if it ends."""
-        rows = []
-        for index in indices:
-            row = self._rows[index]
+    def _emit_next(self, rows: Sequence[_Row], logits: torch.Tensor) -> None:
+        """Choose the next token of each of `rows` from its row of `logits` [len(rows), V] and
+        publish it, with its end if it ends."""
+        choosing = []
+        for i, row in enumerate(rows):
             handle = row.request.handle
-            if handle.cancelled.is_set() or row.max_new <= 0:
+            if handle.cancelled.is_set() or row.sequence.max_new <= 0:
                 row.finish_reason = "cancelled" if handle.cancelled.is_set() else "length"
                 handle._publish(Event(finish_reason=row.finish_reason))
             else:
-                rows.append(row)
-        for row, token in zip(rows, choose_rows_tokens(rows), strict=True):
-            if isinstance(token, RequestFailedError):
+                choosing.append(i)
+        if not choosing:
+            return
+        if len(choosing) < len(rows):
+            logits = logits[torch.as_tensor(choosing, device=logits.device)]
+        chosen = [rows[i] for i in choosing]
+        for row, token in zip(chosen, choose_next([r.sequence for r in chosen], logits).read(), strict=True):
+            if isinstance(token, ChoiceError):
                 row.finish_reason = "error"
-                row.request.handle._publish(Event(error=token))
+                row.request.handle._publish(Event(error=_failure("choosing its next token", token)))
                 continue
-            params = row.request.params
-            row.generated.append(token)
-            if row.seen is not None:
-                row.seen[0, token] = True
-            if is_finished(token, row.generated, params):
-                row.finish_reason = "stop"
-            elif len(row.generated) >= row.max_new:
-                row.finish_reason = "length"
+            row.sequence.add(token)
+            row.finish_reason = row.sequence.finish_reason
             row.request.handle._publish(Event(token=token, finish_reason=row.finish_reason))
 
     def _retire_finished(self) -> None:
@@ -544,14 +413,14 @@ class Engine:
         if len(keep) == len(self._rows):
             return
         for i, row in enumerate(self._rows):
-            if row.finish_reason in ("stop", "length") and row.generated:
+            if row.finish_reason in ("stop", "length") and row.sequence.generated:
                 self._remember(i, row)
         self._rows = [self._rows[i] for i in keep]
         self._set_cache(self._cache.select(keep) if keep else None)
 
     def _remember(self, index: int, row: _Row) -> None:
         # the cache holds the prompt and every generated token but the last, which was never fed back
-        tokens, pictures = row.request.prompt + row.generated[:-1], row.request.pictures
+        tokens, pictures = row.request.prompt + row.sequence.generated[:-1], row.request.pictures
         self._prefixes.keep(tokens, self._cache.select([index]), pictures)
 
     def _fail_running(self, error: BaseException) -> None:

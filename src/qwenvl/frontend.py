@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -41,9 +42,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float, default=None)
     group.add_argument("--greedy", action="store_true", help="greedy decoding (no sampling)")
     group.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    from .decode.sampling import DECODE_MODES
+
     group.add_argument(
         "--decode-mode",
-        choices=("auto", "plain", "static", "compile", "cuda_graph"),
+        choices=DECODE_MODES,
         default=None,
         help="decode steps: auto (default: CUDA graphs on a GPU, static shapes on CPU), static, "
         "torch.compile (not in serve and web), CUDA graphs, or plain",
@@ -80,6 +83,11 @@ def load_from_args(args: argparse.Namespace, show_progress: bool | None = None) 
         show_progress=show_progress,
         **options,
     )
+    if args.bf16 and model.device.type == "cpu":
+        from .decode.cpu_ops import BF16_WITHOUT_NATIVE_PRODUCTS, onednn_bf16
+
+        if not onednn_bf16():
+            print(BF16_WITHOUT_NATIVE_PRODUCTS, file=sys.stderr)
     return LoadedModel(name, tokenizer, model)
 
 

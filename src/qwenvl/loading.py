@@ -283,7 +283,7 @@ def load_config(folder: str) -> QwenVLConfig:
 def load_generation_config(folder: str):
     from transformers import GenerationConfig
 
-    from .model.causal_lm import CHAT_GENERATION_DEFAULTS
+    from .chat_format import CHAT_GENERATION_DEFAULTS
 
     if os.path.exists(os.path.join(folder, "generation_config.json")):
         return GenerationConfig.from_pretrained(folder)
@@ -313,7 +313,7 @@ def load_model(
     Precision: at most one of bf16/fp16/fp32, or dtype/torch_dtype; none picks per SPEC 6.
     Unknown keyword arguments (trust_remote_code, low_cpu_mem_usage, ...) are accepted and ignored.
     """
-    from .model.causal_lm import QwenVLForCausalLM
+    from .modeling import QwenVLForCausalLM
 
     model_class = model_class or QwenVLForCausalLM
     if ignored:

@@ -23,6 +23,7 @@ from .model.qwenvl import image_span_starts
 class _Stored:
     cache: KVCache  # batch 1, exactly as long as the tokens
     pictures: tuple[str, ...]  # digests of the images of the tokens' spans, in order; () if not known
+    alpha: float  # its prefill's NTK alpha, kept on the host: reading it back would wait for the GPU
 
 
 class PrefixCache:
@@ -52,7 +53,7 @@ class PrefixCache:
         stored.keys = stored.keys[:, :, :, : len(tokens)].clone()
         stored.values = stored.values[:, :, :, : len(tokens)].clone()
         key = tuple(tokens)
-        self._entries[key] = _Stored(stored, tuple(pictures))
+        self._entries[key] = _Stored(stored, tuple(pictures), float(stored.ntk_alpha[0]))
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -65,7 +66,7 @@ class PrefixCache:
         visual = model.transformer.vision_config
         starts = image_span_starts(torch.as_tensor([list(prompt)]), visual.image_start_id)
         spans = [(start, start + visual.n_queries + 2) for _, start in starts]
-        best, stored = 0, None
+        best, stored, stored_alpha = 0, None, None
         for tokens, entry in self._entries.items():
             if _layout(entry.cache) != _layout(cache):  # kept for another model, dtype or device
                 continue
@@ -73,15 +74,14 @@ class PrefixCache:
             shared = min(_shared_prefix(tokens, prompt), len(prompt) - 1)
             shared = _before_other_pictures(shared, spans, entry.pictures, pictures)
             if shared > best:
-                best, stored = shared, entry.cache
+                best, stored, stored_alpha = shared, entry.cache, entry.alpha
         alpha = ntk_alpha(len(prompt), model.transformer.llm_config)
         # the stored keys were rotated with their own prefill's NTK alpha: reuse only when it matches
-        if stored is None or float(stored.ntk_alpha[0]) != alpha:
+        if stored is None or stored_alpha != alpha:
             return 0
         cache.keys[:, :, :, :best] = stored.keys[:, :, :, :best]
         cache.values[:, :, :, :best] = stored.values[:, :, :, :best]
-        cache.lengths.fill_(best)
-        cache.empty = False
+        cache.set_lengths([best] * cache.batch_size)
         cache.ntk_alpha.fill_(alpha)
         cache.inv_freq.copy_(stored.inv_freq)
         return best

@@ -33,7 +33,7 @@ TOKENIZER_CONFIG = {"model_max_length": 8192, "tokenizer_class": "QWenTokenizer"
 
 def parameter_shapes(config: QwenVLConfig | dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor of a checkpoint for `config` (the model's own state dict)."""
-    from .model import QwenVLForCausalLM
+    from .modeling import QwenVLForCausalLM
 
     if isinstance(config, dict):
         config = QwenVLConfig.from_dict(config)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .config import MODEL_TYPE, QwenVLConfig
-from .model import QwenVLForCausalLM
+from .modeling import QwenVLForCausalLM
 from .tokenizer import QWenTokenizer, QwenVLTokenizer
 
 

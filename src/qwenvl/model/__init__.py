@@ -1,6 +1,7 @@
-"""The Qwen-VL network: vision tower, resampler, language model, and the causal-LM root."""
+"""The Qwen-VL network's math: vision tower, resampler, language model, and the operations its
+layers are written in. Nothing here reads files, tokenizes, samples or picks kernels."""
 
-from .causal_lm import QwenVLForCausalLM
+from .ops import TORCH_OPS, TorchOps
 from .qwenvl import QWenModel
 
-__all__ = ["QWenModel", "QwenVLForCausalLM"]
+__all__ = ["TORCH_OPS", "QWenModel", "TorchOps"]

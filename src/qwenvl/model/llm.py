@@ -1,12 +1,12 @@
 """The Qwen LLM's pieces: RMSNorm, rotary with dynamic NTK and log-n scaling, attention, MLP (SPEC 5).
 
-Module and parameter names are the checkpoint's (`transformer.h.{i}.attn.c_attn`, ...).
+Module and parameter names are the checkpoint's (`transformer.h.{i}.attn.c_attn`, ...). The
+layers are written in the operations of `ops.TorchOps`; the object passed in as `ops` does them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .. import fused_decode
 from ..cache import KVCache
 from ..config import LLMConfig
 from ..transfers import to_device
+from .ops import TorchOps
 
 # cuDNN's attention builds an execution plan for every new shape (tens of milliseconds, up to
 # hundreds), and PyTorch keeps the plans per thread: every new prompt length, and every new
@@ -132,8 +132,6 @@ class Step:
     kv_length: int = 0
     # when reading the cache, `visible_keys` of the positions: built once per forward, not per layer
     visible: torch.Tensor | None = None
-    # faster products for some Linear modules, without gradients (on CPU: cpu_weights)
-    products: Mapping[nn.Module, Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     @classmethod
     def build(
@@ -153,48 +151,29 @@ class Step:
             rotary = Rotary.build(positions, inv_freq)
             return cls(positions, rotary, logn_scale(positions, cfg, dtype), None, True)
         positions = cache.positions(length)
-        fresh = cache.empty or not bool(cache.lengths.any())
+        held = cache.held  # known on the host: no wait for the device
+        fresh = not any(held) if held is not None else not bool(cache.lengths.any())
         if fresh:  # a prefill: each row's alpha comes from its own prompt length, then stays
             alphas = [ntk_alpha(n, cfg) for n in lengths]
             cache.ntk_alpha = to_device(torch.tensor(alphas), positions.device)
             cache.inv_freq = rotary_inv_freq(alphas, cfg, positions.device)
-        kv_length = 0 if fresh else int(positions.max()) + 1
+        if fresh:
+            kv_length = 0
+        else:
+            kv_length = max(held) + length if held is not None else int(positions.max()) + 1
         rotary = Rotary.build(positions, cache.inv_freq)
         visible = None if fresh else visible_keys(positions, kv_length, dtype)
         return cls(positions, rotary, logn_scale(positions, cfg, dtype), cache, fresh, kv_length, visible)
 
     @classmethod
-    def static_decode(cls, cfg: LLMConfig, cache: KVCache, products: Mapping | None = None) -> Step:
+    def static_decode(cls, cfg: LLMConfig, cache: KVCache) -> Step:
         """One token per row over the whole cache: the same shapes at every step, no host sync."""
         positions = cache.positions(1)
         rotary = Rotary.build(positions, cache.inv_freq)
         dtype, capacity = cache.keys.dtype, cache.capacity
         visible = visible_keys(positions, capacity, dtype)
         logn = logn_scale(positions, cfg, dtype)
-        return cls(positions, rotary, logn, cache, False, capacity, visible, products)
-
-    def project(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """linear(x), through the step's own product for it when it has one (CPU layouts), or for
-        one row on CUDA through fused_decode.matvec; with gradients, always the module."""
-        product = self.products.get(linear) if self.products and not torch.is_grad_enabled() else None
-        if product is not None:
-            return product(x)
-        if one_row_on_matvec(x):
-            return fused_decode.project(linear, x.reshape(1, -1)).view(*x.shape[:-1], -1)
-        return linear(x)
-
-
-def one_row_on_matvec(x: torch.Tensor) -> bool:
-    """Whether a layer's products of x [B, L, in], one row, go through fused_decode.matvec: on
-    CUDA, without gradients, outside torch.compile (see fused_decode.MATVEC). The LM head's
-    [B, hidden] stays with cuBLAS, whose kernel reads its 1.2 GB at 4.2-4.4 TB/s on an H200."""
-    return (
-        x.dim() == 3
-        and x.shape[0] * x.shape[1] == 1
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and fused_decode.matvec_runs(x.device)
-    )
+        return cls(positions, rotary, logn, cache, False, capacity, visible)
 
 
 def visible_keys(positions: torch.Tensor, kv_length: int, dtype: torch.dtype) -> torch.Tensor:
@@ -219,50 +198,10 @@ class QWenAttention(nn.Module):
         self.c_attn = nn.Linear(cfg.hidden_size, 3 * cfg.projection_size)
         self.c_proj = nn.Linear(cfg.projection_size, cfg.hidden_size, bias=not cfg.no_bias)
 
-    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
-        batch, length, _ = x.shape
-        qkv = step.project(self.c_attn, x).view(batch, length, 3, self.heads, self.head_dim)
-        q, k = step.rotary.apply(qkv[:, :, :2]).unbind(2)
-        v = qkv[:, :, 2]
-        if step.logn is not None:
-            q = q * step.logn[:, :, None, None]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, L, d]
-        if step.cache is not None:
-            step.cache.write(layer, step.positions, k, v)
-        if step.fresh:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            out = self.attend_to_cache(q, step, layer)
-        return step.project(self.c_proj, out.transpose(1, 2).reshape(batch, length, -1))
-
-    @staticmethod
-    def attend_to_cache(query: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
-        """Queries [B, heads, L, d] against the keys of the cache each row sees, [B, heads, L, d].
-
-        One query per row on CUDA: flash decoding (fused_decode.decode_attention), in every decode
-        step alike; otherwise SDPA under the step's mask. A step torch.compile traces keeps SDPA:
-        inductor rounds its own way anyway, and the kernel is untried inside a compiled graph.
-        """
-        one_query = query.shape[2] == 1
-        if one_query and fused_decode.flash_decoding(query.device) and not torch.compiler.is_compiling():
-            return fused_decode.decode_attention(query, step, layer)[:, :, None]
-        keys, values = step.cache.view(layer, step.kv_length)
-        if one_query and query.device.type == "cpu" and query.dtype in (torch.bfloat16, torch.float16):
-            return one_query_attention(query, keys, values, step.visible)
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=step.visible)
-
-
-def one_query_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor):
-    """SDPA for one query per row in bf16 or fp16 on CPU, spelled out: two matrix products in the
-    inputs' dtype around an fp32 softmax.
-
-    SDPA's CPU kernel takes longer there (one layer of a mid-size decode step, 16 heads of 64: in
-    bf16 334 us instead of 117 over 365 keys, 2.0 ms instead of 0.28 over 2048; in fp16 609
-    instead of 389 over 365), while in fp32 it is the fast one. Every one-query step uses this,
-    eager or static, so both round alike.
-    """
-    scores = (query @ keys.transpose(-1, -2)).float() * query.shape[-1] ** -0.5 + mask.float()
-    return scores.softmax(dim=-1).to(values.dtype) @ values
+    def forward(self, x: torch.Tensor, step: Step, layer: int, ops: TorchOps) -> torch.Tensor:
+        qkv = ops.project(self.c_attn, x)
+        query, key, value = ops.rotate_and_store(qkv, step, layer, self.heads, self.head_dim)
+        return ops.project(self.c_proj, ops.attention(query, key, value, step, layer))
 
 
 class QWenMLP(nn.Module):
@@ -272,14 +211,16 @@ class QWenMLP(nn.Module):
         self.w2 = nn.Linear(cfg.hidden_size, cfg.mlp_width, bias=not cfg.no_bias)
         self.c_proj = nn.Linear(cfg.mlp_width, cfg.hidden_size, bias=not cfg.no_bias)
 
-    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
-        if one_row_on_matvec(x):  # what the fused decode step does, bit for bit
-            return fused_decode.mlp_output(self, x.reshape(1, -1)).view(x.shape)
-        gated = step.project(self.w1, x) * F.silu(step.project(self.w2, x))
-        return step.project(self.c_proj, gated)
+    def forward(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        return ops.mlp(self, x)
 
 
 class QWenBlock(nn.Module):
+    """x + attn(ln_1(x)), then + mlp(ln_2(.)). Each residual add is done by the norm after it: a
+    block takes the previous block's MLP output (`pending`) and returns its own, for the next
+    block's ln_1 (or the final ln_f) to add; the same sums, fewer kernels where a backend fuses
+    an add with its norm."""
+
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.ln_1 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
@@ -287,6 +228,9 @@ class QWenBlock(nn.Module):
         self.ln_2 = RMSNorm(cfg.hidden_size, cfg.layer_norm_epsilon)
         self.mlp = QWenMLP(cfg)
 
-    def forward(self, x: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), step, layer)
-        return x + self.mlp(self.ln_2(x), step)
+    def forward(
+        self, x: torch.Tensor, pending: torch.Tensor | None, step: Step, layer: int, ops: TorchOps
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x, normed = ops.add_norm(x, pending, self.ln_1)
+        x, normed = ops.add_norm(x, self.attn(normed, step, layer, ops), self.ln_2)
+        return x, self.mlp(normed, ops)

@@ -1,7 +1,7 @@
-"""The whole model: token embeddings with image features written in, the LLM stack, the LM head.
+"""The whole network: token embeddings with image features written in, the LLM stack, the final norm.
 
-`QWenModel` is the checkpoint's `transformer` (wte, h, ln_f, visual); `QwenVLForCausalLM` adds
-`lm_head` and the transformers/original-compatible surface (from_pretrained, chat, generate).
+`QWenModel` is the checkpoint's `transformer` (wte, h, ln_f, visual); `qwenvl.modeling`'s
+`QwenVLForCausalLM` adds `lm_head` and the transformers/original-compatible surface.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import fused_decode
 from ..cache import KVCache
 from ..config import QwenVLConfig
-from ..cpu_weights import cpu_products
 from ..transfers import to_device
 from .llm import QWenBlock, RMSNorm, Step, attention_kernels
+from .ops import TORCH_OPS, TorchOps
 from .vision import VisionTransformer
 
 
@@ -31,14 +30,15 @@ def image_span_starts(input_ids: torch.Tensor, img_start_id: int) -> list[tuple[
 class QWenModel(nn.Module):
     """Embeddings -> blocks -> final norm; image features replace the 256 ids inside each image span."""
 
-    def __init__(self, config: QwenVLConfig):
+    def __init__(self, config: QwenVLConfig, vision_tower: type[VisionTransformer] = VisionTransformer):
+        """`vision_tower`: the class of `visual` (the root adds the original's image-reading API)."""
         super().__init__()
         llm, vision = config.llm, config.vision
         self.llm_config, self.vision_config = llm, vision
         self.wte = nn.Embedding(llm.vocab_size, llm.hidden_size)
         self.h = nn.ModuleList(QWenBlock(llm) for _ in range(llm.num_hidden_layers))
         self.ln_f = RMSNorm(llm.hidden_size, llm.layer_norm_epsilon)
-        self.visual = VisionTransformer(vision)
+        self.visual = vision_tower(vision)
         # training only: recompute each block's activations in the backward pass (transformers'
         # gradient_checkpointing_enable() finds and sets this flag)
         self.gradient_checkpointing = False
@@ -74,28 +74,27 @@ class QWenModel(nn.Module):
         embeds: torch.Tensor,
         cache: KVCache | None = None,
         lengths: list[int] | None = None,
+        ops: TorchOps = TORCH_OPS,
     ) -> torch.Tensor:
-        """Hidden states [B, L, H] of `embeds`; rows hold `lengths` real tokens (right padding)."""
+        """Hidden states [B, L, H] of `embeds`; rows hold `lengths` real tokens (right padding).
+        `cache`: the keys and values so far, written and advanced; `ops`: who does the layers' work."""
         batch, length, _ = embeds.shape
         lengths = lengths if lengths is not None else [length] * batch
         step = Step.build(self.llm_config, batch, length, cache, lengths, embeds.device, embeds.dtype)
-        if not torch.is_grad_enabled():
-            step.products = cpu_products(self)
-        hidden = self.run(embeds, step)
+        hidden = self.run(embeds, step, ops)
         if cache is not None:
             cache.lengths += to_device(torch.tensor(lengths), cache.lengths.device)
-            cache.empty = False
+            cache.advanced(lengths)
         return hidden
 
-    def run(self, embeds: torch.Tensor, step: Step) -> torch.Tensor:
+    def run(self, embeds: torch.Tensor, step: Step, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
         """The blocks and the final norm over a prepared step (the cache's lengths are the caller's)."""
-        x = embeds
+        x, pending = embeds, None
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        # the device made current: one-query attention and one-row products launch Triton kernels
-        with attention_kernels(), fused_decode.launching_on(embeds.device):
+        with attention_kernels():
             for layer, block in enumerate(self.h):
                 if recompute and step.cache is None:
-                    x = checkpoint(block, x, step, layer, use_reentrant=False)
+                    x, pending = checkpoint(block, x, pending, step, layer, ops, use_reentrant=False)
                 else:
-                    x = block(x, step, layer)
-        return self.ln_f(x)
+                    x, pending = block(x, pending, step, layer, ops)
+            return ops.add_norm(x, pending, self.ln_f)[1]

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
-from ..vision_graphs import encode_pixels
 from .llm import attention_kernels
 from .resampler import Resampler, resize_positions, sincos_positions
 
@@ -160,14 +157,3 @@ class VisionTransformer(nn.Module):
         patches = pixels[:, :, : rows * p, : cols * p].reshape(n, channels, rows, p, cols, p)
         patches = patches.permute(0, 2, 4, 1, 3, 5).reshape(n, rows * cols, channels * p * p)
         return F.linear(patches, self.conv1.weight.flatten(1))
-
-    @torch.no_grad()
-    def encode(self, images: Sequence, policy=None) -> torch.Tensor:
-        """Features of images given as paths, URLs, bytes or PIL images (the original's API).
-
-        Reading files happens here, before the numeric path; `forward` only sees pixels.
-        """
-        from ..images import load_image, preprocess
-
-        pixels = preprocess([load_image(image, policy) for image in images], self.config.image_size)
-        return encode_pixels(self, pixels.to(self.conv1.weight.device))

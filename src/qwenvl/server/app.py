@@ -23,7 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..chat_format import DEFAULT_SYSTEM, decode_reply, get_stop_words_ids
+from ..chat_format import DEFAULT_SYSTEM, ReplyText, get_stop_words_ids, prompt_settings
 from ..conversation import Message, build_prompt
 from ..engine import EngineBusyError, EngineStoppedError, RequestFailedError, RequestHandle
 from ..generation import PromptTooLongError, SamplingParams
@@ -145,46 +145,6 @@ def reply_boxes(text: str, size: tuple[int, int] | None) -> list[dict]:
 # -- tokens -> text -----------------------------------------------------------------------------------
 
 
-class ReplyText:
-    """A reply decoded as its tokens arrive: text that can be shown, cut at the first stop string.
-
-    The whole reply is decoded each time and only a new suffix is shown, never half a UTF-8
-    character (a trailing U+FFFD) nor text that may be the start of a stop string.
-    """
-
-    def __init__(self, tokenizer, chat_format: str, stops: Sequence[str]):
-        self.tokenizer, self.chat_format, self.stops = tokenizer, chat_format, [s for s in stops if s]
-        self.tokens: list[int] = []
-        self.text = ""
-        self.stopped = False  # a stop string was found
-
-    def add(self, token: int) -> str:
-        self.tokens.append(token)
-        return self._advance(final=False)
-
-    def finish(self) -> str:
-        return self._advance(final=True)
-
-    def _advance(self, final: bool) -> str:
-        text = decode_reply(self.tokenizer, self.tokens, self.chat_format)
-        found = [text.index(s) for s in self.stops if s in text]
-        if found:
-            text, self.stopped = text[: min(found)], True
-        elif not final:
-            text = text.rstrip("\ufffd")
-            text = text[: len(text) - _stop_prefix_length(text, self.stops)]
-        if not text.startswith(self.text):  # decoding is prefix-stable; never resend shown text
-            logger.warning("reply text changed while streaming; dropping a delta")
-            return ""
-        delta, self.text = text[len(self.text) :], text
-        return delta
-
-
-def _stop_prefix_length(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest end of `text` that begins some stop string."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-
-
 async def reply_deltas(handle: RequestHandle, reply: ReplyText, deadline: float) -> AsyncIterator[str]:
     """New reply text as tokens arrive; the request is cancelled if this ends before the engine does
     (a stop string, the deadline, or the client going away)."""
@@ -287,8 +247,7 @@ def create_app(
     applied before each request's own (the `qwenvl serve` sampling flags)."""
     config = generation_config if generation_config is not None else engine.model.generation_config
     images = ImageLoader(image_policy, fetch_threads)
-    chat_format = getattr(config, "chat_format", None) or "chatml"
-    max_window = getattr(config, "max_window_size", None) or 6144
+    chat_format, max_window = prompt_settings(config)
     stop_ids = get_stop_words_ids(chat_format, tokenizer)
     defaults = dict(sampling_defaults or {})
     started = int(time.time())

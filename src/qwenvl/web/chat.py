@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..chat_format import DEFAULT_SYSTEM, decode_reply, get_stop_words_ids
+from ..chat_format import DEFAULT_SYSTEM, ReplyText, get_stop_words_ids, prompt_settings
 from ..conversation import Message, Prompt, build_prompt
 from ..engine import Engine, EngineBusyError
 from ..generation import PromptTooLongError, SamplingParams
@@ -98,9 +98,8 @@ class ChatHandlers:
         options = dict(generation_options or {})
         config = model.generation_config
         # as in model.chat: these shape the prompt, the rest are sampling parameters
-        self.chat_format = options.pop("chat_format", None) or getattr(config, "chat_format", "chatml")
-        self.max_window_size = options.pop("max_window_size", None) or getattr(
-            config, "max_window_size", 6144
+        self.chat_format, self.max_window_size = prompt_settings(
+            config, options.pop("chat_format", None), options.pop("max_window_size", None)
         )
         self.params = SamplingParams.from_config(config, **options).with_stop_words(
             get_stop_words_ids(self.chat_format, tokenizer)
@@ -188,18 +187,15 @@ class ChatHandlers:
     def stream_reply(self, prompt: Prompt) -> Iterator[str]:
         """The growing reply to `prompt` (whole characters only); the request ends with the loop."""
         handle = self.engine.submit(prompt.ids, self.params, prompt.images)
-        tokens: list[int] = []
-        shown = ""
+        reply = ReplyText(self.tokenizer, self.chat_format)
         try:
             for token in handle:
-                tokens.append(token)
-                text = decode_reply(self.tokenizer, tokens, self.chat_format)
-                if text != shown and not text.endswith("\ufffd"):
-                    shown = text
-                    yield text
-            final = decode_reply(self.tokenizer, tokens, self.chat_format)
-            if final != shown:
-                yield final
+                if reply.add(token):
+                    yield reply.text
+                if reply.stopped:
+                    break
+            if reply.finish():
+                yield reply.text
         finally:  # also when the browser went away and Gradio dropped this generator
             handle.cancel()
 

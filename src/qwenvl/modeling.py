@@ -1,8 +1,9 @@
 """`QwenVLForCausalLM`: the checkpoint's root module and the API users of the original call.
 
-The math lives in the modules it holds; this file is the surface: transformers integration,
-`forward` returning logits, `generate`, `chat` and `chat_stream`. Image references found in token
-ids are read here, before the numeric path, never inside a module's forward.
+The math lives in `model/`, in the modules it holds; this file is the surface: transformers
+integration, `forward` returning logits, `generate`, `chat` and `chat_stream` (decoding through
+`decode.Decoder`). Image references found in token ids are read here, before the numeric path,
+never inside a module's forward.
 """
 
 from __future__ import annotations
@@ -17,29 +18,40 @@ from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..chat_format import DEFAULT_SYSTEM, decode_reply, get_stop_words_ids, make_context, streamable_prefix
-from ..config import QwenVLConfig
-from ..generation import SamplingParams, generate_tokens, new_cache, stream_tokens
-from ..prefix_cache import PrefixCache
-from ..tokenizer import image_references
-from .llm import RMSNorm
-from .qwenvl import QWenModel
-from .resampler import CrossAttention, Resampler
-from .vision import INIT_STD, VisionTransformer, VisualAttention
+from .chat_format import (
+    CHAT_GENERATION_DEFAULTS,
+    DEFAULT_SYSTEM,
+    ReplyText,
+    decode_reply,
+    get_stop_words_ids,
+    make_context,
+    prompt_settings,
+)
+from .config import QwenVLConfig
+from .generation import SamplingParams, generate_tokens, new_cache, stream_tokens
+from .model.llm import RMSNorm
+from .model.qwenvl import QWenModel
+from .model.resampler import CrossAttention, Resampler
+from .model.vision import INIT_STD, VisionTransformer, VisualAttention
+from .prefix_cache import PrefixCache
+from .tokenizer import image_references
 
 logger = logging.getLogger(__name__)
 
-# The defaults of Qwen-VL-Chat's generation_config.json, for checkpoints that lack one.
-CHAT_GENERATION_DEFAULTS = dict(
-    chat_format="chatml",
-    do_sample=True,
-    top_p=0.3,
-    top_k=0,
-    max_new_tokens=512,
-    max_window_size=6144,
-    eos_token_id=151643,
-    pad_token_id=151643,
-)
+
+class VisionTower(VisionTransformer):
+    """The vision tower with the original's `encode(images)`, which reads them: the tower's math
+    (`model.vision`) only sees pixels."""
+
+    @torch.no_grad()
+    def encode(self, images: Sequence, policy=None) -> torch.Tensor:
+        """Features [N, 256, H] of images given as paths, URLs, bytes or PIL images, read under
+        `policy` (images.ImagePolicy; None: the library's); on a GPU through the tower's CUDA graph."""
+        from .images import load_image, preprocess
+        from .vision_graphs import encode_pixels
+
+        pixels = preprocess([load_image(image, policy) for image in images], self.config.image_size)
+        return encode_pixels(self, pixels.to(self.conv1.weight.device))
 
 
 class QwenVLForCausalLM(PreTrainedModel):
@@ -52,7 +64,7 @@ class QwenVLForCausalLM(PreTrainedModel):
 
     def __init__(self, config: QwenVLConfig):
         super().__init__(config)
-        self.transformer = QWenModel(config)
+        self.transformer = QWenModel(config, vision_tower=VisionTower)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -77,13 +89,13 @@ class QwenVLForCausalLM(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, name_or_path, *args: Any, **kwargs: Any) -> QwenVLForCausalLM:
         """Load a folder or hub id; see `qwenvl.loading.load_model` for the options."""
-        from ..loading import load_model
+        from .loading import load_model
 
         return load_model(name_or_path, model_class=cls, **kwargs)
 
     def save_pretrained(self, save_directory, *args: Any, **kwargs: Any) -> None:
         """Write a folder that from_pretrained loads again; see `qwenvl.loading.save_model`."""
-        from ..loading import save_model
+        from .loading import save_model
 
         save_model(self, save_directory, **kwargs)
 
@@ -211,8 +223,9 @@ class QwenVLForCausalLM(PreTrainedModel):
 
     def _chat_prompt(self, tokenizer, query, history, system, generation_config, kwargs):
         config = generation_config or self.generation_config
-        chat_format = kwargs.pop("chat_format", None) or getattr(config, "chat_format", "chatml")
-        max_window = kwargs.pop("max_window_size", None) or getattr(config, "max_window_size", 6144)
+        chat_format, max_window = prompt_settings(
+            config, kwargs.pop("chat_format", None), kwargs.pop("max_window_size", None)
+        )
         stop_words_ids = list(kwargs.pop("stop_words_ids", None) or [])
         kwargs.pop("append_history", None)
         kwargs.pop("stream", None)
@@ -278,17 +291,12 @@ class QwenVLForCausalLM(PreTrainedModel):
         prompt, params, chat_format = self._chat_prompt(
             tokenizer, query, history, system, generation_config, kwargs
         )
-        new: list[int] = []
-        shown = ""
+        reply = ReplyText(tokenizer, chat_format)
         for token in self._reply_tokens(prompt, params, prefix_cache):
-            new.append(token)
-            text = streamable_prefix(decode_reply(tokenizer, new, chat_format), chat_format)
-            if len(text) > len(shown):
-                shown = text
-                yield text
-        final = decode_reply(tokenizer, new, chat_format)
-        if final != shown:
-            yield final
+            if reply.add(token):
+                yield reply.text
+        if reply.finish():
+            yield reply.text
 
 
 def _pad(rows: list[list[int]], pad: int) -> list[list[int]]:

@@ -1,0 +1,189 @@
+"""The CPU backend: the layers' products through copies of the weights in the layouts CPU kernels
+read fastest, and the attention of one query spelled out in bf16.
+
+A decode step reads every weight of the LLM once per token, so on CPU it takes what its
+matrix-vector products take, and those depend on the weight's layout. Measured on two EPYC cores
+(AVX512-BF16), each weight read from memory (not cache):
+
+- bf16, every Linear of the blocks and the LM head: oneDNN's blocked layout reads 23-26 GB/s
+  where F.linear over the checkpoint's [out, in] layout reads 14-19 (the 151936 x 1024 head in
+  12 ms instead of 17; 1.3-2.2x at 8 and 32 rows, 1.15-1.6x for a prefill's 40 or 301), with the
+  same bits as F.linear.
+- fp32 LM head: [hidden, vocab] (a transposed copy): 3.8-5 ms instead of 12-13 ms for
+  151936 x 128, 29 instead of 43 for 151936 x 1024. fp32 blocks keep their weights: oneDNN's
+  layout would read them 1.3-1.9x faster, but its sums round otherwise than F.linear's, and fp32
+  is the dtype whose outputs must match the original's to the last bits.
+
+Without native bf16 products (AVX2 only: no AVX512-BF16, no AMX) PyTorch emulates them, and a
+bf16 product of many rows takes several times its fp32 one: a prefill's products of 301 rows of
+the mid-size model took 3-5x longer (5504 x 1024: 202 ms against 62, the weight converted to fp32
+in the call included). There, products of `FP32_ROWS` rows or more convert the bf16 weight and
+compute in fp32; fewer rows (a decode step, batches of up to 16 or so) read the bf16 weight, half
+the bytes, which measured faster (8 rows: 6.3 ms against 14.6 converted, 10.4 from a kept fp32
+copy).
+
+The copies are made when the backend is built (`CpuOps(model)`), never by a forward, and cost
+their weights' memory once more: the bf16 copies only while that fits in half the memory the
+system has free (`pack_bf16=None`). `current()` tells whether the weights are still the ones
+copied (an optimizer step or a reload changes them).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.ops import TorchOps
+
+Product = Callable[[torch.Tensor], torch.Tensor]
+
+# without native bf16 products: bf16 products of this many rows or more compute in fp32 (the
+# crossing point measured on an AVX2 EPYC was 24 to 32 rows)
+FP32_ROWS = 32
+# what a front end tells someone who asks for bf16 on such a CPU
+BF16_WITHOUT_NATIVE_PRODUCTS = (
+    "note: this CPU has no native bf16 matrix products (no AVX512-BF16 or AMX), so PyTorch emulates "
+    "them. A prompt's products run in fp32 here (the bf16 weights converted as they are read: the "
+    "first token takes about fp32's time), decoding one row reads half of fp32's bytes and is "
+    "faster, but batches of several rows gain less from batching than in fp32; --fp32 keeps "
+    "twice the memory for the weights and decodes one row slower."
+)
+
+
+class CpuOps(TorchOps):
+    """TorchOps with the weights' faster copies (see the module's docstring)."""
+
+    name = "cpu"
+
+    def __init__(self, model, pack_bf16: bool | None = None):
+        """`pack_bf16`: oneDNN copies of the bf16 weights; None: while they fit in half the free
+        memory; True: always; False: never."""
+        self._products: dict[nn.Module, Product] = {}
+        self._copied: dict[nn.Module, tuple] = {}
+        linears = list(_llm_linears(model.transformer, model.lm_head))
+        head = model.lm_head
+        if _plain(head) and head.weight.dtype == torch.float32 and head.bias is None:
+            self._add(head, _TransposedHead(head))
+        bf16 = [linear for linear in linears if linear.weight.dtype == torch.bfloat16]
+        if bf16 and pack_bf16 is not False and onednn_bf16():
+            size = sum(linear.weight.nbytes for linear in bf16)
+            if pack_bf16 or size <= free_memory() // 2:
+                for linear in bf16:
+                    self._add(linear, _PackedBF16(linear))
+
+    def _add(self, linear: nn.Linear, product: Product) -> None:
+        self._products[linear] = product
+        self._copied[linear] = _state(linear)
+
+    def current(self) -> bool:
+        """Whether every copied weight is still the one copied (same storage, no in-place change)."""
+        return all(_state(linear) == state for linear, state in self._copied.items())
+
+    @property
+    def copies(self) -> int:
+        """How many weights have a copy."""
+        return len(self._products)
+
+    def project(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return linear(x)
+        product = self._products.get(linear)
+        if product is not None:
+            return product(x)
+        if (
+            x.dtype == torch.bfloat16
+            and _plain(linear)
+            and x.numel() >= FP32_ROWS * x.shape[-1]
+            and not onednn_bf16()
+        ):
+            bias = None if linear.bias is None else linear.bias.float()
+            return F.linear(x.float(), linear.weight.float(), bias).to(x.dtype)
+        return linear(x)
+
+    def logits(self, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return self.project(head, hidden)
+
+    def attend_to_cache(self, query, keys, values, mask):
+        """One query per row in bf16 or fp16, spelled out: two matrix products in the inputs' dtype
+        around an fp32 softmax. SDPA's CPU kernel takes longer there (one layer of a mid-size step,
+        16 heads of 64, in bf16: 334 us instead of 117 over 365 keys, 2.0 ms instead of 0.28 over
+        2048), while in fp32 it is the fast one."""
+        if query.shape[2] != 1 or query.dtype not in (torch.bfloat16, torch.float16):
+            return super().attend_to_cache(query, keys, values, mask)
+        scores = (query @ keys.transpose(-1, -2)).float() * query.shape[-1] ** -0.5 + mask.float()
+        return scores.softmax(dim=-1).to(values.dtype) @ values
+
+
+class _TransposedHead:
+    def __init__(self, linear: nn.Linear):
+        with torch.no_grad():
+            self.weight = linear.weight.detach().t().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+class _PackedBF16:
+    def __init__(self, linear: nn.Linear):
+        # the layout oneDNN picks for one row at a time; it serves any number of rows
+        with torch.no_grad():
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def _llm_linears(transformer, head: nn.Module) -> Iterator[nn.Linear]:
+    for block in transformer.h:
+        for linear in (block.attn.c_attn, block.attn.c_proj, block.mlp.w1, block.mlp.w2, block.mlp.c_proj):
+            if _plain(linear):
+                yield linear
+    if _plain(head):
+        yield head
+
+
+def _plain(linear: nn.Module) -> bool:
+    # adapters (peft wraps the Linear) need the module's own forward
+    return type(linear) is nn.Linear
+
+
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether oneDNN computes bf16 products natively on this CPU (AVX512-BF16 or AMX)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def free_memory() -> int:
+    """Bytes the system can hand out now: Linux's MemAvailable (free memory and the page cache it
+    can drop, such as a checkpoint just read), else free pages; 0 where it cannot tell."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # no copies on a guess
+        return 0
+
+
+def _state(linear: nn.Linear) -> tuple:
+    return (_tensor_state(linear.weight), _tensor_state(linear.bias), linear.weight.dtype)
+
+
+def _tensor_state(tensor: torch.Tensor | None) -> tuple:
+    if tensor is None:
+        return ()
+    try:
+        version = tensor._version
+    except RuntimeError:  # inference tensors keep no version counter
+        version = -1
+    return (version, tensor.data_ptr())
