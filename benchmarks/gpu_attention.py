@@ -47,8 +47,8 @@ def filled_layer(
     """A query [batch, heads, 1, d] and a step whose one-layer cache holds `context` random keys a
     row, each row's query at its last position."""
     cache = KVCache(dataclasses.replace(llm, num_hidden_layers=1), batch, context, torch.bfloat16, device)
-    cache.keys.normal_()
-    cache.values.normal_()
+    cache.keys[0].normal_()
+    cache.values[0].normal_()
     query = torch.randn(
         batch, llm.num_attention_heads, 1, llm.kv_channels, device=device, dtype=torch.bfloat16
     )

@@ -50,7 +50,7 @@ def decoder_step(
     lengths back."""
     decoder = Decoder(model, cache=cache, mode=mode, ops=ops)
     lengths = cache.lengths.clone()
-    tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.keys.device)
+    tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=cache.device)
 
     def step() -> None:
         decoder.step(tokens)

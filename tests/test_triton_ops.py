@@ -98,8 +98,9 @@ def test_triton_step_in_bf16_is_within_a_rounding_step(interpreter_settings):
     (got,) = steps(model, triton_cache, tokens, TritonOps(model, interpreter_settings), 1)
     assert (got.float() - expected.float()).abs().max() <= 0.05 * expected.float().abs().max()
     written = (slice(None), [0, 1], slice(None), [6, 10])  # each row's new position, every layer
-    keys_gap = (triton_cache.keys[written].float() - torch_cache.keys[written].float()).abs()
-    assert keys_gap.max() <= 2**-6 * torch_cache.keys[written].float().abs().max()
+    triton_keys, torch_keys = torch.stack(triton_cache.keys)[written], torch.stack(torch_cache.keys)[written]
+    keys_gap = (triton_keys.float() - torch_keys.float()).abs()
+    assert keys_gap.max() <= 2**-6 * torch_keys.float().abs().max()
 
 
 def test_flash_decoding_over_long_rows_matches_sdpa(interpreter_settings):
@@ -284,8 +285,9 @@ def random_cache(dtype: torch.dtype, capacity: int) -> KVCache:
     config = LLMConfig(num_attention_heads=4, kv_channels=32, num_hidden_layers=2)
     cache = KVCache(config, 3, capacity, dtype)
     torch.manual_seed(1)
-    cache.keys.normal_(0, 2)  # scores of a few units: a softmax far from uniform
-    cache.values.normal_()
+    for keys, values in zip(cache.keys, cache.values, strict=True):
+        keys.normal_(0, 2)  # scores of a few units: a softmax far from uniform
+        values.normal_()
     return cache
 
 
@@ -294,7 +296,7 @@ def test_decode_attention_sees_each_rows_keys_in_any_number_of_shares(interprete
     cache = random_cache(torch.float32, 150)
     positions = torch.tensor([[0], [37], [149]])  # a lone key, a short row, the whole capacity
     # a strided view, as the layers hand it over: [B, 1, 2, heads, d] -> [B, heads, 1, d]
-    query = torch.randn(3, 1, 2, cache.keys.shape[2], cache.keys.shape[4])[:, :, 0].transpose(1, 2)
+    query = torch.randn(3, 1, 2, cache.keys[0].shape[1], cache.keys[0].shape[3])[:, :, 0].transpose(1, 2)
     step = SimpleNamespace(cache=cache, positions=positions)
     out = kernels.decode_attention(query, step, 1, interpreter_settings, splits=splits)
     torch.testing.assert_close(out, masked_attention(query, cache, 1, positions), rtol=1e-5, atol=1e-5)
@@ -303,7 +305,7 @@ def test_decode_attention_sees_each_rows_keys_in_any_number_of_shares(interprete
 def test_decode_attention_in_bf16_is_within_a_rounding_step(interpreter_settings):
     cache = random_cache(torch.bfloat16, 300)
     positions = torch.tensor([[5], [200], [299]])
-    query = torch.randn(3, cache.keys.shape[2], 1, cache.keys.shape[4]).bfloat16()
+    query = torch.randn(3, cache.keys[0].shape[1], 1, cache.keys[0].shape[3]).bfloat16()
     step = SimpleNamespace(cache=cache, positions=positions)
     expected = masked_attention(query.float(), random_cache(torch.float32, 300), 1, positions)
     for splits in (1, 4):

@@ -17,7 +17,6 @@ from qwenvl import vision_graphs
 from qwenvl.cache import KVCache
 from qwenvl.chat_format import make_context
 from qwenvl.decode import Decoder
-from qwenvl.engine import concat_caches
 from qwenvl.model.llm import Step
 from qwenvl.transfers import to_device
 
@@ -48,7 +47,7 @@ def test_a_fresh_cache_is_known_empty_until_something_writes_it(tiny_model, toke
     with torch.inference_mode():
         Decoder(tiny_model, cache=cache).prefill([tokenizer.encode("a b c")])
     assert not cache.empty and cache.lengths.tolist() == [3]
-    assert not cache.select([0]).empty and not concat_caches([cache, cache]).empty
+    assert not cache.select([0]).empty and not KVCache.concat([cache, cache]).empty
     # a cache written behind the flag's back (flag left False) is asked on the device: still right
     unflagged = KVCache(llm, 1, 400)
     unflagged.empty = False
@@ -128,7 +127,7 @@ def test_the_host_knows_each_rows_length(tiny_model, tokenizer):
     decoder.step(torch.tensor([6, 7]))
     Decoder(tiny_model, cache=cache, mode="plain").step(torch.tensor([8, 9]))
     assert cache.held == cache.lengths.tolist() == [5, 4]
-    assert cache.select([1]).held == [4] and concat_caches([cache, cache.select([0])]).held == [5, 4, 5]
+    assert cache.select([1]).held == [4] and KVCache.concat([cache, cache.select([0])]).held == [5, 4, 5]
     kept = PrefixCache()
     kept.keep([1, 2, 3, 6], cache.select([0]))
     restored = KVCache(tiny_model.transformer.llm_config, 1, 40)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import compact_vocabulary
+from . import compact_vocabulary, placement
 from .config import QwenVLConfig
 from .hub import resolve_model_folder
 
@@ -48,20 +48,9 @@ class PrecisionError(ValueError):
 
 
 def resolve_device(device_map: Any) -> torch.device:
-    """ "cpu", "cuda", "cuda:N", "auto" (a GPU when there is one), a torch.device, or {"": device}."""
-    if isinstance(device_map, dict):
-        devices = set(device_map.values())
-        if len(devices) != 1:
-            raise ValueError(
-                f"device_map {device_map!r}: splitting the model over several devices is not supported"
-            )
-        device_map = devices.pop()
-    if device_map is None or device_map == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device_map if not isinstance(device_map, int) else f"cuda:{device_map}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device_map={device_map!r} asks for CUDA, but no CUDA device is available")
-    return device
+    """One device: "cpu", "cuda", "cuda:N", "auto" (a GPU when there is one), a torch.device, or
+    {"": device}. `load_model` also spreads a model over several (`placement`)."""
+    return placement.single_device(device_map)
 
 
 def _requested_dtype(flags: dict[str, bool], dtype: Any) -> torch.dtype | None:
@@ -209,8 +198,8 @@ def _progress(files: list[str], show: bool | None) -> Iterator[str]:
     yield from tqdm(files, desc="Loading checkpoint shards", unit="shard")
 
 
-def _checked(name, tensor, expected, path, dtype, device) -> torch.Tensor:
-    """`tensor` in the target dtype and device, once its name and shape are known to fit the model."""
+def _checked(name, tensor, expected, path, dtype, where: placement.Placement) -> torch.Tensor:
+    """`tensor` in the target dtype, on its unit's device, once its name and shape are known to fit."""
     if name not in expected:
         raise CheckpointError(f"unexpected tensor {name!r} in {path}: this model has no such parameter")
     if tuple(tensor.shape) != expected[name]:
@@ -218,18 +207,20 @@ def _checked(name, tensor, expected, path, dtype, device) -> torch.Tensor:
             f"tensor {name!r} in {path} has shape {tuple(tensor.shape)}, the config implies {expected[name]}"
         )
     # copy even when dtype and device match: the source is a view of the mmap'd file, which
-    # must not back a parameter (the file may be overwritten); its pages are released with the shard
-    return tensor.to(device=device, dtype=dtype, copy=True)
+    # must not back a parameter (the file may be overwritten); its pages are released with the shard.
+    # Integer tensors (an Int4 checkpoint's packed codes) keep their dtype.
+    return tensor.to(where.device_of(name), dtype=dtype if tensor.is_floating_point() else None, copy=True)
 
 
 def load_weights(
     model: torch.nn.Module,
     files: list[str],
     dtype: torch.dtype,
-    device: torch.device,
+    where: placement.Placement,
     show_progress: bool | None = None,
 ) -> None:
-    """Fill a meta-device model from weight files; every key and shape is checked."""
+    """Fill a meta-device model from weight files, each tensor on its unit's device (`where`);
+    every key and shape is checked."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     optional = {"lm_head.weight"} if tied else set()
@@ -240,13 +231,13 @@ def load_weights(
             if name in compact_vocabulary.VOCABULARY_TENSORS or name == compact_vocabulary.KEPT_IDS:
                 vocabulary[name] = tensor  # a compact checkpoint's are expanded once all are read
                 continue
-            part[name] = _checked(name, tensor, expected, path, dtype, device)
+            part[name] = _checked(name, tensor, expected, path, dtype, where)
         try:
             vocabulary = compact_vocabulary.expand(vocabulary, model.config.vocab_size)
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}") from e
         for name, tensor in vocabulary.items():
-            part[name] = _checked(name, tensor, expected, path, dtype, device)
+            part[name] = _checked(name, tensor, expected, path, dtype, where)
         seen.update(dict.fromkeys(part, path))
         model.load_state_dict(part, strict=False, assign=True)
         del part, vocabulary
@@ -290,6 +281,19 @@ def load_generation_config(folder: str):
     return GenerationConfig(**CHAT_GENERATION_DEFAULTS)
 
 
+def _placed(model, device_map: Any, max_memory: dict | None, dtype: torch.dtype) -> placement.Placement:
+    """Where `device_map` puts each part of the meta-device `model`, each device checked to compute
+    in `dtype` (chosen for the first device)."""
+    where = placement.place(model, device_map, dtype, max_memory)
+    for device in where.devices:
+        select_dtype(device, dtype)
+    if where.spread:
+        logger.info("the model spreads over %d devices:\n%s", len(where.devices), where.describe())
+        if torch.device("cpu") in where.devices:
+            logger.warning("part of the model computes on the CPU: its layers are the slow part of each step")
+    return where
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     *,
@@ -300,6 +304,7 @@ def load_model(
     dtype: Any = None,
     torch_dtype: Any = None,
     device_map: Any = "cpu",
+    max_memory: dict | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | bool | None = None,
@@ -310,7 +315,10 @@ def load_model(
 ):
     """A QwenVLForCausalLM from a folder or hub id, in eval mode.
 
-    Precision: at most one of bf16/fp16/fp32, or dtype/torch_dtype; none picks per SPEC 6.
+    Precision: at most one of bf16/fp16/fp32, or dtype/torch_dtype; none picks per SPEC 6 (for
+    the first device the model goes on). `device_map`: one device, "auto", "balanced",
+    "balanced_low_0", "sequential" or a dict of module name -> device, bounded by `max_memory`
+    ({0: "12GiB", "cpu": "64GiB"}): see `qwenvl.placement`.
     Unknown keyword arguments (trust_remote_code, low_cpu_mem_usage, ...) are accepted and ignored.
     """
     from .modeling import QwenVLForCausalLM
@@ -322,20 +330,26 @@ def load_model(
         name_or_path, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
     )
     config = config if isinstance(config, QwenVLConfig) else load_config(folder)
-    device = resolve_device(device_map)
+    first = placement.first_device(device_map, max_memory)
     requested = _requested_dtype({"bf16": bf16, "fp16": fp16, "fp32": fp32}, dtype or torch_dtype)
     if requested is None:
         requested = _requested_dtype(
             {k: bool(getattr(config, k, False)) for k in ("bf16", "fp16", "fp32")}, None
         )
-    target = select_dtype(device, requested)
+    target = select_dtype(first, requested)
     files = weight_files(folder)
     with torch.device("meta"):
         model = model_class(config)
-    load_weights(model, files, target, device, show_progress)
+    from .int4 import checkpoint as int4_checkpoint
+
+    quantized = int4_checkpoint.prepare(model, folder, files)  # GPTQ layers, where the folder has them
+    where = _placed(model, device_map, max_memory, target)
+    load_weights(model, files, target, where, show_progress)
+    if quantized:
+        int4_checkpoint.check_loaded(model)
     model.generation_config = load_generation_config(folder)
     model.name_or_path = os.fspath(name_or_path)
-    logger.info("loaded %s (%s on %s)", name_or_path, target, device)
+    logger.info("loaded %s (%s on %s)", name_or_path, target, ", ".join(map(str, where.devices)))
     return model.eval()
 
 

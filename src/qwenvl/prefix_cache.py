@@ -49,9 +49,7 @@ class PrefixCache:
         (a copy of just those is kept), and the digests of their spans' images."""
         if self.max_entries <= 0:
             return
-        stored = cache.select([0])
-        stored.keys = stored.keys[:, :, :, : len(tokens)].clone()
-        stored.values = stored.values[:, :, :, : len(tokens)].clone()
+        stored = cache.select([0], capacity=len(tokens))
         key = tuple(tokens)
         self._entries[key] = _Stored(stored, tuple(pictures), float(stored.ntk_alpha[0]))
         self._entries.move_to_end(key)
@@ -68,7 +66,7 @@ class PrefixCache:
         spans = [(start, start + visual.n_queries + 2) for _, start in starts]
         best, stored, stored_alpha = 0, None, None
         for tokens, entry in self._entries.items():
-            if _layout(entry.cache) != _layout(cache):  # kept for another model, dtype or device
+            if entry.cache.layout != cache.layout:  # kept for another model, dtype or device
                 continue
             # keep one token to run
             shared = min(_shared_prefix(tokens, prompt), len(prompt) - 1)
@@ -79,8 +77,7 @@ class PrefixCache:
         # the stored keys were rotated with their own prefill's NTK alpha: reuse only when it matches
         if stored is None or stored_alpha != alpha:
             return 0
-        cache.keys[:, :, :, :best] = stored.keys[:, :, :, :best]
-        cache.values[:, :, :, :best] = stored.values[:, :, :, :best]
+        cache.copy_prefix(stored, best)
         cache.set_lengths([best] * cache.batch_size)
         cache.ntk_alpha.fill_(alpha)
         cache.inv_freq.copy_(stored.inv_freq)
@@ -101,12 +98,6 @@ def _before_other_pictures(
         if shared < end or not same:
             return start
     return shared
-
-
-def _layout(cache: KVCache) -> tuple:
-    """Layers, heads, head size, dtype and device: what a stored cache must share to be copied."""
-    keys = cache.keys
-    return keys.shape[0], keys.shape[2], keys.shape[4], keys.dtype, keys.device
 
 
 def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -17,6 +17,7 @@ import weakref
 import torch
 
 from ..model.ops import TORCH_OPS, TorchOps
+from ..placement import model_devices
 from . import kernels
 from .settings import KernelSettings
 
@@ -36,11 +37,16 @@ def default_backend(device: torch.device, mode: str) -> str:
 
 
 def ops_for(model, backend: str | None = None, mode: str = "static", settings: KernelSettings | None = None):
-    """The `backend` (default: `default_backend`) for `model`, built once and kept while current."""
-    device = model.lm_head.weight.device
-    backend = backend or default_backend(device, mode)
+    """The `backend` (default: `default_backend`) for `model`, built once and kept while current.
+    A model spread over several devices takes "torch": the others' kernels and weight copies
+    work on one device (Triton launches on the current GPU, whatever its tensors' device)."""
+    devices = model_devices(model)
+    backend = backend or ("torch" if len(devices) > 1 else default_backend(devices[-1], mode))
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if len(devices) > 1 and backend != "torch":
+        shown = ", ".join(map(str, devices))
+        raise ValueError(f"the {backend!r} backend runs a model on one device, not over {shown}: use 'torch'")
     if backend == "torch":
         return TORCH_OPS
     built = _built.setdefault(model, {})

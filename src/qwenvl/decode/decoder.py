@@ -12,7 +12,8 @@ and the backend that does the layers' operations (`backends.py`) are chosen when
   kernels); on CUDA also recorded as a CUDA graph, as below;
 - "cuda_graph": the static step recorded once as a CUDA graph and replayed: batch-1 decoding
   then costs the GPU's time to read the weights, not Python's to launch a few hundred kernels;
-- "auto": "cuda_graph" on CUDA, "static" elsewhere.
+- "auto": "cuda_graph" on CUDA, "static" elsewhere and for a model spread over several devices
+  (a graph records one device's work; such a model decodes through plain PyTorch ops).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..cache import KVCache
 from ..cuda_graphs import capture
 from ..model.llm import Step
 from ..model.ops import TorchOps
+from ..placement import model_devices
 from ..transfers import to_device
 from . import kernels
 from .backends import ops_for
@@ -30,11 +32,18 @@ from .sampling import DECODE_MODES
 from .settings import KernelSettings
 
 
-def resolve_mode(mode: str, device: torch.device) -> str:
+def resolve_mode(mode: str, device: torch.device, spread: bool = False) -> str:
+    """The mode `mode` means on `device` (the logits'); `spread`: the model's layers are on
+    several devices, whose steps cannot be recorded as one device's graph."""
     if mode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {mode!r}; expected one of {DECODE_MODES}")
     if mode == "auto":
-        return "cuda_graph" if device.type == "cuda" else "static"
+        return "cuda_graph" if device.type == "cuda" and not spread else "static"
+    if spread and mode in ("cuda_graph", "compile"):
+        raise ValueError(
+            f"decode mode {mode!r} records the step on one device, and this model is spread over "
+            "several: use 'static' (or 'auto') or 'plain'"
+        )
     if mode == "cuda_graph" and device.type != "cuda":
         raise ValueError(f"decode mode 'cuda_graph' needs the model on a CUDA device, not {device}")
     return mode
@@ -63,11 +72,12 @@ class Decoder:
         if cache is None:
             if rows is None or capacity is None:
                 raise ValueError("a decoder needs a cache, or the rows and capacity of one")
-            param = model.lm_head.weight
-            cache = KVCache(model.transformer.llm_config, rows, capacity, param.dtype, param.device)
+            cache = KVCache.for_model(model, rows, capacity)
         self.model, self.cache = model, cache
-        self.device = cache.keys.device
-        self.mode = resolve_mode(mode, self.device)
+        self.device = cache.device  # the logits'
+        # layers on several devices: no graphs, and plain PyTorch ops (backends.ops_for)
+        self.spread = len(model_devices(model)) > 1
+        self.mode = resolve_mode(mode, self.device, self.spread)
         self.ops = ops if isinstance(ops, TorchOps) else ops_for(model, ops, self.mode, settings)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=self.device)
@@ -97,9 +107,8 @@ class Decoder:
             ids[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
         with kernels.launching_on(self.device):
             hidden = transformer(transformer.embed(ids, image_features), self.cache, lengths, self.ops)
-            last = to_device(torch.tensor(lengths) - 1, self.device)
-            hidden = hidden[torch.arange(len(rows), device=self.device), last]
-            return self.ops.logits(self.model.lm_head, hidden)
+            last = to_device(torch.tensor(lengths) - 1, hidden.device)
+            return self._head(hidden[torch.arange(len(rows), device=hidden.device), last])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row [B]; logits [B, V] of the next."""
@@ -122,14 +131,19 @@ class Decoder:
     def _plain_step(self, tokens: torch.Tensor) -> torch.Tensor:
         transformer = self.model.transformer
         hidden = transformer(transformer.embed(tokens[:, None]), self.cache, ops=self.ops)
-        return self.ops.logits(self.model.lm_head, hidden[:, -1])
+        return self._head(hidden[:, -1])
 
     def _static_step(self, tokens: torch.Tensor) -> torch.Tensor:
         transformer, cache = self.model.transformer, self.cache
         step = Step.static_decode(transformer.llm_config, cache)
-        hidden = transformer.run(transformer.wte(tokens[:, None]), step, self.ops)[:, -1]
+        hidden = transformer.run(transformer.embed(tokens[:, None]), step, self.ops)[:, -1]
         cache.lengths.add_(1)  # the host's mirror follows in `step`, once per step actually taken
-        return self.ops.logits(self.model.lm_head, hidden)
+        return self._head(hidden)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of final hidden states [B, H], on the head's device (where a spread
+        model's final norm may not be)."""
+        return self.ops.logits(self.model.lm_head, hidden.to(self.device))
 
     def _record(self) -> None:
         # warm-ups and the recording each advance the lengths: put back after each

@@ -7,7 +7,7 @@ layers are written in the operations of `ops.TorchOps`; the object passed in as 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -170,10 +170,30 @@ class Step:
         """One token per row over the whole cache: the same shapes at every step, no host sync."""
         positions = cache.positions(1)
         rotary = Rotary.build(positions, cache.inv_freq)
-        dtype, capacity = cache.keys.dtype, cache.capacity
+        dtype, capacity = cache.dtype, cache.capacity
         visible = visible_keys(positions, capacity, dtype)
         logn = logn_scale(positions, cfg, dtype)
         return cls(positions, rotary, logn, cache, False, capacity, visible)
+
+    @property
+    def device(self) -> torch.device:
+        return self.positions.device
+
+    def to(self, device: torch.device) -> Step:
+        """The step's tables on `device`, for the blocks there of a model spread over devices (the
+        cache is the same: each layer's keys are on their block's device already)."""
+
+        def moved(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
+        rotary = Rotary(moved(self.rotary.cos), moved(self.rotary.signed_sin))
+        return replace(
+            self,
+            positions=moved(self.positions),
+            rotary=rotary,
+            logn=moved(self.logn),
+            visible=moved(self.visible),
+        )
 
 
 def visible_keys(positions: torch.Tensor, kv_length: int, dtype: torch.dtype) -> torch.Tensor:

@@ -51,7 +51,8 @@ class QWenModel(nn.Module):
         """
         device = self.wte.weight.device
         host_ids = input_ids.cpu() if image_features is not None else None  # ids on a GPU: a wait
-        embeds = self.wte(to_device(input_ids, device) if input_ids.device.type == "cpu" else input_ids)
+        on_host = input_ids.device.type == "cpu"
+        embeds = self.wte(to_device(input_ids, device) if on_host else input_ids.to(device))
         if image_features is None:
             return embeds
         span = self.vision_config.n_queries
@@ -66,7 +67,7 @@ class QWenModel(nn.Module):
             end = pos + span + 1
             if end >= input_ids.shape[1] or int(host_ids[row, end]) != end_id:
                 raise ImageSpanError(f"the image span at row {row}, position {pos} is not {span} ids long")
-            embeds[row, pos + 1 : end] = features.to(embeds.dtype)
+            embeds[row, pos + 1 : end] = features.to(embeds.device, embeds.dtype)
         return embeds
 
     def forward(
@@ -88,13 +89,28 @@ class QWenModel(nn.Module):
         return hidden
 
     def run(self, embeds: torch.Tensor, step: Step, ops: TorchOps = TORCH_OPS) -> torch.Tensor:
-        """The blocks and the final norm over a prepared step (the cache's lengths are the caller's)."""
+        """The blocks and the final norm over a prepared step (the cache's lengths are the caller's).
+        In a model spread over devices the residual stream and the step follow each block to its
+        device; the hidden states come out on the final norm's."""
         x, pending = embeds, None
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         with attention_kernels():
             for layer, block in enumerate(self.h):
+                device = block.ln_1.weight.device
+                x, pending = _moved(x, pending, device)
+                step = step if step.device == device else step.to(device)
                 if recompute and step.cache is None:
                     x, pending = checkpoint(block, x, pending, step, layer, ops, use_reentrant=False)
                 else:
                     x, pending = block(x, pending, step, layer, ops)
+            x, pending = _moved(x, pending, self.ln_f.weight.device)
             return ops.add_norm(x, pending, self.ln_f)[1]
+
+
+def _moved(
+    x: torch.Tensor, pending: torch.Tensor | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The residual stream and the branch output still to add, on `device`."""
+    if x.device == device:
+        return x, pending
+    return x.to(device), None if pending is None else pending.to(device)
