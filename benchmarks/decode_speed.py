@@ -162,7 +162,8 @@ def measure(
 
 def ratios(dtypes: dict[str, dict], bandwidth: float, headline: str, serving: str) -> dict:
     """The run's decode ratios: the fast path over the baseline (in the `headline` dtype and in
-    each), bf16 over fp32, batch N over batch 1 and the roofline fraction (in the `serving` dtype)."""
+    each), bf16 over fp32, the Int4 model over bf16 (batch 1, fast paths), batch N over batch 1
+    and the roofline fraction (in the `serving` dtype)."""
     fast_1 = {name: r["decode_tokens_per_s_fast_batch1"] for name, r in dtypes.items()}
     speedups = {name: fast_1[name] / r["decode_tokens_per_s_baseline_batch1"] for name, r in dtypes.items()}
     roofline = {name: r["llm_weight_bytes_per_step"] * fast_1[name] / bandwidth for name, r in dtypes.items()}
@@ -172,6 +173,9 @@ def ratios(dtypes: dict[str, dict], bandwidth: float, headline: str, serving: st
         "decode_speedup_vs_baseline_per_dtype": speedups,
         "bf16_over_fp32_decode": (
             fast_1["bf16"] / fast_1["fp32"] if {"bf16", "fp32"} <= fast_1.keys() else None
+        ),
+        "int4_over_bf16_decode": (
+            fast_1["int4"] / fast_1["bf16"] if {"int4", "bf16"} <= fast_1.keys() else None
         ),
         **{
             f"batch{b}_over_batch1_throughput": dtypes[serving][f"decode_tokens_per_s_fast_batch{b}"]

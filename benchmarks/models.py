@@ -76,4 +76,34 @@ def llm_weight_bytes(model: QwenVLForCausalLM) -> int:
     """Bytes of weights one decode step reads: all but the vision tower and the embedding table."""
     transformer = model.transformer
     skipped = {id(p) for p in transformer.visual.parameters()} | {id(p) for p in transformer.wte.parameters()}
-    return tensor_bytes(p for p in model.parameters() if id(p) not in skipped)
+    from qwenvl.int4 import Int4Linear
+
+    packed = [  # an Int4 layer's weights are buffers; g_idx is not read when groups are in order
+        tensor
+        for module in transformer.h.modules()
+        if isinstance(module, Int4Linear)
+        for name, tensor in module.named_buffers()
+        if name != "g_idx"
+    ]
+    return tensor_bytes([*(p for p in model.parameters() if id(p) not in skipped), *packed])
+
+
+INT4 = "int4"  # what the runs call the Int4 model: bf16 activations, the LLM's Linears in 4 bits
+
+
+def build_measured_model(config: dict, name: str, device: torch.device | str = "cpu") -> QwenVLForCausalLM:
+    """The model a run measures as `name`: a dtype of `DTYPES`, or `INT4`: the bf16 model with its
+    LLM's Linears quantized (round-to-nearest, groups of 128) as Qwen-VL-Chat-Int4 lays them out,
+    the LM head, embeddings and vision tower left in bf16."""
+    if name != INT4:
+        return build_model(config, DTYPES[name], device)
+    from qwenvl.int4 import GPTQSettings, quantize_model
+
+    model = build_model(config, torch.bfloat16, device)
+    quantize_model(model, GPTQSettings(group_size=128))
+    return model
+
+
+def model_bytes(model: QwenVLForCausalLM) -> int:
+    """Bytes the loaded model holds: its parameters and buffers (packed codes included)."""
+    return tensor_bytes([*model.parameters(), *model.buffers()])

@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m benchmarks.run --config tiny|mid|real --device cpu|cuda [--mode MODE]
      [--ops NAME] [--settings JSON] [--sdpa-decode] [--no-matvec] [--no-dependent-launch]
-     [--dtypes fp32 bf16] [--batch-sizes 8 32 64] [--engine-tokens 64] [--[no-]load-time]
+     [--dtypes fp32 bf16] [--int4] [--batch-sizes 8 32 64] [--engine-tokens 64] [--[no-]load-time]
      [--threads N] [--json PATH]
 
 The model has random weights (values do not change the speed); each dtype is measured in a
@@ -19,6 +19,9 @@ in mode "plain" with the "torch" backend. What each part measures:
   turn with prefix reuse over without, in the engine and through `model.chat`.
 - `engine_speed` (bf16): one request's decode through the engine over the same through `generate`;
   on a GPU, the engine with graphs over without.
+- `--int4`: the Int4 model too (the bf16 model with its LLM's Linears quantized as
+  Qwen-VL-Chat-Int4's are), every figure above, and its batch-1 decode over bf16's
+  (`int4_over_bf16_decode`); each model's bytes (parameters and buffers) are in the table.
 - `--load-time`: seconds of `from_pretrained` for a checkpoint of the config (`load_memory`'s
   measure), in each dtype.
 """
@@ -52,7 +55,7 @@ from .common import (
 )
 from .decode_speed import DecodePath, describe
 from .load_memory import measure_load, write_checkpoint
-from .models import CONFIGS, DTYPES, MIB, build_model, model_config, picture, prompt_ids
+from .models import CONFIGS, INT4, MIB, build_measured_model, model_bytes, model_config, picture, prompt_ids
 
 
 @dataclass(frozen=True)
@@ -76,12 +79,12 @@ def measure_dtype(
     if options.threads is not None:
         torch.set_num_threads(options.threads)
     tokenizer = QwenVLTokenizer()
-    model = build_model(config, DTYPES[dtype_name], device)
+    model = build_measured_model(config, dtype_name, device)
     prompt = prompt_ids(tokenizer)
     pixels = picture(model)
     with torch.inference_mode():
         features = encode_pixels(model.transformer.visual, pixels)
-    result = {"parameters": sum(p.numel() for p in model.parameters())}
+    result = {"parameters": sum(p.numel() for p in model.parameters()), "model_bytes": model_bytes(model)}
     result.update(first_token.measure(model, prompt, pixels, options.fast, options.repeats))
     result.update(
         decode_speed.measure(
@@ -138,6 +141,7 @@ def measure(
     if bandwidth_mb is None:  # well past the last-level cache: 60 MB of L2 on an H200
         bandwidth_mb = 2048 if device.type == "cuda" else 256
     other_load = OtherLoad()
+    loaded = [name for name in dtype_names if name != INT4]  # the Int4 model is quantized in memory
     # read before the models and after them: the higher is what the memory can do
     bandwidths = [memory_bandwidth(device, bandwidth_mb)]
     run = run_isolated if isolated else lambda fn, *args: fn(*args)
@@ -162,7 +166,7 @@ def measure(
         "memory_bandwidth_before_and_after_bytes_per_s": bandwidths,
         "peak_rss_bytes": max(r["peak_rss_bytes"] for r in dtypes.values()),
         "other_processes_cores": other_load.cores(),
-        "checkpoint": checkpoint_load(config, dtype_names, device) if load_time else None,
+        "checkpoint": checkpoint_load(config, loaded, device) if load_time else None,
         "dtypes": dtypes,
     }
 
@@ -175,6 +179,7 @@ RATIOS = (
         "decode, fast path over baseline (batch 1, {decode_speedup_vs_baseline_dtype})",
     ),
     ("bf16_over_fp32_decode", "decode, bf16 over fp32 (batch 1, fast path)"),
+    ("int4_over_bf16_decode", "decode, Int4 over bf16 (batch 1, fast path)"),
     ("batch{b}_over_batch1_throughput", "decode tokens/s, batch {b} over batch 1 (bf16)"),
     ("decode_roofline_fraction", "decode roofline fraction (batch 1, bf16)"),
     ("first_token_speedup_vs_baseline", "time to first token, fast path over baseline (bf16)"),
@@ -210,6 +215,7 @@ def dtype_rows(r: dict, bandwidth: float) -> list[tuple[str, float]]:
     ]
     if "peak_gpu_memory_bytes" in r:
         rows.append(("peak GPU memory (MiB)", r["peak_gpu_memory_bytes"] / MIB))
+    rows.append(("loaded model: parameters and buffers (MiB)", r["model_bytes"] / MIB))
     rows.append(("peak RSS of its process (MiB)", r["peak_rss_bytes"] / MIB))
     return rows
 
@@ -219,9 +225,10 @@ def report(results: dict) -> str:
     columns = {name: dict(dtype_rows(r, bandwidth)) for name, r in results["dtypes"].items()}
     if results["checkpoint"] is not None:
         for name, column in columns.items():
-            column["checkpoint load, bf16 .bin shards in the page cache (s)"] = results["checkpoint"][
-                "seconds"
-            ][name]
+            if name in results["checkpoint"]["seconds"]:  # not for the Int4 model, quantized in memory
+                column["checkpoint load, bf16 .bin shards in the page cache (s)"] = results["checkpoint"][
+                    "seconds"
+                ][name]
     labels = list(dict.fromkeys(label for column in columns.values() for label in column))
     rows = [[label, *(column.get(label, "") for column in columns.values())] for label in labels]
     parameters = next(iter(results["dtypes"].values()))["parameters"]
@@ -280,6 +287,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--no-dependent-launch", action="store_true", help="kernels launched as usual, not early"
     )
     parser.add_argument("--dtypes", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
+    parser.add_argument(
+        "--int4", action="store_true",
+        help="also the Int4 model (bf16 with its LLM Linears in 4 bits): int4_over_bf16_decode",
+    )  # fmt: skip
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[8, 32, 64], help="besides batch 1")
     parser.add_argument("--decode-steps", type=int, default=16, help="timed greedy steps per measurement")
     parser.add_argument(
@@ -303,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("config 'real' (the real Qwen-VL-Chat shapes, 9.6B parameters) needs --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.int4 and "bf16" not in args.dtypes:
+        parser.error("--int4 compares the Int4 model with bf16: keep bf16 in --dtypes")
     if any(b < 2 for b in args.batch_sizes):
         parser.error("--batch-sizes: each must be at least 2 (batch 1 is always measured)")
     if args.threads is not None:
@@ -313,7 +326,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         engine_tokens=args.engine_tokens, threads=torch.get_num_threads(),
     )  # fmt: skip
     load_time = args.config != "real" if args.load_time is None else args.load_time
-    results = measure(args.config, args.device, options, dtype_names=args.dtypes, load_time=load_time)
+    dtype_names = [*args.dtypes, *([INT4] if args.int4 else [])]
+    results = measure(args.config, args.device, options, dtype_names=dtype_names, load_time=load_time)
     print(report(results))
     name = f"run_{args.config}_{device_kind(args.device)}"
     path = json_path(args, name + ".json")

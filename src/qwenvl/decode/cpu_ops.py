@@ -22,6 +22,9 @@ compute in fp32; fewer rows (a decode step, batches of up to 16 or so) read the 
 the bytes, which measured faster (8 rows: 6.3 ms against 14.6 converted, 10.4 from a kept fp32
 copy).
 
+Int4 layers (`int4.Int4Linear`) take the products of `int4_cpu.py`, over copies of their codes in
+an int4 kernel's layout (half a byte a weight, always made).
+
 The copies are made when the backend is built (`CpuOps(model)`), never by a forward, and cost
 their weights' memory once more: the bf16 copies only while that fits in half the memory the
 system has free (`pack_bf16=None`). `current()` tells whether the weights are still the ones
@@ -38,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..int4.linear import Int4Linear
 from ..model.ops import TorchOps
+from .int4_cpu import int4_product
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -75,8 +80,12 @@ class CpuOps(TorchOps):
             if pack_bf16 or size <= free_memory() // 2:
                 for linear in bf16:
                     self._add(linear, _PackedBF16(linear))
+        for linear in [m for m in model.transformer.h.modules() if isinstance(m, Int4Linear)]:
+            product = int4_product(linear, head.weight.dtype)
+            if product is not None:
+                self._add(linear, product)
 
-    def _add(self, linear: nn.Linear, product: Product) -> None:
+    def _add(self, linear: nn.Module, product: Product) -> None:
         self._products[linear] = product
         self._copied[linear] = _state(linear)
 
@@ -175,8 +184,12 @@ def free_memory() -> int:
         return 0
 
 
-def _state(linear: nn.Linear) -> tuple:
-    return (_tensor_state(linear.weight), _tensor_state(linear.bias), linear.weight.dtype)
+def _state(linear: nn.Module) -> tuple:
+    if isinstance(linear, Int4Linear):
+        weights = (linear.qweight, linear.qzeros, linear.scales, linear.g_idx)
+    else:
+        weights = (linear.weight,)
+    return (*map(_tensor_state, weights), _tensor_state(linear.bias), *(w.dtype for w in weights))
 
 
 def _tensor_state(tensor: torch.Tensor | None) -> tuple:

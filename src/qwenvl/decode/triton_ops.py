@@ -5,6 +5,9 @@ the cache writes, flash decoding's attention, the MLP's gate, and (for one row) 
 layers' products. Any other shape (a prefill, gradients, a step torch.compile traces) goes to
 `TorchOps`. Eager, static and graphed steps take the same kernels, so they round alike.
 
+Int4 layers (`int4.Int4Linear`) take the kernels of `int4_kernels.py` for up to 64 rows, prefill
+or decode, reading their packed codes as they are.
+
 Building the backend lays each MLP's w1 and w2 side by side (`pack_gate_weights`): one product
 serves both. It is the backend's one change to the model, made when it is built.
 """
@@ -15,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..int4.linear import Int4Linear
 from ..model.ops import TorchOps
-from . import kernels
+from . import int4_kernels, kernels
 from .settings import KernelSettings
 
 
@@ -30,6 +34,9 @@ class TritonOps(TorchOps):
         self.settings = settings if settings is not None else KernelSettings.for_device(device)
         self._model = model
         pack_gate_weights(model)
+        # the Int4 layers its kernels take (`int4_kernels`; the others run their own forward)
+        int4 = [layer for layer in model.transformer.h.modules() if isinstance(layer, Int4Linear)]
+        self._int4 = {layer for layer in int4 if int4_kernels.takes(layer)}
 
     def current(self) -> bool:
         """Whether the gate weights it packed are still side by side (moving the model unpacks them)."""
@@ -64,6 +71,8 @@ class TritonOps(TorchOps):
         return residual.view(batch, 1, width), normed.view(batch, 1, width)
 
     def project(self, linear, x):
+        if linear in self._int4 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return int4_kernels.int4_linear(linear, x)
         if not (self._takes(x) and self._matvec(linear, x)):
             return linear(x)
         bias = None if linear.bias is None else linear.bias.detach()
