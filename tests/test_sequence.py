@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from qwenvl.decode import ChoiceError, SamplingParams, Sequence, choose_next, choose_tokens
@@ -75,3 +76,78 @@ def test_sampled_rows_never_meet_a_nan():
     row = sequence(SamplingParams(do_sample=True, top_p=0.5))
     (got,) = choose_next([row], logits).read()
     assert isinstance(got, ChoiceError) and "not finite" in str(got)
+
+
+def test_min_new_tokens_keeps_the_ends_from_being_chosen_until_then():
+    """End-of-text ids and one-token stop words are banned while a row has fewer tokens than its
+    min_new_tokens (counted as they are chosen: on a GPU the next is chosen before the last is
+    added); a longer stop word cannot be banned, and only does not end the row yet."""
+    params = SamplingParams(eos_token_id=(7, 9), stop_words_ids=((5,), (3, 4)), min_new_tokens=2)
+    row = sequence(params)
+    logits = torch.zeros(1, 50)
+    logits[0, [7, 5, 9, 11]] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    assert choose_next([row], logits).read() == [11]
+    assert choose_next([row], logits).read() == [11]  # chosen before the first is added
+    assert choose_next([row], logits).read() == [7]
+    for token in (3, 4):
+        row.add(token)
+    assert not row.finished  # (3, 4) came within the first two tokens
+    row.add(7)
+    assert row.finish_reason == "stop"
+
+
+def test_min_new_tokens_holds_for_sampled_rows():
+    params = SamplingParams(do_sample=True, eos_token_id=7, min_new_tokens=1000, seed=0)
+    row = sequence(params)
+    logits = torch.zeros(1, 50)
+    logits[0, 7] = 20.0  # without the ban, id 7 is drawn but once in e^20 / 49
+    drawn = [choose_next([row], logits).read()[0] for _ in range(20)]
+    assert 7 not in drawn and all(isinstance(token, int) for token in drawn)
+
+
+def test_eos_token_id_may_be_several_ids():
+    assert SamplingParams.from_config(None, eos_token_id=[7, 9]).eos_ids == (7, 9)
+    assert SamplingParams.from_config(None, eos_token_id=7).eos_ids == (7,)
+    row = sequence(SamplingParams.from_config(None, eos_token_id=[7, 9]))
+    row.add(9)
+    assert row.finish_reason == "stop"
+
+
+class ByteVocabulary:
+    """Tokens of a few bytes each, as in a tiktoken vocabulary: "你" (e4 bd a0) is split in two."""
+
+    pieces = (b"Hel", b"lo", b" wor", b"ld", b"\xe4\xbd", b"\xa0", b"!")
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def convert_ids_to_tokens(self, token: int) -> bytes:
+        return self.pieces[token]
+
+    def decode(self, ids) -> str:
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_stop_strings_end_a_row_where_the_text_first_holds_them():
+    """Matched in bytes: a string may start or end inside a token, and a character split across
+    tokens matches once whole; the oracle is the decoded text of each prefix."""
+    vocabulary = ByteVocabulary()
+    tokens = list(range(len(vocabulary)))
+    for stop in ("lo w", "o", "Hello", "你", "你!", "ld!", "world"):
+        params = SamplingParams.from_config(None, tokenizer=vocabulary, stop_strings=stop)
+        row = sequence(params, max_new=100)
+        for token in tokens:
+            row.add(token)
+            if row.finished:
+                break
+        expected = next((k for k in tokens if stop in vocabulary.decode(tokens[: k + 1])), None)
+        assert (len(row.generated) - 1 if row.finished else None) == expected, stop
+
+
+def test_stop_strings_need_the_tokenizer_and_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="tokenizer="):
+        SamplingParams.from_config(None, stop_strings=["x"])
+    with pytest.raises(ValueError, match="'temprature' \\(did you mean 'temperature'\\?\\)"):
+        SamplingParams.from_config(None, temprature=0.5)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingParams.from_config(None, min_new_tokens=-1)

@@ -151,6 +151,11 @@ class QwenVLConfig(PretrainedConfig):
 
     model_type = MODEL_TYPE
     keys_to_ignore_at_inference = ["past_key_values"]
+    # Token ids that transformers' generate and pipelines read from a model's config, which
+    # transformers 5 no longer defines. The original's config.json has none (they are in
+    # generation_config.json): class defaults, so a config.json saved stays as the original's;
+    # one given in config.json is kept.
+    pad_token_id = bos_token_id = eos_token_id = None
 
     def __init__(
         self,

@@ -9,12 +9,11 @@ back as history, its system message) can never open a file or become a control t
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .chat_format import DEFAULT_CHAT_FORMAT, DEFAULT_MAX_WINDOW_SIZE, DEFAULT_SYSTEM, make_context
-from .images import image_digest
+from .in_memory_images import image_name
 from .tokenizer import QwenVLTokenizer
 
 
@@ -64,16 +63,3 @@ def build_prompt(
     system_content = [{"text": system}]
     text, ids = make_context(tokenizer, content(query), turns, system_content, max_window_size, chat_format)
     return Prompt(ids, [named[name] for name in tokenizer.image_references(ids)], text)
-
-
-def image_name(image) -> str:
-    """The reference a loaded picture gets in its span: a digest of the bytes it was decoded from
-    (`images.image_digest`), else of its pixels. The same picture gets the same tokens, so a later
-    turn reuses its keys and values (engine.py); another picture behind the same words gets other
-    tokens, so it never reuses a stranger's."""
-    encoded = image_digest(image)
-    if encoded is not None:
-        return f"image-{encoded}"
-    digest = hashlib.blake2b(f"{image.mode} {image.size}".encode(), digest_size=12)
-    digest.update(image.tobytes())
-    return f"image-{digest.hexdigest()}"

@@ -8,7 +8,8 @@ produce alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -35,12 +36,14 @@ __all__ = [
     "SamplingParams",
     "apply_repetition_penalty",
     "choose_tokens",
+    "collect_rows",
     "filter_top_k",
     "filter_top_p",
     "generate_tokens",
     "max_new_tokens",
     "new_cache",
     "stream_tokens",
+    "streamed",
 ]
 
 
@@ -62,8 +65,7 @@ def max_new_tokens(model, prompts: Sequence[Sequence[int]], params: SamplingPara
 def new_cache(model, prompts: Sequence[Sequence[int]], params: SamplingParams) -> KVCache:
     """An empty cache with room for the prompts and the tokens they may get."""
     room = max(len(p) for p in prompts) + max(max_new_tokens(model, prompts, params), 0)
-    param = model.lm_head.weight
-    return KVCache(model.transformer.llm_config, len(prompts), room, param.dtype, param.device)
+    return KVCache.for_model(model, len(prompts), room)
 
 
 def stream_tokens(
@@ -138,9 +140,30 @@ def generate_tokens(
     ops: TorchOps | str | None = None,
 ) -> list[list[int]]:
     """The new ids of every row."""
-    rows: list[list[int]] = [[] for _ in prompts]
-    for step in stream_tokens(model, prompts, params, image_features, ops=ops):
+    return collect_rows(stream_tokens(model, prompts, params, image_features, ops=ops), len(prompts))
+
+
+def collect_rows(steps: Iterable[list[int | None]], count: int) -> list[list[int]]:
+    """The new ids of each of `count` rows, from `stream_tokens`' steps."""
+    rows: list[list[int]] = [[] for _ in range(count)]
+    for step in steps:
         for row, token in zip(rows, step, strict=True):
             if token is not None:
                 row.append(token)
     return rows
+
+
+def streamed(
+    steps: Iterable[list[int | None]], streamer: Any, prompt_ids: torch.Tensor, pad_token_id: int
+) -> Iterator[list[int | None]]:
+    """`steps` passed on, shown to a transformers streamer (TextStreamer, TextIteratorStreamer) as
+    transformers' generate shows them: `put` the prompts' ids [B, L], then each step's tokens [B]
+    (pad for a finished row), then `end()`, also when generation fails or stops early, so that a
+    reader waiting on the streamer is never left hanging."""
+    try:
+        streamer.put(prompt_ids.cpu())
+        for step in steps:
+            streamer.put(torch.as_tensor([pad_token_id if t is None else t for t in step]))
+            yield step
+    finally:
+        streamer.end()

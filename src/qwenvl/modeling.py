@@ -9,26 +9,28 @@ never inside a module's forward.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig, PreTrainedModel
+from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .chat_format import (
     CHAT_GENERATION_DEFAULTS,
     DEFAULT_SYSTEM,
     ReplyText,
-    decode_reply,
     get_stop_words_ids,
     make_context,
     prompt_settings,
 )
 from .config import QwenVLConfig
-from .generation import SamplingParams, generate_tokens, new_cache, stream_tokens
+from .generation import SamplingParams, collect_rows, new_cache, stream_tokens, streamed
+from .generation_options import generation_options
+from .in_memory_images import carried_images, find_image
 from .model.llm import RMSNorm
 from .model.qwenvl import QWenModel
 from .model.resampler import CrossAttention, Resampler
@@ -108,6 +110,11 @@ class QwenVLForCausalLM(PreTrainedModel):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
+    @classmethod
+    def can_generate(cls) -> bool:
+        """True: transformers' pipelines ("text-generation") may call `generate`, this class's own."""
+        return True
+
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
@@ -122,10 +129,14 @@ class QwenVLForCausalLM(PreTrainedModel):
         """Features [N, 256, H] of images (paths, URLs, bytes, PIL images) under this model's policy."""
         return self.transformer.visual.encode(images, self.image_policy)
 
-    def _features_for_ids(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+    def _features_for_ids(
+        self, input_ids: torch.Tensor, images: Mapping[str, Any] | None = None
+    ) -> torch.Tensor | None:
+        """Features of the pictures the ids' image spans name: a picture given in `images` under
+        its name (see `in_memory_images`), else the path or URL the span holds."""
         start_id = self.transformer.vision_config.image_start_id
         references = [ref for row in input_ids.tolist() for ref in image_references(row, start_id)]
-        return self.encode_images(references) if references else None
+        return self.encode_images([find_image(ref, images) for ref in references]) if references else None
 
     # -- forward -----------------------------------------------------------------------------------
 
@@ -137,21 +148,24 @@ class QwenVLForCausalLM(PreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        images: Mapping[str, Any] | None = None,
         **unused: Any,
     ) -> CausalLMOutputWithPast:
         """Logits of every position, without a cache (prompts are scored whole, as in training).
 
         Images come as `image_features` [N, 256, H], as `pixel_values` [N, 3, S, S], or, for
-        compatibility, as references inside the ids' image spans, read here before the math.
+        compatibility, as references inside the ids' image spans, read here before the math (a
+        picture in memory from `images`, as `tokenizer(text)` returns them).
         """
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids or inputs_embeds")
             input_ids = input_ids.to(self.device)
             if image_features is None and pixel_values is not None:
-                image_features = self.transformer.visual(pixel_values.to(self.device))
+                visual = self.transformer.visual
+                image_features = visual(pixel_values.to(visual.conv1.weight.device))
             elif image_features is None:
-                image_features = self._features_for_ids(input_ids)
+                image_features = self._features_for_ids(input_ids, images)
             inputs_embeds = self.transformer.embed(input_ids, image_features)
         lengths = None
         if attention_mask is not None:  # right padding: real tokens never attend to the pads after them
@@ -162,7 +176,7 @@ class QwenVLForCausalLM(PreTrainedModel):
                 )
             lengths = attention_mask.sum(-1).tolist()
         hidden = self.transformer(inputs_embeds, None, lengths)
-        logits = self.lm_head(hidden)
+        logits = self.lm_head(hidden.to(self.device))  # a spread model's final norm may be elsewhere
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -174,77 +188,110 @@ class QwenVLForCausalLM(PreTrainedModel):
 
     # -- generation --------------------------------------------------------------------------------
 
-    def _sampling_params(self, generation_config: Any, kwargs: dict[str, Any]) -> SamplingParams:
-        kwargs = dict(kwargs)
-        if "max_length" in kwargs and "max_new_tokens" not in kwargs:
-            raise ValueError("pass max_new_tokens (max_length is not supported)")
-        return SamplingParams.from_config(generation_config or self.generation_config, **kwargs)
-
-    def _prompt_rows(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[list[int]]:
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if attention_mask is None:
-            return input_ids.tolist()
-        # either padding side: keep each row's real tokens
-        return [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask, strict=True)]
-
     @torch.no_grad()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        generation_config: Any = None,
         stop_words_ids: Sequence[Sequence[int]] | None = None,
         streamer: Any = None,
+        tokenizer: Any = None,
+        images: Mapping[str, Any] | None = None,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """Prompt + new ids [B, L], like transformers; rows that stop early are padded with pad id."""
-        params = self._sampling_params(generation_config, kwargs)
-        if stop_words_ids:
-            params = params.with_stop_words(stop_words_ids)
-        rows = self._prompt_rows(input_ids, attention_mask)
-        features = self._features_for_ids(torch.as_tensor(_pad(rows, 0)))
-        if streamer is None:
-            new = generate_tokens(self, rows, params, features)
-        else:  # transformers' streamer protocol: the prompt, then each new token, then end()
-            if len(rows) != 1:
-                raise ValueError("a streamer can only follow a single prompt")
-            streamer.put(torch.as_tensor([rows[0]]))
-            new = [[]]
-            for step in stream_tokens(self, rows, params, features):
-                new[0].append(step[0])
-                streamer.put(torch.as_tensor([step[0]]))
-            streamer.end()
-        pad = getattr(generation_config or self.generation_config, "pad_token_id", None)
-        pad = self.config.pad_token_id if pad is None else pad
-        return torch.as_tensor(
-            _pad([r + n for r, n in zip(rows, new, strict=True)], pad if pad is not None else 0)
-        )
+    ) -> torch.Tensor | GenerateDecoderOnlyOutput:
+        """Prompt + new ids [B, L], as transformers' generate: rows that stop early are padded with
+        the pad id.
 
-    def _chat_prompt(self, tokenizer, query, history, system, generation_config, kwargs):
-        config = generation_config or self.generation_config
+        `inputs` or `input_ids`: the prompts' ids, [L] or [B, L] (either padding side, under
+        `attention_mask`). `generation_config` and keyword arguments: transformers' options that
+        this decoder honours (`generation_options`; any other is a ValueError naming it), with
+        `tokenizer` for stop_strings; `stop_words_ids`: the original Qwen's. `streamer`:
+        transformers' protocol (TextStreamer, TextIteratorStreamer). `images`: the in-memory
+        pictures the spans name, as `tokenizer(text)` gives them.
+        """
+        try:
+            ids = _prompt_ids(inputs, input_ids, generation_config)
+            options = generation_options(
+                "generate",
+                self.generation_config,
+                generation_config,
+                kwargs,
+                prompt_width=ids.shape[-1],
+                tokenizer=tokenizer,
+                default_pad=self.config.pad_token_id,
+            )
+            params = options.params.with_stop_words(stop_words_ids or ())
+            # num_return_sequences samples each prompt again, its rows next to each other
+            count = options.num_return_sequences
+            rows = [row for row in self._prompt_rows(ids, attention_mask) for _ in range(count)]
+            features = self._features_for_ids(torch.as_tensor(_pad(rows, 0)), images)
+        except BaseException:
+            if streamer is not None:  # a reader waiting on it (a TextIteratorStreamer) must not hang
+                streamer.end()
+            raise
+        steps = stream_tokens(self, rows, params, features)
+        if streamer is not None:
+            steps = streamed(steps, streamer, ids, options.pad_token_id)
+        new = collect_rows(steps, len(rows))
+        out = torch.as_tensor(_pad([r + n for r, n in zip(rows, new, strict=True)], options.pad_token_id))
+        return GenerateDecoderOnlyOutput(sequences=out) if options.return_dict_in_generate else out
+
+    def _prompt_rows(self, input_ids: torch.Tensor, attention_mask: Any) -> list[list[int]]:
+        if attention_mask is None:
+            return input_ids.tolist()
+        # either padding side: keep each row's real tokens
+        mask = torch.as_tensor(attention_mask, device=input_ids.device).reshape(input_ids.shape).bool()
+        return [ids[keep].tolist() for ids, keep in zip(input_ids, mask, strict=True)]
+
+    def _chat_prompt(self, caller, tokenizer, query, history, system, generation_config, kwargs):
+        """(prompt ids, SamplingParams, chat format) of a chat turn: the original's chat keywords
+        (chat_format, max_window_size, stop_words_ids, stream) taken here, the rest checked by
+        `generation_options` (any it cannot honour is a ValueError naming it)."""
+        if kwargs.pop("stream", None):
+            raise ValueError(f"{caller}(stream=True): chat() returns the whole reply; use chat_stream()")
         chat_format, max_window = prompt_settings(
-            config, kwargs.pop("chat_format", None), kwargs.pop("max_window_size", None)
+            self.generation_config,  # below what the call and its generation_config set
+            kwargs.pop("chat_format", None) or getattr(generation_config, "chat_format", None),
+            kwargs.pop("max_window_size", None) or getattr(generation_config, "max_window_size", None),
         )
         stop_words_ids = list(kwargs.pop("stop_words_ids", None) or [])
-        kwargs.pop("append_history", None)
-        kwargs.pop("stream", None)
         _, prompt = make_context(tokenizer, query, history, system, max_window, chat_format)
-        params = self._sampling_params(config, kwargs)
-        params = params.with_stop_words(stop_words_ids + get_stop_words_ids(chat_format, tokenizer))
+        options = generation_options(
+            caller,
+            self.generation_config,
+            generation_config,
+            kwargs,
+            prompt_width=len(prompt),
+            tokenizer=tokenizer,
+            returns_ids=False,
+        )
+        params = options.params.with_stop_words(stop_words_ids + get_stop_words_ids(chat_format, tokenizer))
         return prompt, params, chat_format
 
     def _reply_tokens(
-        self, prompt: list[int], params: SamplingParams, prefix_cache: PrefixCache | None
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        prefix_cache: PrefixCache | None,
+        images: Mapping[str, Any] | None = None,
+        streamer: Any = None,
     ) -> Iterator[int]:
         """The reply's tokens as they come. With a prefix cache, the part of the prompt it holds
         (the conversation so far, images included) is not run again, and the finished turn is kept
-        in it for the next one."""
+        in it for the next one. `images`: the in-memory pictures the spans may name; `streamer`:
+        a transformers streamer shown the prompt and the tokens."""
         cache = new_cache(self, [prompt], params)
         start = prefix_cache.restore(self, prompt, cache) if prefix_cache is not None else 0
-        features = self._features_for_ids(torch.as_tensor([prompt[start:]]))
+        features = self._features_for_ids(torch.as_tensor([prompt[start:]]), images)
+        steps = stream_tokens(self, [prompt], params, features, cache)
+        if streamer is not None:
+            pad = params.eos_ids[0] if params.eos_ids else 0  # shown for no row: there is one
+            steps = streamed(steps, streamer, torch.as_tensor([prompt]), pad)
         new: list[int] = []
-        for step in stream_tokens(self, [prompt], params, features, cache):
+        for step in steps:
             new.append(step[0])
             yield step[0]
         if prefix_cache is not None and new:
@@ -267,15 +314,22 @@ class QwenVLForCausalLM(PreTrainedModel):
         `prefix_cache`: a `qwenvl.PrefixCache` passed to every turn of one conversation; each turn
         then runs only its new tokens through the model (the same reply as without it, up to the
         rounding of keys and values computed a token at a time rather than in one pass).
+        Keyword arguments: the original's (chat_format, max_window_size, stop_words_ids,
+        append_history=False: the history returned without this turn), a transformers `streamer`,
+        and generation options as in `generate` (stop_strings end the reply before them).
         """
+        append_history = kwargs.pop("append_history", True)
+        streamer = kwargs.pop("streamer", None)
         prompt, params, chat_format = self._chat_prompt(
-            tokenizer, query, history, system, generation_config, kwargs
+            "chat", tokenizer, query, history, system, generation_config, kwargs
         )
-        new = list(self._reply_tokens(prompt, params, prefix_cache))
-        response = decode_reply(tokenizer, new, chat_format)
-        return response, [*(tuple(turn) for turn in history or ()), (query, response)]
+        images = carried_images(query, history, system)
+        reply = ReplyText(tokenizer, chat_format, _stop_texts(params))
+        reply.tokens.extend(self._reply_tokens(prompt, params, prefix_cache, images, streamer))
+        response = reply.finish()
+        turns = [tuple(turn) for turn in history or ()]
+        return response, [*turns, (query, response)] if append_history else turns
 
-    @torch.no_grad()
     def chat_stream(
         self,
         tokenizer,
@@ -286,17 +340,47 @@ class QwenVLForCausalLM(PreTrainedModel):
         prefix_cache: PrefixCache | None = None,
         **kwargs: Any,
     ) -> Iterator[str]:
-        """Yield the growing reply as tokens arrive (complete characters only); `prefix_cache` as
-        in `chat`."""
+        """The growing reply as tokens arrive (complete characters only); `prefix_cache` and keyword
+        arguments as in `chat` (but append_history). Options are checked here, at the call."""
+        streamer = kwargs.pop("streamer", None)
         prompt, params, chat_format = self._chat_prompt(
-            tokenizer, query, history, system, generation_config, kwargs
+            "chat_stream", tokenizer, query, history, system, generation_config, kwargs
         )
-        reply = ReplyText(tokenizer, chat_format)
-        for token in self._reply_tokens(prompt, params, prefix_cache):
+        reply = ReplyText(tokenizer, chat_format, _stop_texts(params))
+        images = carried_images(query, history, system)
+        return self._grown_reply(reply, self._reply_tokens(prompt, params, prefix_cache, images, streamer))
+
+    @torch.no_grad()
+    def _grown_reply(self, reply: ReplyText, tokens: Iterator[int]) -> Iterator[str]:
+        for token in tokens:
             if reply.add(token):
                 yield reply.text
         if reply.finish():
             yield reply.text
+
+
+def _prompt_ids(inputs: Any, input_ids: Any, generation_config: Any) -> torch.Tensor:
+    """generate()'s prompt ids as [B, L], given as `inputs` or `input_ids` (transformers takes both)."""
+    if isinstance(generation_config, torch.Tensor):
+        raise ValueError(
+            "generate()'s second positional argument is generation_config, as in transformers: "
+            "pass attention_mask= by name"
+        )
+    if inputs is not None and input_ids is not None:
+        raise ValueError("generate() got the prompt twice: pass inputs or input_ids, not both")
+    ids = inputs if inputs is not None else input_ids
+    if ids is None:
+        raise ValueError("generate() needs the prompt's ids: inputs= or input_ids=")
+    if isinstance(ids, Mapping):
+        raise ValueError("pass a tokenizer's output as keyword arguments: model.generate(**inputs)")
+    ids = torch.as_tensor(ids)
+    if ids.dim() not in (1, 2) or ids.dtype.is_floating_point:
+        raise ValueError(f"prompt ids must be integers shaped [L] or [B, L]: {ids.dtype} {list(ids.shape)}")
+    return ids if ids.dim() == 2 else ids[None]
+
+
+def _stop_texts(params: SamplingParams) -> tuple[str, ...]:
+    return params.stop_strings.strings if params.stop_strings is not None else ()
 
 
 def _pad(rows: list[list[int]], pad: int) -> list[list[int]]:

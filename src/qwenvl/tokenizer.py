@@ -12,6 +12,8 @@ from typing import Any
 
 import tiktoken
 
+from .in_memory_images import TextWithImages, add_image, carried_images, find_image, held_in_memory
+
 PAT_STR = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
     r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -296,7 +298,8 @@ class QwenVLTokenizer:
         data = reference.encode("utf-8") if isinstance(reference, str) else reference
         if len(data) > IMAGE_SPAN:
             raise ValueError(
-                f"The content in <img>..</img> is too long: {len(data)} bytes, at most {IMAGE_SPAN}"
+                f"The content in <img>..</img> is too long: {len(data)} bytes, at most {IMAGE_SPAN}; "
+                "give a picture in memory (bytes, a data: URL, a PIL image) through from_list_format"
             )
         return [self.img_start_id, *data, *[self.img_pad_id] * (IMAGE_SPAN - len(data)), self.img_end_id]
 
@@ -319,7 +322,11 @@ class QwenVLTokenizer:
             data = {k: v[0] for k, v in data.items()}
             if return_tensors:
                 data = {k: [v] for k, v in data.items()}
-        return BatchEncoding(data, tensor_type=return_tensors)
+        encoding = BatchEncoding(data, tensor_type=return_tensors)
+        images = carried_images(*batch)
+        if images:  # the in-memory pictures the spans name, for model.generate(**encoding)
+            encoding["images"] = images
+        return encoding
 
     # -- decoding -----------------------------------------------------------------------------------
 
@@ -373,13 +380,21 @@ class QwenVLTokenizer:
     # -- list format and grounding ------------------------------------------------------------------
 
     def from_list_format(self, list_format: list[dict]) -> str:
-        """`[{'image': p}, {'text': t}, {'ref': r, 'box': [(x1, y1, x2, y2)]}]` -> the prompt text."""
+        """`[{'image': p}, {'text': t}, {'ref': r, 'box': [(x1, y1, x2, y2)]}]` -> the prompt text.
+
+        An image given as a path or URL is named in the text, as in the original. A picture given
+        in memory (a data: URL, bytes, a PIL image) is named by a digest and travels beside the
+        text: the result is then a `TextWithImages`, a str whose `images` hold the pictures.
+        """
         text = ""
+        images: dict = {}
         num_images = 0
         for element in list_format:
             if "image" in element:
                 num_images += 1
-                text += f"Picture {num_images}: <img>{element['image']}</img>\n"
+                image = element["image"]
+                reference = add_image(images, image) if held_in_memory(image) else image
+                text += f"Picture {num_images}: <img>{reference}</img>\n"
             elif "text" in element:
                 text += element["text"]
             elif "box" in element:
@@ -390,7 +405,8 @@ class QwenVLTokenizer:
                     text += f"<box>({x1},{y1}),({x2},{y2})</box>"
             else:
                 raise ValueError(f"unsupported list-format element (no image, text or box key): {element!r}")
-        return text
+        images.update(carried_images(text))  # a text element may carry pictures of its own
+        return TextWithImages(text, images) if images else text
 
     def to_list_format(self, text: str) -> list[dict[str, str]]:
         """The inverse of from_list_format: `{'image'|'ref'|'box'|'quad'|'text': str}` items."""
@@ -439,7 +455,8 @@ class QwenVLTokenizer:
     def draw_bbox_on_latest_picture(self, response: str, history: list | None = None, image_policy=None):
         """The latest picture with the response's boxes drawn and labelled (a PIL image), or None.
 
-        None when no picture is referenced or the response has no box, as in the original.
+        None when no picture is referenced or the response has no box, as in the original. A picture
+        given in memory is found among those the history's texts carry.
         """
         from .grounding import draw_boxes, parse_boxes
         from .images import load_image
@@ -450,7 +467,8 @@ class QwenVLTokenizer:
         boxes = parse_boxes(response)
         if not boxes:
             return None
-        return draw_boxes(load_image(reference, image_policy), boxes)
+        picture = find_image(reference, carried_images(response, history))
+        return draw_boxes(load_image(picture, image_policy), boxes)
 
 
 class QWenTokenizer(QwenVLTokenizer):

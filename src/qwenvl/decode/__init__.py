@@ -7,7 +7,7 @@ See docs/architecture.md for how a chat turn flows through these.
 from .backends import BACKENDS, ops_for
 from .decoder import Decoder
 from .sampling import DECODE_MODES, PromptTooLongError, SamplingParams, choose_tokens
-from .sequence import Choice, ChoiceError, Sequence, choose_next
+from .sequence import Choice, ChoiceError, Sequence, TokenLogprobs, choose_next
 from .settings import AttentionBlocks, KernelSettings, MatvecBlocks
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "PromptTooLongError",
     "SamplingParams",
     "Sequence",
+    "TokenLogprobs",
     "choose_next",
     "choose_tokens",
     "ops_for",

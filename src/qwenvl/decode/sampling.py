@@ -4,12 +4,15 @@ repetition penalty. Pure functions of tensors; `sequence.py` applies them to req
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
+
+from .stop_strings import StopStrings
 
 # "plain": the cache read up to its longest row (the length comes from the host); "static": the
 # same step with static shapes and no host sync; "compile" and "cuda_graph" run that step
@@ -26,6 +29,18 @@ class PromptTooLongError(ValueError):
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
+def refuse_unknown(names: Collection[str], known: Collection[str], kind: str) -> None:
+    """ValueError naming each of `names` (none: nothing to refuse), with the known spelling it may mean."""
+    if not names:
+        return
+    described = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, list(known), n=1)
+        described.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    plural = "s" if len(described) > 1 else ""
+    raise ValueError(f"unknown {kind}{plural}: " + ", ".join(described))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 512
@@ -35,33 +50,51 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     stop_words_ids: tuple[tuple[int, ...], ...] = ()
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None  # one id or several end the sequence
+    # no end (end-of-text, stop word or string) before this many tokens, as in vLLM's min_tokens
+    min_new_tokens: int = 0
+    stop_strings: StopStrings | None = None  # text that ends the sequence once generated
     seed: int | None = None
+    # report each chosen token's log-probability and this many of the most likely ids'
+    # (`sequence.TokenLogprobs`); None: none, and no row pays for them
+    logprobs: int | None = None
     # one of DECODE_MODES; "auto": CUDA graphs on a GPU, static steps on CPU
     decode_mode: str = "auto"
     extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_config(cls, generation_config: Any = None, **overrides: Any) -> SamplingParams:
-        """Values from a transformers GenerationConfig (or anything with those attributes), then overrides."""
-        names = {f.name for f in fields(cls)} - {"extra", "stop_words_ids"}
+    def from_config(
+        cls, generation_config: Any = None, *, tokenizer: Any = None, **overrides: Any
+    ) -> SamplingParams:
+        """Values from a transformers GenerationConfig (or anything with those attributes), then
+        overrides (None: not given). ValueError for a name that is no field (with the spelling
+        it may mean) and for values no sequence can be decoded with. Stop strings given as text
+        need the `tokenizer` (transformers asks generate() for it too)."""
+        names = {f.name for f in fields(cls)} - {"extra"}
+        refuse_unknown(set(overrides) - names, names, "sampling parameter")
         values: dict[str, Any] = {}
         for name in names:
             value = getattr(generation_config, name, None) if generation_config is not None else None
             if value is not None:
                 values[name] = value
-        for name, value in overrides.items():
-            if value is None:
-                continue
-            if name in names:
-                values[name] = value
-            elif name == "stop_words_ids":
-                values[name] = tuple(tuple(s) for s in value)
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        if "stop_words_ids" in values:
+            values["stop_words_ids"] = tuple(tuple(s) for s in values["stop_words_ids"])
         if isinstance(values.get("eos_token_id"), (list, tuple)):
-            values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
+            values["eos_token_id"] = tuple(values["eos_token_id"]) or None
+        if values.get("stop_strings") is not None and not isinstance(values["stop_strings"], StopStrings):
+            if tokenizer is None:
+                raise ValueError(
+                    "stop_strings need the tokenizer to find them in the generated tokens: pass tokenizer="
+                )
+            values["stop_strings"] = StopStrings(values["stop_strings"], tokenizer)
         params = cls(**values)
-        if params.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {params.max_new_tokens}")
+        for name in ("max_new_tokens", "min_new_tokens"):
+            value = getattr(params, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in params.eos_ids):
+            raise ValueError(f"eos_token_id must be an integer or a list of them: {params.eos_token_id!r}")
         # written so that NaN fails each check
         if params.do_sample and not 0 < params.temperature < math.inf:
             raise ValueError(f"temperature must be > 0 when sampling, got {params.temperature}")
@@ -69,6 +102,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
         if not 0 < params.repetition_penalty < math.inf:
             raise ValueError(f"repetition_penalty must be > 0, got {params.repetition_penalty}")
+        if params.logprobs is not None and params.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {params.logprobs}")
         if params.decode_mode not in DECODE_MODES:
             raise ValueError(f"decode_mode must be one of {DECODE_MODES}, got {params.decode_mode!r}")
         return params
@@ -77,6 +112,17 @@ class SamplingParams:
     def greedy(self) -> bool:
         """Whether tokens are chosen by argmax (no sampling, or a temperature too small to sample)."""
         return not self.do_sample or self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The end-of-text ids, however eos_token_id was given."""
+        eos = self.eos_token_id
+        return () if eos is None else eos if isinstance(eos, tuple) else (eos,)
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """The ids that end a sequence by themselves: end-of-text ids and one-token stop words."""
+        return self.eos_ids + tuple(stop[0] for stop in self.stop_words_ids if len(stop) == 1)
 
     def with_stop_words(self, stop_words_ids: Sequence[Sequence[int]]) -> SamplingParams:
         merged = list(self.stop_words_ids)
