@@ -64,3 +64,20 @@ def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
     for word in words:
         assert word in error["message"], error["message"]
     return error
+
+
+def greedy_logprobs(model, prompt: list[int], steps: int, ends: set[int]) -> list[tuple]:
+    """Greedy decoding by whole forwards over the prompt and the tokens so far (no cache, no engine):
+    each step's token and the log-softmax of the logits it was chosen from."""
+    import torch
+
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(steps):
+            scores = model(torch.tensor([ids])).logits[0, -1].float().log_softmax(-1)
+            token = int(scores.argmax())
+            out.append((token, scores))
+            ids.append(token)
+            if token in ends:
+                break
+    return out

@@ -27,7 +27,8 @@ from qwenvl import make_context
 from qwenvl.conversation import Message, build_prompt
 from qwenvl.engine import Engine
 from qwenvl.images import ImagePolicy
-from qwenvl.server.app import create_app, reply_boxes
+from qwenvl.server.app import create_app
+from qwenvl.server.replies import reply_boxes
 
 from .server_helpers import (
     GRAY,

@@ -169,15 +169,21 @@ class ReplyText:
     trailing partial UTF-8 character (U+FFFD) and an ending that may grow into a stop string.
     The reply ends at the first end token or stop string and is stripped; the stop strings are
     the client's `stops`, cut exactly, and for the raw format "Human:" (where the model starts
-    the next turn), cut with the spaces before it.
+    the next turn), cut with the spaces before it. `strip=False` keeps the spaces at both ends
+    (a completion's text, which continues its prompt's).
     """
 
     def __init__(
-        self, tokenizer: QwenVLTokenizer, chat_format: str = DEFAULT_CHAT_FORMAT, stops: Sequence[str] = ()
+        self,
+        tokenizer: QwenVLTokenizer,
+        chat_format: str = DEFAULT_CHAT_FORMAT,
+        stops: Sequence[str] = (),
+        strip: bool = True,
     ):
         _check_format(chat_format)
         self.tokenizer = tokenizer
         self.raw = chat_format == "raw"
+        self.strip = strip
         self.stops = [s for s in stops if s]
         self.ends = {tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.eod_id}
         self.tokens: list[int] = []  # every token fed, those after the reply's end too
@@ -199,7 +205,8 @@ class ReplyText:
         text = self.tokenizer.decode(self.tokens[:end])
         if self.raw and RAW_STOP_WORD in text:
             text, self.stopped = text[: text.index(RAW_STOP_WORD)], True
-        text = text.strip()
+        if self.strip:
+            text = text.strip()
         found = [text.index(s) for s in self.stops if s in text]
         if found:
             text, self.stopped = text[: min(found)], True
@@ -207,8 +214,9 @@ class ReplyText:
         if not self.done:  # later tokens may still complete a character or a stop string
             text = text.rstrip("\ufffd")
             held = _stop_prefix_length(text, [*self.stops, RAW_STOP_WORD] if self.raw else self.stops)
-            # trailing spaces wait for what follows: a reply that ends there is stripped
-            text = text[: len(text) - held].rstrip()
+            text = text[: len(text) - held]
+            if self.strip:  # trailing spaces wait for what follows: a reply that ends there is stripped
+                text = text.rstrip()
         if not text.startswith(self.text):  # only a malformed <img> span decodes differently later
             logger.warning("reply text changed while streaming; the change is not shown")
             return ""

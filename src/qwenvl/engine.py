@@ -33,7 +33,7 @@ import torch
 from .cache import KVCache
 from .conversation import image_name
 from .decode.backends import ops_for
-from .decode.decoder import Decoder
+from .decode.decoder import Decoder, resolve_mode
 from .decode.sampling import DECODE_MODES as DECODER_MODES
 from .decode.sampling import PromptTooLongError, SamplingParams
 from .decode.sequence import ChoiceError, choose_next
@@ -42,6 +42,7 @@ from .generation import max_new_tokens, new_cache
 from .host_memory import return_free_memory
 from .model.ops import TorchOps
 from .model.qwenvl import image_span_starts
+from .placement import model_devices, module_device
 from .prefix_cache import PrefixCache
 from .request_handle import (
     EngineBusyError,
@@ -90,27 +91,6 @@ def _failure(stage: str, cause: BaseException) -> RequestFailedError:
     return error
 
 
-def concat_caches(caches: Sequence[KVCache]) -> KVCache:
-    """One cache holding the rows of all `caches` (capacity: the largest)."""
-    capacity = max(c.capacity for c in caches)
-    merged = KVCache.__new__(KVCache)
-    merged.keys = torch.cat([_widen(c.keys, capacity) for c in caches], dim=1)
-    merged.values = torch.cat([_widen(c.values, capacity) for c in caches], dim=1)
-    merged.lengths = torch.cat([c.lengths for c in caches])
-    merged.ntk_alpha = torch.cat([c.ntk_alpha for c in caches])
-    merged.inv_freq = torch.cat([c.inv_freq for c in caches])
-    known = all(c.held is not None for c in caches)
-    merged.held = [n for c in caches for n in c.held] if known else None
-    return merged
-
-
-def _widen(tensor: torch.Tensor, capacity: int) -> torch.Tensor:
-    extra = capacity - tensor.shape[3]
-    if extra == 0:
-        return tensor
-    return torch.nn.functional.pad(tensor, (0, 0, 0, extra))
-
-
 class Engine:
     """Continuous batching over one model; thread-safe `submit`, tokens streamed per request."""
 
@@ -141,15 +121,11 @@ class Engine:
         self._steps_unchanged = 0  # steps the running batch has taken since it last changed
         self.steady_batches = 0  # batches that ran long enough unchanged to get their own decoder
         self._prefilled_since_idle = False
-        param = next(model.parameters())
+        param = model.lm_head.weight  # where the logits come out and the rows' tokens are chosen
         self.dtype, self.device = param.dtype, param.device
         if decode_mode not in DECODE_MODES:
             raise ValueError(f"the engine's decode mode is one of {DECODE_MODES}, not {decode_mode!r}")
-        if decode_mode == "auto":
-            decode_mode = "cuda_graph" if self.device.type == "cuda" else "static"
-        if decode_mode == "cuda_graph" and self.device.type != "cuda":
-            raise ValueError(f"decode mode 'cuda_graph' needs the model on a CUDA device, not {self.device}")
-        self.decode_mode = decode_mode
+        self.decode_mode = resolve_mode(decode_mode, self.device, len(model_devices(model)) > 1)
         # built now: its copies of the weights, its packing, once
         self.ops = ops if isinstance(ops, TorchOps) else ops_for(model, ops)
 
@@ -298,7 +274,7 @@ class Engine:
             finally:
                 request.images = []  # encoded now (or failed): the pictures need not stay in memory
             self._rows.append(row)
-            self._set_cache(cache if self._cache is None else concat_caches([self._cache, cache]))
+            self._set_cache(cache if self._cache is None else KVCache.concat([self._cache, cache]))
             self._emit_next([row], logits)
 
     def _prefill(self, request: _Request) -> tuple[_Row, KVCache, torch.Tensor]:
@@ -317,7 +293,8 @@ class Engine:
             from .images import preprocess
 
             pixels = preprocess(request.images[first_new_image:], model.transformer.vision_config.image_size)
-            features = encode_pixels(model.transformer.visual, pixels.to(self.device))
+            visual = model.transformer.visual
+            features = encode_pixels(visual, pixels.to(module_device(visual)))
         logits = Decoder(model, cache=cache, mode="static", ops=self.ops).prefill([prompt[start:]], features)
         sequence = DecodingSequence.start(
             prompt, params, max_new_tokens(model, [prompt], params), model.config.vocab_size, self.device
@@ -353,7 +330,7 @@ class Engine:
             survivors.append(row)
             caches.append(cache)
         self._rows = survivors
-        self._set_cache(concat_caches(caches) if caches else None)
+        self._set_cache(KVCache.concat(caches) if caches else None)
         return torch.cat(logits) if logits else torch.empty(0)
 
     def _decoding(self) -> Decoder:
@@ -398,14 +375,15 @@ class Engine:
         if len(choosing) < len(rows):
             logits = logits[torch.as_tensor(choosing, device=logits.device)]
         chosen = [rows[i] for i in choosing]
-        for row, token in zip(chosen, choose_next([r.sequence for r in chosen], logits).read(), strict=True):
+        choice = choose_next([r.sequence for r in chosen], logits)
+        for row, token, logprobs in zip(chosen, choice.read(), choice.logprobs(), strict=True):
             if isinstance(token, ChoiceError):
                 row.finish_reason = "error"
                 row.request.handle._publish(Event(error=_failure("choosing its next token", token)))
                 continue
             row.sequence.add(token)
             row.finish_reason = row.sequence.finish_reason
-            row.request.handle._publish(Event(token=token, finish_reason=row.finish_reason))
+            row.request.handle._publish(Event(token, row.finish_reason, logprobs=logprobs))
 
     def _retire_finished(self) -> None:
         """Drop finished rows from the batch, remembering their sequences for prefix reuse."""

@@ -8,6 +8,10 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .decode.sequence import TokenLogprobs
 
 
 class EngineBusyError(RuntimeError):
@@ -31,6 +35,7 @@ class Event:
     token: int | None = None
     finish_reason: str | None = None  # "stop" or "length" on the last event
     error: BaseException | None = None
+    logprobs: TokenLogprobs | None = None  # the token's, when its sampling parameters ask for them
 
 
 class RequestHandle:
@@ -41,6 +46,9 @@ class RequestHandle:
         self.prompt_tokens = 0
         self.reused_tokens = 0
         self.finish_reason: str | None = None
+        # each token's TokenLogprobs, in order, when the request's parameters ask for them: the
+        # entry of a token is here before the token is yielded
+        self.logprobs: list[TokenLogprobs] = []
         self._loop = loop
         self._sync: queue.Queue[Event] = queue.Queue()
         self._async: asyncio.Queue[Event] | None = asyncio.Queue() if loop is not None else None
@@ -67,6 +75,8 @@ class RequestHandle:
             raise event.error
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
+        if event.logprobs is not None:
+            self.logprobs.append(event.logprobs)
         return event.token
 
     def __iter__(self) -> Iterator[int]:

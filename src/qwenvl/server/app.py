@@ -1,7 +1,7 @@
 """The HTTP app: OpenAI chat requests -> qwenvl prompts -> the engine -> OpenAI responses.
 
 Nothing here generates: the engine's worker loop batches every request, and handlers only
-await their tokens, so the event loop stays free while the model runs. Images are loaded in
+await their tokens (`replies`), so the event loop stays free while the model runs. Images are loaded in
 thread pools of their own (`image_loader`), under the operator's image policy; text a user types
 is always plain text. A request that fails in the engine fails alone; a client that hangs up
 frees its place in the batch within a step.
@@ -11,30 +11,43 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from ..chat_format import DEFAULT_SYSTEM, ReplyText, get_stop_words_ids, prompt_settings
 from ..conversation import Message, build_prompt
-from ..engine import EngineBusyError, EngineStoppedError, RequestFailedError, RequestHandle
-from ..generation import PromptTooLongError, SamplingParams
-from ..grounding import parse_boxes
 from ..images import ImagePolicy, original_size
+from .completions import add_completions
 from .errors import APIError
 from .image_loader import DEFAULT_FETCH_THREADS, ImageLoader
+from .metrics import RecordRequests, ServerMetrics, request_timing
 from .middleware import DEFAULT_MAX_REQUEST_BYTES, LimitRequestBody, RequireKey
+from .replies import (
+    Exchange,
+    event_stream,
+    generation_error,
+    reply_boxes,
+    reply_deltas,
+    sampling_params,
+    served_model,
+    sse_event,
+    submit,
+    whole_reply,
+)
 from .schemas import ChatCompletionRequest, ChatMessage, ImagePart
 
 logger = logging.getLogger(__name__)
+
+# OpenAI's error codes for pydantic's errors of a request field it does not know, and of one it
+# knows but this server does not take (schemas.UNSUPPORTED_FIELDS)
+VALIDATION_CODES = {"extra_forbidden": "unknown_parameter", "unsupported_parameter": "unsupported_parameter"}
 
 
 # -- OpenAI messages -> a qwenvl conversation --------------------------------------------------------
@@ -109,122 +122,6 @@ def _user_parts(message: ChatMessage, where: str, references: list[tuple[str, st
     return parts
 
 
-def sampling_params(
-    body: ChatCompletionRequest, generation_config: Any, defaults: Mapping[str, Any], stop_ids
-) -> SamplingParams:
-    options = dict(defaults)
-    if body.temperature == 0:
-        options["do_sample"] = False
-    elif body.temperature is not None:
-        options.update(do_sample=True, temperature=body.temperature)
-    requested = {
-        "top_p": body.top_p,
-        "max_new_tokens": body.max_completion_tokens or body.max_tokens,
-        "seed": body.seed,
-    }
-    options.update({k: v for k, v in requested.items() if v is not None})
-    try:
-        return SamplingParams.from_config(generation_config, **options).with_stop_words(stop_ids)
-    except ValueError as error:
-        raise APIError(400, str(error)) from None
-
-
-def reply_boxes(text: str, size: tuple[int, int] | None) -> list[dict]:
-    """The reply's grounding boxes; `pixels` refer to a picture of `size` (the conversation's last,
-    as stored), if any."""
-    return [
-        {
-            "phrase": box.phrase,
-            "box": list(box.coords),
-            "pixels": list(box.to_pixels(*size)) if size is not None else None,
-        }
-        for box in parse_boxes(text)
-    ]
-
-
-# -- tokens -> text -----------------------------------------------------------------------------------
-
-
-async def reply_deltas(handle: RequestHandle, reply: ReplyText, deadline: float) -> AsyncIterator[str]:
-    """New reply text as tokens arrive; the request is cancelled if this ends before the engine does
-    (a stop string, the deadline, or the client going away)."""
-    loop = asyncio.get_running_loop()
-    tokens = handle.stream()
-    try:
-        while not reply.stopped:
-            try:
-                token = await asyncio.wait_for(anext(tokens), deadline - loop.time())
-            except StopAsyncIteration:
-                break
-            delta = reply.add(token)
-            if delta:
-                yield delta
-        delta = reply.finish()
-        if delta:
-            yield delta
-    finally:
-        if handle.finish_reason is None:
-            handle.cancel()  # frees the engine slot at its next step
-        await tokens.aclose()
-
-
-class Exchange:
-    """One request's answer in OpenAI's shapes: the whole completion, or its stream chunks."""
-
-    def __init__(self, model_id: str, handle: RequestHandle, reply: ReplyText):
-        self.model_id, self.handle, self.reply = model_id, handle, reply
-        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-    def finish_reason(self) -> str:
-        return "stop" if self.reply.stopped else self.handle.finish_reason or "stop"
-
-    def usage(self) -> dict:
-        prompt, completion = self.handle.prompt_tokens, len(self.reply.tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def _envelope(self, kind: str, choice: dict) -> dict:
-        return {
-            "id": self.id,
-            "object": kind,
-            "created": self.created,
-            "model": self.model_id,
-            "choices": [choice],
-        }
-
-    def completion(self, picture_size: tuple[int, int] | None) -> dict:
-        text = self.reply.text
-        message = {"role": "assistant", "content": text, "boxes": reply_boxes(text, picture_size)}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason()}
-        return {**self._envelope("chat.completion", choice), "usage": self.usage()}
-
-    def chunk(self, delta: dict, reason: str | None = None) -> dict:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return self._envelope("chat.completion.chunk", choice)
-
-
-def _generation_error(error: BaseException, timeout: float) -> APIError:
-    if isinstance(error, asyncio.TimeoutError):
-        return APIError(504, f"the request took longer than {timeout:g}s", "timeout_error", code="timeout")
-    if isinstance(error, EngineStoppedError):
-        return APIError(503, "the server is shutting down", "server_error", code="unavailable")
-    if isinstance(error, RequestFailedError):  # the engine logged the cause
-        return APIError(500, f"generation failed: {error}", "server_error", code="generation_failed")
-    logger.error("generation failed", exc_info=error)
-    return APIError(500, "generation failed", "server_error")
-
-
-def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-async def cancel_on_disconnect(request: Request, handle: RequestHandle) -> None:
-    """Cancel `handle` when the client hangs up (run as a task beside a non-streamed reply; a
-    streamed one is cancelled by its response ending)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    handle.cancel()
-
-
 # -- the app ------------------------------------------------------------------------------------------
 
 
@@ -232,7 +129,7 @@ def create_app(
     engine,
     tokenizer,
     *,
-    model_id: str,
+    model_id: str | Sequence[str],
     image_policy: ImagePolicy,
     api_key: str | None,
     max_images: int = 8,
@@ -244,7 +141,15 @@ def create_app(
     fetch_threads: int = DEFAULT_FETCH_THREADS,
 ) -> FastAPI:
     """The server app over a started `engine`; `sampling_defaults` are SamplingParams overrides
-    applied before each request's own (the `qwenvl serve` sampling flags)."""
+    applied before each request's own (the `qwenvl serve` sampling flags).
+
+    `model_id`: the model's name, or its names, as requests give it (`served_model`). `/metrics`
+    (Prometheus) and `/health` need no API key, as in vLLM: a scraper or a load balancer's probe
+    usually has none, and they show counts and timings, never a request's content."""
+    model_names = (model_id,) if isinstance(model_id, str) else tuple(model_id)
+    if not model_names:
+        raise ValueError("the model needs at least one name")
+    metrics = ServerMetrics(engine)
     config = generation_config if generation_config is not None else engine.model.generation_config
     images = ImageLoader(image_policy, fetch_threads)
     chat_format, max_window = prompt_settings(config)
@@ -265,12 +170,14 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems, param = [], None
+        problems, param, code = [], None, None
         for item in error.errors():
             where = ".".join(str(p) for p in item.get("loc", ()) if p != "body")
             param = param or where or None
-            problems.append(f"{where}: {item.get('msg')}" if where else str(item.get("msg")))
-        return APIError(400, "invalid request: " + "; ".join(problems), param=param).response()
+            code = code or VALIDATION_CODES.get(item.get("type"))
+            message = "unknown parameter" if item.get("type") == "extra_forbidden" else item.get("msg")
+            problems.append(f"{where}: {message}" if where else str(message))
+        return APIError(400, "invalid request: " + "; ".join(problems), param=param, code=code).response()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
@@ -288,18 +195,28 @@ def create_app(
     app.add_middleware(LimitRequestBody, limit=max_request_bytes)
     if api_key is not None:
         app.add_middleware(RequireKey, key=api_key)
+    app.add_middleware(RecordRequests, metrics=metrics, routes=app.router.routes)
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        content, content_type = metrics.exposition()
+        return Response(content, media_type=content_type)
+
     @app.get("/v1/models")
     async def models() -> dict:
-        model = {"id": model_id, "object": "model", "created": started, "owned_by": "qwenvl"}
-        return {"object": "list", "data": [model]}
+        cards = [
+            {"id": name, "object": "model", "created": started, "owned_by": "qwenvl"} for name in model_names
+        ]
+        return {"object": "list", "data": cards}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        timing = request_timing(request)  # from its arrival
+        model_name = served_model(body.model, model_names)
         if body.n != 1:
             raise APIError(400, f"only n=1 is supported, got n={body.n}", param="n")
         system_text, history, query = await read_conversation(body.messages, images, max_images, system)
@@ -309,45 +226,45 @@ def create_app(
         )
         del history, query  # the pictures now live in the prompt, and in the engine until its prefill
         params = sampling_params(body, config, defaults, stop_ids)
-        try:
-            handle = engine.submit(prompt.ids, params, prompt.images, loop=asyncio.get_running_loop())
-        except EngineBusyError as error:
-            raise APIError(
-                503, f"the server is busy ({error}); retry later", "server_error", code="busy"
-            ) from None
-        except PromptTooLongError as error:
-            raise APIError(400, str(error), param="messages", code="context_length_exceeded") from None
+        handle = submit(engine, prompt.ids, params, prompt.images, param="messages")
         # the boxes' pixels need only the last picture's size
         picture_size = original_size(prompt.images[-1]) if prompt.images else None
         del prompt
         stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        exchange = Exchange(model_id, handle, ReplyText(tokenizer, chat_format, stops))
+        exchange = Exchange(model_name, handle, ReplyText(tokenizer, chat_format, stops))
         deadline = asyncio.get_running_loop().time() + request_timeout
         if not body.stream:
-            watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
-            try:
-                async for _ in reply_deltas(handle, exchange.reply, deadline):
-                    pass
-            except Exception as error:  # engine errors and the deadline
-                raise _generation_error(error, request_timeout) from None
-            finally:
-                watcher.cancel()
+            await whole_reply(request, exchange, deadline, request_timeout)
             return exchange.completion(picture_size)
 
         async def events() -> AsyncIterator[str]:
-            yield _sse(exchange.chunk({"role": "assistant", "content": ""}))
+            yield sse_event(exchange.chunk({"role": "assistant", "content": ""}))
             try:
-                async for delta in reply_deltas(handle, exchange.reply, deadline):
-                    yield _sse(exchange.chunk({"content": delta}))
+                async for delta in reply_deltas(handle, exchange.reply, deadline, timing):
+                    yield sse_event(exchange.chunk({"content": delta}))
             except Exception as error:  # the response has started: report in the stream, then end it
-                yield _sse(_generation_error(error, request_timeout).body())
+                failure = generation_error(error, request_timeout)
+                timing.failed_in_stream(failure)
+                yield sse_event(failure.body())
                 return
-            yield _sse(exchange.chunk({}, exchange.finish_reason()))
+            # the whole reply's boxes, as a reply in one piece has them in its message
+            boxes = reply_boxes(exchange.reply.text, picture_size)
+            yield sse_event(exchange.chunk({"boxes": boxes}, exchange.finish_reason()))
             if body.stream_options is not None and body.stream_options.include_usage:
-                yield _sse({**exchange.chunk({}), "choices": [], "usage": exchange.usage()})
-            yield _sse("[DONE]")
+                yield sse_event({**exchange.chunk({}), "choices": [], "usage": exchange.usage()})
+            yield sse_event("[DONE]")
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+        return event_stream(events())
 
+    add_completions(
+        app,
+        engine,
+        tokenizer,
+        model_names=model_names,
+        images=images,
+        max_images=max_images,
+        generation_config=config,
+        sampling_defaults=defaults,
+        request_timeout=request_timeout,
+    )
     return app

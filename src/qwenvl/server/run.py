@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 
 API_KEY_ENV = "QWENVL_API_KEY"
 
@@ -14,15 +16,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .image_loader import DEFAULT_FETCH_THREADS
     from .middleware import DEFAULT_MAX_REQUEST_BYTES
 
-    group = parser.add_argument_group("server")
+    group = parser.add_argument_group(
+        "server",
+        # lines broken here: `qwenvl serve --help` prints group descriptions as written
+        "Besides the OpenAI routes under /v1: GET /health, and GET /metrics in Prometheus' text\n"
+        "format (requests by endpoint and outcome, errors by kind, prompt and generated tokens,\n"
+        "requests waiting and running, time to first token, time per output token, end-to-end\n"
+        "latency). Neither needs the API key: they show counts and timings, never a request's\n"
+        "content; keep them from the public with the network or a proxy if need be.",
+    )
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    group.add_argument("--port", type=int, default=8000)
+    group.add_argument(
+        "--port", type=_port, default=8000, help="port to listen on (default: 8000; 0: any free one)"
+    )
+    group.add_argument(
+        "--served-model-name",
+        nargs="+",
+        action="extend",
+        type=_model_name,
+        default=None,
+        metavar="NAME",
+        help="the model's names in the API (several allowed): /v1/models lists them, a request may name "
+        "any of them, and one naming another model is answered 404 (model_not_found); a request that "
+        "names none gets the first (default: the --model folder's name, or the hub id as given)",
+    )
     key = group.add_mutually_exclusive_group()
     key.add_argument(
         "--api-key",
         default=None,
-        help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV}, else no key); a key "
-        "given here is visible to other users in the process list: prefer --api-key-file or the variable",
+        help=f"require 'Authorization: Bearer <key>' on /v1/... (default: ${API_KEY_ENV}, else no key); a "
+        "key given here is visible to other users in the process list: prefer --api-key-file or the variable",
     )
     key.add_argument(
         "--api-key-file", default=None, metavar="PATH", help="read the API key from the first line of PATH"
@@ -110,6 +133,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, not {text}")
+    return value
+
+
+def _model_name(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a model name must not be empty")
+    return text
+
+
 def _domain_patterns(text: str) -> tuple[str, ...]:
     from ..remote_images import parse_domain_patterns
 
@@ -153,6 +189,26 @@ def served_name(name: str) -> str:
     return os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, which uvicorn listens on once it starts: a taken port fails
+    here, in one line, before the model loads."""
+    where = f"{host}:{port}"
+    # the address family as uvicorn chooses it: a name ("localhost") is listened on in IPv4
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # as uvicorn does: a restarted server need not wait out its old connections' TIME_WAIT (a port
+    # another socket listens on stays refused)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:  # socket.gaierror too: a host name that does not resolve
+        sock.close()
+        reason = (error.strerror or str(error)).lower()
+        if error.errno == errno.EADDRINUSE:
+            reason += " (another server listens there: stop it, or choose another --port)"
+        raise OSError(f"cannot listen on {where}: {reason}") from None
+    return sock
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """Load the model and serve it until interrupted (Ctrl-C or SIGTERM)."""
     import uvicorn
@@ -163,36 +219,42 @@ def run_from_args(args: argparse.Namespace) -> int:
     from .app import create_app
 
     key, policy = api_key(args), image_policy(args)  # before the slow load: a bad flag fails at once
-    loaded = load_from_args(args)
-    model_id = served_name(loaded.name)
-    engine = Engine(
-        loaded.model,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        decode_mode=getattr(args, "decode_mode", None) or "auto",
-    )
-    app = create_app(
-        engine,
-        loaded.tokenizer,
-        model_id=model_id,
-        image_policy=policy,
-        api_key=key,
-        max_images=args.max_images,
-        request_timeout=args.request_timeout,
-        sampling_defaults=sampling_options(args),
-        system=getattr(args, "system", None) or DEFAULT_SYSTEM,
-        max_request_bytes=args.max_request_bytes,
-        fetch_threads=args.image_fetch_threads,
-    )
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port))
+    sock = listening_socket(args.host, args.port)  # and so does a taken port
+    try:
+        loaded = load_from_args(args)
+        names = list(dict.fromkeys(args.served_model_name or [served_name(loaded.name)]))
+        engine = Engine(
+            loaded.model,
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+            decode_mode=getattr(args, "decode_mode", None) or "auto",
+        )
+        app = create_app(
+            engine,
+            loaded.tokenizer,
+            model_id=names,
+            image_policy=policy,
+            api_key=key,
+            max_images=args.max_images,
+            request_timeout=args.request_timeout,
+            sampling_defaults=sampling_options(args),
+            system=getattr(args, "system", None) or DEFAULT_SYSTEM,
+            max_request_bytes=args.max_request_bytes,
+            fetch_threads=args.image_fetch_threads,
+        )
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port))
 
-    def shut_down() -> None:  # as uvicorn does in the main thread: gracefully, then at once
-        if server.should_exit:
-            server.force_exit = True
-        server.should_exit = True
+        def shut_down() -> None:  # as uvicorn does in the main thread: gracefully, then at once
+            if server.should_exit:
+                server.force_exit = True
+            server.should_exit = True
 
-    print(f"serving {model_id} at http://{args.host}:{args.port}/v1", flush=True)
-    # the engine in this thread, which loaded the model (see Engine.run); HTTP in another one
-    with interrupts_call(shut_down):
-        engine.run_while(server.run)  # uvicorn raises SystemExit when it cannot start (it logs why)
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        print(f"serving {', '.join(names)} at http://{host}:{sock.getsockname()[1]}/v1", flush=True)
+        # the engine in this thread, which loaded the model (see Engine.run); HTTP in another one
+        with interrupts_call(shut_down):
+            # uvicorn raises SystemExit when it cannot start (it logs why)
+            engine.run_while(lambda: server.run(sockets=[sock]))
+    finally:
+        sock.close()
     return 0
