@@ -1,10 +1,13 @@
-"""The `qwenvl` command: ask (plain, JSON, boxes, errors), help, serve/web dispatch, and chat."""
+"""The `qwenvl` command: ask (plain, JSON, boxes, errors), help and version, serve/web dispatch, chat,
+progress reporting, and the packaging around it (Docker files, LICENSE)."""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
 import select
 import subprocess
 import sys
@@ -15,7 +18,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import qwenvl
 from qwenvl import cli, frontend
+from qwenvl.progress import Progress, format_duration, show_logs
+from qwenvl.version import UNKNOWN, source_tree_version
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = "tests/data/images/shapes.png"  # relative to ROOT, as a user would type it
@@ -164,6 +170,29 @@ def test_top_level_help_lists_every_command_with_examples(capsys):
     assert exit_info.value.code == 0
     for command in ("ask", "chat", "serve", "web"):
         assert f"qwenvl {command}" in out  # each has an example line
+    assert "--version" in out
+    # the default model is the trained demo model, and the help says what it can answer
+    assert "bundled demo model" in out and "coloured shapes" in out
+    assert "noise" not in out and "random" not in out
+
+
+def test_version_is_the_installed_packages(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"qwenvl {qwenvl.__version__}\n"
+    from importlib import metadata
+
+    assert qwenvl.__version__ == metadata.version("qwenvl")
+
+
+def test_a_source_tree_without_metadata_reads_pyproject(tmp_path):
+    # the editable install's metadata was written from this pyproject.toml
+    assert source_tree_version(ROOT / "pyproject.toml") == qwenvl.__version__
+    assert source_tree_version(tmp_path / "missing.toml") == UNKNOWN
+    other = tmp_path / "pyproject.toml"
+    other.write_text('[project]\nname = "other"\nversion = "9.9"\n')
+    assert source_tree_version(other) == UNKNOWN
 
 
 @pytest.mark.parametrize(
@@ -173,12 +202,14 @@ def test_top_level_help_lists_every_command_with_examples(capsys):
         ("chat", ["--image", "--save-dir", ":image", ":clear", ":history", ":quit", "--model", "examples:"]),
         ("serve", ["--port", "--model", "--greedy", "qwenvl[server]", "example:"]),
         ("web", ["--share", "--model", "--temperature", "qwenvl[web]", "example:"]),
+        ("finetune", ["--lora", "--logging-steps", "progress line", "qwenvl[finetune]", "example:"]),
+        ("eval", ["--scenes", "bundled demo model", "example:"]),
     ],
 )
 def test_command_help_teaches_its_options(capsys, stand_ins, command, options):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([command, "--help"])
-    out = capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
     assert exit_info.value.code == 0
     for option in options:
         assert option in out
@@ -205,6 +236,23 @@ def test_missing_module_names_the_extra(capsys, monkeypatch, command, extra):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     assert command in capsys.readouterr().out
+
+
+def test_lora_without_peft_names_the_extra_before_loading(capsys, monkeypatch, tmp_path):
+    from qwenvl.finetune import main as finetune_main
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # makes the import fail
+    # neither the model nor the data exist: the check comes before either is read
+    argv = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.json")]
+    argv += ["--output", str(tmp_path / "out"), "--lora"]
+    code, out, err = run(capsys, "finetune", *argv)
+    assert code == 2 and out == ""
+    assert err == (
+        "qwenvl: error: qwenvl finetune needs the finetune extra (cannot import peft): "
+        "pip install 'qwenvl[finetune]'\n"
+    )
+    assert finetune_main(argv) == 2  # python -m qwenvl.finetune
+    assert "needs the finetune extra" in capsys.readouterr().err
 
 
 def test_dependency_missing_at_run_time_names_it(capsys, stand_ins):
@@ -357,3 +405,127 @@ def test_chat_in_a_terminal_streams_two_turns(at_root, tiny_checkpoint, tokenize
         assert terminal.process.wait(timeout=30) == 0
     finally:
         terminal.close()
+
+
+# -- progress reporting -----------------------------------------------------------------------------
+
+
+class Clock:
+    """A clock the test moves: durations and estimates exact, whatever the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_lines_every_n_with_the_time_left():
+    stream, clock = io.StringIO(), Clock()
+    progress = Progress(10, "step", initial=2, every=4, stream=stream, clock=clock)
+    for _ in range(8):
+        clock.now += 3.0  # 3 s a step
+        progress.update(1, "loss 1.0")
+    progress.close()
+    # steps 4 and 8 (multiples of 4) and 10 (the last); the rate counts only this run's steps
+    assert stream.getvalue().splitlines() == [
+        "step 4/10 loss 1.0 | 0:06 elapsed, 0:18 left",
+        "step 8/10 loss 1.0 | 0:18 elapsed, 0:06 left",
+        "step 10/10 loss 1.0 | 0:24 elapsed",
+    ]
+
+
+def test_progress_bar_on_a_terminal():
+    stream = io.StringIO()
+    with Progress(3, "eval", unit="item", stream=stream, bar=True) as progress:
+        progress.write("a message above the bar")
+        for _ in range(3):
+            progress.update(1, "mean score 0.500")
+    shown = stream.getvalue()
+    assert "a message above the bar\n" in shown
+    assert "\r" in shown and "3/3" in shown and "mean score 0.500" in shown
+    assert not re.search(r"^eval \d+/3 ", shown, re.MULTILINE)  # no plain lines
+
+
+def test_format_duration():
+    assert [format_duration(s) for s in (0, 59.4, 61, 3600, 36000 + 62)] == [
+        "0:00",
+        "0:59",
+        "1:01",
+        "1:00:00",
+        "10:01:02",
+    ]
+
+
+def test_show_logs_writes_the_packages_records_as_lines():
+    lines = []
+    logger = logging.getLogger("qwenvl.some.module")
+    with show_logs(lines.append):
+        logger.info("saved %s", "out/checkpoint-2")
+        logger.warning("resuming with other settings")
+        logger.debug("not shown")
+    logger.info("after the block")
+    assert lines == ["saved out/checkpoint-2", "warning: resuming with other settings"]
+    assert logging.getLogger("qwenvl").handlers == []
+
+
+# -- packaging --------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined and comments left out."""
+    text = re.sub(r"\\\n", " ", path.read_text(encoding="utf-8"))
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "")
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def makefile_torch_pin() -> str:
+    match = re.search(r"^TORCH_CPU := torch==(\S+)$", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    assert match, "the Makefile pins the CPU build of torch"
+    return match.group(1)
+
+
+@pytest.mark.parametrize(
+    "name, base, wheel_index",
+    [("Dockerfile", "python:3.11-slim", "/whl/cpu"), ("Dockerfile.cuda", "nvidia/cuda:", "/whl/cu")],
+)
+def test_dockerfiles_serve_the_pinned_torch_as_a_user(name, base, wheel_index):
+    instructions = dockerfile_instructions(ROOT / name)
+    values = {}
+    for instruction, arguments in instructions:
+        values.setdefault(instruction, []).append(arguments)
+    assert values["FROM"] == [values["FROM"][0]] and values["FROM"][0].startswith(base)
+    args = dict(arg.split("=", 1) for arg in values["ARG"])
+    assert args["TORCH_VERSION"] == makefile_torch_pin()
+    assert wheel_index in args["TORCH_INDEX"]
+    runs = " ".join(values["RUN"])
+    assert 'pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"' in runs
+    assert 'pip install ".[server]"' in runs
+    assert "python -m qwenvl.demo" in runs  # the bundled demo model answers at build time, offline
+    user = values["USER"][-1]
+    assert user not in ("root", "0")
+    assert [i for i, _ in instructions].index("USER") < [i for i, _ in instructions].index("ENTRYPOINT")
+    command = json.loads(values["ENTRYPOINT"][-1]) + json.loads(values["CMD"][-1])
+    port = command[command.index("--port") + 1]
+    assert command[:2] == ["qwenvl", "serve"] and command[command.index("--host") + 1] == "0.0.0.0"
+    assert values["EXPOSE"] == [port]
+
+
+def test_dockerignore_keeps_the_environment_out():
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignored = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert {".venv", "build", ".git", "**/__pycache__"} <= set(ignored)
+    assert not {"src", "pyproject.toml", "LICENSE", "README.md"} & set(ignored)
+
+
+def test_license_is_apache_2_and_in_the_package_metadata():
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "END OF TERMS AND CONDITIONS" in text and "APPENDIX: How to apply" in text
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^license = "Apache-2.0"$', pyproject, re.MULTILINE)
+    assert re.search(r'^license-files = \["LICENSE",', pyproject, re.MULTILINE)

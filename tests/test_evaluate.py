@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
+import qwenvl
 from qwenvl.evaluate import (
     ItemResult,
     Report,
     box_iou,
     caption_recall,
     evaluate,
+    main,
     score_answer,
     score_colour,
     score_count,
@@ -146,9 +149,13 @@ class StandIn:
 
 
 @pytest.fixture(scope="module")
-def eval_items(tmp_path_factory) -> list[dict]:
-    folder = tmp_path_factory.mktemp("held-out")
-    items = load_eval_items(generate_eval_set(folder, 2, seed=5))
+def eval_file(tmp_path_factory):
+    return generate_eval_set(tmp_path_factory.mktemp("held-out"), 2, seed=5)
+
+
+@pytest.fixture(scope="module")
+def eval_items(eval_file) -> list[dict]:
+    items = load_eval_items(eval_file)
     picked = {}
     for item in items:  # four different tasks, so the report has four rows
         picked.setdefault(item["task"], item)
@@ -214,3 +221,23 @@ def test_report_table():
     data = report.to_dict(items=False)
     assert data["tasks"]["count"] == {"zh": None, "en": 1.0, "all": 1.0, "n": 1}
     assert "items" not in data and data["metrics"]["caption"] == "shape recall"
+
+
+def test_the_command_shows_progress_lines_with_the_time_left(eval_file, tokenizer, monkeypatch, capsys):
+    class StandInLoader:
+        @staticmethod
+        def from_pretrained(name, **options):
+            return StandIn({})
+
+    monkeypatch.setattr(qwenvl, "QwenVLForCausalLM", StandInLoader)
+    monkeypatch.setattr(qwenvl.QwenVLTokenizer, "from_pretrained", staticmethod(lambda *a, **k: tokenizer))
+    assert main(["--model", "stand-in", "--data", str(eval_file)]) == 0
+    out, err = capsys.readouterr()
+    total = len(load_eval_items(eval_file))
+    every = max(1, math.ceil(total / 10))  # captured output is no terminal: about ten lines
+    shown = [int(line.split()[1].split("/")[0]) for line in err.splitlines() if line.startswith("eval ")]
+    assert shown == [n for n in range(1, total + 1) if n % every == 0 or n == total]
+    lines = [line for line in err.splitlines() if line.startswith("eval ")]
+    assert all("mean score 0.000 | " in line for line in lines)
+    assert all(" left" in line for line in lines[:-1]) and lines[-1].endswith(" elapsed")
+    assert out.startswith("| task | metric |")

@@ -1,4 +1,5 @@
-"""Fine-tuning: sequences and labels, the loop, LoRA save/load, exact resume, checkpointing, bad data.
+"""Fine-tuning: sequences and labels, the loop, LoRA save/load, exact resume, checkpointing, bad data,
+and what the command shows (progress lines, summary, loss curve).
 
 Models are tiny random ones (small_config: 1 LLM layer of width 128, the real vocabulary).
 """
@@ -6,6 +7,7 @@ Models are tiny random ones (small_config: 1 LLM layer of width 128, the real vo
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
@@ -13,8 +15,9 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
-from qwenvl import QwenVLConfig, QwenVLForCausalLM, QwenVLTokenizer, make_context
+from qwenvl import QwenVLConfig, QwenVLForCausalLM, QwenVLTokenizer, cli, make_context
 from qwenvl.chat_format import DEFAULT_SYSTEM
 from qwenvl.finetune import (
     ConversationDataset,
@@ -27,7 +30,17 @@ from qwenvl.finetune import (
     supervised_loss_sum,
 )
 from qwenvl.finetune.checkpointing import set_gradient_checkpointing
+from qwenvl.finetune.cli import TrainingConsole
 from qwenvl.finetune.data import IGNORE_INDEX, build_example, load_items
+from qwenvl.finetune.loss_curve import (
+    AXES,
+    LINE,
+    MARGINS,
+    SIZE,
+    draw_loss_curve,
+    read_losses,
+    save_loss_curve,
+)
 from qwenvl.finetune.train import Trainer, label_count, list_checkpoints, micro_batches, prepare_model
 from qwenvl.finetune.vocabulary import CutVocabulary, data_ids
 
@@ -528,7 +541,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tok, base_folder):
 # -- command line ------------------------------------------------------------------------------------
 
 
-def test_command_line_trains_a_lora_adapter(base_folder, tmp_path, capsys):
+def test_command_line_trains_a_lora_adapter_and_reports(base_folder, tmp_path, capsys):
     images = tmp_path / "data" / "pictures"
     images.mkdir(parents=True)
     shutil.copy(IMAGES / "gray.png", images / "gray.png")
@@ -537,12 +550,65 @@ def test_command_line_trains_a_lora_adapter(base_folder, tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--model", base_folder, "--data", str(data), "--output", str(out), "--fp32"]
     argv += ["--lora", "--lora-r", "2", "--no-merge", "--max-steps", "2", "--save-steps", "1"]
-    assert main(argv) == 0
-    assert {"adapter_config.json", "adapter_model.safetensors", "qwen.tiktoken", "checkpoint-1"} <= set(
-        os.listdir(out)
-    )
-    assert len(read_log(out)) == 2
+    # `qwenvl finetune`; `python -m qwenvl.finetune` (main, below) runs the same run_from_args
+    assert cli.main(["finetune", *argv, "--logging-steps", "1"]) == 0
+    shown = capsys.readouterr()
+    files = {"adapter_config.json", "adapter_model.safetensors", "qwen.tiktoken", "checkpoint-1", "loss.png"}
+    assert files <= set(os.listdir(out))
+    log = read_log(out)
+    assert len(log) == 2
+
+    # captured output is no terminal: a line every --logging-steps steps and the library's messages
+    step_lines = [line.split(" | ")[0] for line in shown.err.splitlines() if line.startswith("step ")]
+    assert step_lines == [f"step {r['step']}/2 loss {r['loss']:.4f} lr {r['lr']:.2e}" for r in log]
+    assert f"saved {out / 'checkpoint-1'}" in shown.err.splitlines()
+    summary = shown.out.splitlines()
+    assert summary[0].startswith("finetune: steps 1-2 of 2 in ")
+    assert summary[0].endswith(f", final loss {log[-1]['loss']:.4f}")
+    assert summary[1:] == [f"saved to {out}", f"log: {out / 'log.jsonl'}, loss curve: {out / 'loss.png'}"]
+    with Image.open(out / "loss.png") as curve:
+        assert curve.format == "PNG" and curve.size == SIZE
+        assert LINE in {colour for _, colour in curve.convert("RGB").getcolors(SIZE[0] * SIZE[1])}
 
     data.write_text(json.dumps([conversation("bad-one", "pictures/nope.png", "q", "a")]))
     assert main(argv) == 2
     assert "sample 'bad-one'" in capsys.readouterr().err
+
+
+def test_the_summary_of_a_run_stopped_early():
+    stream = io.StringIO()
+    console = TrainingConsole(stream, every=5, bar=False)
+    console.begin(3, 5, 10)  # resumed at step 3, --stop-at 5, a schedule of 10
+    for step in (4, 5):
+        console.step({"step": step, "loss": 0.5, "lr": 1e-4})
+    console.close()
+    assert stream.getvalue().startswith("step 5/5 loss 0.5000 lr 1.00e-04 | ")  # one line: step 5
+    lines = console.summary("out", "out/log.jsonl", None).splitlines()
+    assert lines[0].startswith("finetune: steps 4-5 of 10 in ") and lines[0].endswith("final loss 0.5000")
+    assert lines[1:] == [
+        "stopped at step 5: add --resume to continue from its checkpoint",
+        "saved to out",
+        "log: out/log.jsonl",
+    ]
+
+
+def test_the_loss_curve_spans_the_steps_and_losses(tmp_path):
+    log = tmp_path / "log.jsonl"
+    records = [{"step": step, "loss": 6.0 / step} for step in range(1, 21)] + [{"step": 21, "loss": math.nan}]
+    log.write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert read_losses(log) == [(r["step"], r["loss"]) for r in records[:20]]  # NaN left out
+    assert save_loss_curve(log, tmp_path / "loss.png")
+    left, top, right, bottom = MARGINS[0], MARGINS[1], SIZE[0] - MARGINS[2], SIZE[1] - MARGINS[3]
+    with Image.open(tmp_path / "loss.png") as image:
+        picture = image.convert("RGB")
+
+    def near(x: int, y: int) -> set:
+        return {picture.getpixel((x + dx, y + dy)) for dx in range(-2, 3) for dy in range(-2, 3)}
+
+    assert LINE in near(left, top) and LINE in near(right, bottom)  # step 1 at the top, 20 lowest
+    assert AXES in near(left, (top + bottom) // 2) and AXES in near((left + right) // 2, bottom)
+    # a flat curve and a single step are drawn too; a log without a finite loss draws nothing
+    assert draw_loss_curve([(1, 2.0), (2, 2.0)]).size == SIZE
+    assert draw_loss_curve([(7, 2.0)]).size == SIZE
+    log.write_text(json.dumps({"step": 1, "loss": math.inf}) + "\n")
+    assert not save_loss_curve(log, tmp_path / "none.png") and not (tmp_path / "none.png").exists()

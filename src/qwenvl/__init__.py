@@ -6,8 +6,11 @@ from .modeling import QwenVLForCausalLM
 from .prefix_cache import PrefixCache
 from .tokenizer import QWenTokenizer, QwenVLTokenizer
 from .transformers_registration import register
+from .version import package_version
 
 register()
+
+__version__ = package_version()
 
 __all__ = [
     "DEMO_MODEL",

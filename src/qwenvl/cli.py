@@ -18,7 +18,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TextIO
 
-from . import frontend
+from . import __version__, frontend
+from .frontend import MissingExtraError
 from .prefix_cache import PrefixCache
 
 MAIN_EPILOG = """\
@@ -28,8 +29,10 @@ examples:
   qwenvl serve --model Qwen/Qwen-VL-Chat
   qwenvl web --model Qwen/Qwen-VL-Chat
 
-The model is --model, else $QWENVL_MODEL, else a tiny random-weight demo model (its answers are
-noise). Run "qwenvl COMMAND --help" for a command's options.
+The model is --model, else $QWENVL_MODEL, else the bundled demo model: a small Qwen-VL trained
+offline on synthetic pictures of coloured shapes, which it counts, names, describes and boxes (in
+English or Chinese); other pictures and questions are beyond it. "python -m qwenvl.demo" asks it
+about its own picture. Run "qwenvl COMMAND --help" for a command's options.
 """
 
 ASK_EPILOG = """\
@@ -104,15 +107,16 @@ EXTRAS = {
         "qwenvl.synthetic", "", "write a synthetic shapes data set (train and eval)",
         "qwenvl synthesize --out data --scenes 2000 --eval-scenes 100", shared_options=False,
     ),
+    "quantize": Extra(
+        "qwenvl.int4.quantize", "", "write a 4-bit (GPTQ, Int4) copy of a checkpoint",
+        "qwenvl quantize --bits 4 --group-size 128 Qwen/Qwen-VL-Chat qwen-vl-chat-int4",
+        shared_options=False,
+    ),
     "eval": Extra(
         "qwenvl.evaluate", "", "score a model on held-out synthetic scenes",
         "qwenvl eval --model out --scenes 50", shared_options=False,
     ),
 }  # fmt: skip
-
-
-class MissingExtraError(Exception):
-    """A subcommand's module or one of its dependencies is not installed."""
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -123,6 +127,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         epilog=MAIN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"qwenvl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ask = _add_command(commands, "ask", "answer one question about zero or more images", ASK_EPILOG)
     ask.add_argument("question", help="the question (quote it)")
@@ -202,10 +207,7 @@ def _extra_dependencies(name: str) -> Iterator[None]:
         extra, missing = EXTRAS[name], error.name or ""
         if not extra.extra or (missing != extra.module and missing.split(".")[0] == "qwenvl"):
             raise
-        raise MissingExtraError(
-            f"qwenvl {name} needs the {extra.extra} extra (cannot import {missing or extra.module}): "
-            f"pip install 'qwenvl[{extra.extra}]'"
-        ) from error
+        raise frontend.missing_extra(name, extra.extra, missing or extra.module) from error
 
 
 # -- shared by ask and chat -------------------------------------------------------------------------

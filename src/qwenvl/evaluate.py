@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -25,7 +26,9 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from .frontend import MODEL_ENV
 from .grounding import parse_boxes
+from .progress import Progress
 from .synthetic.dataset import generate_eval_set, load_eval_items
 from .synthetic.language import COLOUR_NAMES, KIND_NAMES, LANGUAGES, TASKS
 
@@ -246,7 +249,9 @@ def evaluate(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default=os.environ.get("QWENVL_MODEL"), help="folder or hub id (default: demo)"
+        "--model",
+        default=os.environ.get(MODEL_ENV),
+        help=f"model folder or hub id (default: ${MODEL_ENV}, else the bundled demo model)",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--data", help="an eval.json written by `qwenvl synthesize --eval-scenes N`")
@@ -276,13 +281,16 @@ def run_from_args(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
 
-        def show(number: int, result: ItemResult) -> None:
-            print(
-                f"[{number}/{len(items)}] {result.task} {result.score:.2f} {result.response!r}",
-                file=sys.stderr,
-            )
+        scores = []
+        # a terminal shows a bar; a log gets about ten lines, each with the time left
+        every = max(1, math.ceil(len(items) / 10))
+        with Progress(len(items), "eval", every=every, unit="item", stream=sys.stderr) as shown:
 
-        report = evaluate(model, tokenizer, items, max_new_tokens=args.max_new_tokens, progress=show)
+            def show(number: int, result: ItemResult) -> None:
+                scores.append(result.score)
+                shown.update(1, f"mean score {sum(scores) / len(scores):.3f}")
+
+            report = evaluate(model, tokenizer, items, max_new_tokens=args.max_new_tokens, progress=show)
     print(report.to_markdown())
     if args.json:
         with open(args.json, "w", encoding="utf-8") as file:

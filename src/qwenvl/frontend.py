@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import signal
 import sys
@@ -12,6 +13,25 @@ from dataclasses import dataclass
 from typing import Any
 
 MODEL_ENV = "QWENVL_MODEL"
+
+
+class MissingExtraError(Exception):
+    """A command's optional module or one of its dependencies is not installed."""
+
+
+def missing_extra(command: str, extra: str, module: str) -> MissingExtraError:
+    """The error of `qwenvl COMMAND` when `module`, which its install `extra` brings, is missing."""
+    return MissingExtraError(
+        f"qwenvl {command} needs the {extra} extra (cannot import {module}): pip install 'qwenvl[{extra}]'"
+    )
+
+
+def require_extra(command: str, extra: str, module: str) -> None:
+    """Import `module` now, or fail with the MissingExtraError that names the extra to install."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as error:
+        raise missing_extra(command, extra, error.name or module) from error
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

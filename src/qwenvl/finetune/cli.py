@@ -1,12 +1,19 @@
-"""`qwenvl finetune` / `python -m qwenvl.finetune`: arguments -> TrainingConfig -> `finetune`."""
+"""`qwenvl finetune` / `python -m qwenvl.finetune`: arguments -> TrainingConfig -> `finetune`.
+
+Both show the same: a progress bar on a terminal, else a line every --logging-steps steps (and the
+library's log messages as lines); at the end a summary on stdout and a loss curve beside log.jsonl.
+"""
 
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
+from typing import TextIO
 
 from ..chat_format import DEFAULT_SYSTEM
+from ..frontend import MissingExtraError, require_extra
+from ..progress import Progress, format_duration, show_logs
 from .lora import DEFAULT_LORA_TARGETS
 
 
@@ -92,7 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue from the newest checkpoint in --output (or from the given folder)",
     )
-    saving.add_argument("--logging-steps", type=int, default=10, help="log to the console every N steps")
+    saving.add_argument(
+        "--logging-steps",
+        type=int,
+        default=10,
+        metavar="N",
+        help="without a terminal (a log file, CI), a progress line every N steps (default: 10); "
+        "a terminal shows a progress bar",
+    )
     return parser
 
 
@@ -133,15 +147,78 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+class TrainingConsole:
+    """What a person sees of a run (a `StepReport`): a bar on a terminal, else a line every `every`
+    steps, on `stream`; `summary` afterwards."""
+
+    def __init__(self, stream: TextIO, every: int, bar: bool | None = None):
+        self.stream, self.every, self.bar = stream, every, bar
+        self.progress: Progress | None = None
+        self.first = self.last = self.total = 0
+        self.final_loss: float | None = None
+
+    def begin(self, step: int, last: int, total: int) -> None:
+        self.first, self.last, self.total = step, last, total
+        self.progress = Progress(
+            last, "step", initial=step, every=self.every, stream=self.stream, bar=self.bar
+        )
+
+    def step(self, record: dict) -> None:
+        self.final_loss = record["loss"]
+        self.progress.update(1, f"loss {record['loss']:.4f} lr {record['lr']:.2e}")
+
+    def write(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.write(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+    def summary(self, output_dir: str, log_file: str, curve_file: str | None) -> str:
+        """Which steps ran, how long they took, the last loss, and where the results are."""
+        if self.progress is None or self.final_loss is None:
+            return f"finetune: nothing to train: {output_dir} is at step {self.first} of {self.total}"
+        took = format_duration(self.progress.elapsed)
+        steps = f"step {self.last}" if self.last == self.first + 1 else f"steps {self.first + 1}-{self.last}"
+        lines = [f"finetune: {steps} of {self.total} in {took}, final loss {self.final_loss:.4f}"]
+        if self.last < self.total:
+            lines.append(f"stopped at step {self.last}: add --resume to continue from its checkpoint")
+        lines.append(f"saved to {output_dir}")
+        lines.append(f"log: {log_file}" + (f", loss curve: {curve_file}" if curve_file else ""))
+        return "\n".join(lines)
+
+
 def run_from_args(args: argparse.Namespace) -> int:
-    """Load the model and tokenizer, train, save; returns the exit status."""
+    """Load the model and tokenizer, train, save, summarize; returns the exit status."""
+    config = config_from_args(args)
+    if config.lora:
+        require_extra("finetune", "finetune", "peft")  # before the model loads, which takes a while
+    console = TrainingConsole(sys.stderr, config.logging_steps)
+    with show_logs(console.write):
+        try:
+            _train(args, config, console)
+        finally:
+            console.close()
+    from .loss_curve import LOSS_CURVE_FILE, save_loss_curve
+    from .train import LOG_FILE
+
+    log_file = os.path.join(args.output, LOG_FILE)
+    curve_file = os.path.join(args.output, LOSS_CURVE_FILE)
+    drawn = os.path.exists(log_file) and save_loss_curve(log_file, curve_file)
+    print(console.summary(args.output, log_file, curve_file if drawn else None), flush=True)
+    return 0
+
+
+def _train(args: argparse.Namespace, config, console: TrainingConsole) -> None:
     import torch
 
     from .. import QwenVLForCausalLM, QwenVLTokenizer
     from ..loading import resolve_device
     from .train import finetune
 
-    config = config_from_args(args)
     device = resolve_device(args.device)
     bf16 = config.bf16
     if bf16 is None:
@@ -150,8 +227,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     dtype = torch.bfloat16 if bf16 and config.lora else torch.float32
     tokenizer = QwenVLTokenizer.from_pretrained(args.model)
     model = QwenVLForCausalLM.from_pretrained(args.model, dtype=dtype, device_map=str(device))
-    finetune(model, tokenizer, args.data, config, args.output, progress=sys.stderr.isatty())
-    return 0
+    finetune(model, tokenizer, args.data, config, args.output, report=console)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,11 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m qwenvl.finetune", description="Fine-tune Qwen-VL on conversations with images."
     )
     args = add_arguments(parser).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..images import ImageError
 
     try:
         return run_from_args(args)
-    except (ImageError, OSError, ValueError) as e:  # DataError is a ValueError
+    except (ImageError, MissingExtraError, OSError, ValueError) as e:  # DataError is a ValueError
         print(f"qwenvl finetune: error: {e}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,16 @@ LOG_FILE = "log.jsonl"
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "training_config.json"
 CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+class StepReport(Protocol):
+    """What a run tells its caller as it goes (`qwenvl finetune` shows it: see finetune.cli)."""
+
+    def begin(self, step: int, last: int, total: int) -> None:
+        """Steps step+1..last run now, of a schedule of `total` (last < total: stopped early)."""
+
+    def step(self, record: dict) -> None:
+        """One optimizer step is done; `record` is its line of log.jsonl."""
 
 
 # -- loss --------------------------------------------------------------------------------------------
@@ -279,7 +290,7 @@ class Trainer:
         changed = [
             k
             for k, v in current.items()
-            if k not in ("resume", "save_total_limit", "stop_at") and saved.get(k) != v
+            if k not in ("resume", "save_total_limit", "stop_at", "logging_steps") and saved.get(k) != v
         ]
         if changed:
             logger.warning("resuming with settings that differ from the checkpoint's: %s", ", ".join(changed))
@@ -340,8 +351,9 @@ class Trainer:
         log.writelines(kept)
         return log
 
-    def train(self, progress: bool = False) -> list[dict]:
-        """Run to the last step; returns this run's log records. `progress`: a tqdm bar on stderr."""
+    def train(self, report: StepReport | None = None) -> list[dict]:
+        """Run to the last step; returns this run's log records. Each step goes to `report`, or
+        without one, every `logging_steps` to the logger."""
         os.makedirs(self.output_dir, exist_ok=True)
         folder = self.resume_folder()
         if folder:
@@ -355,17 +367,18 @@ class Trainer:
             _set_rng_state(self._rng)
         records = []
         last = self.total if self.config.stop_at is None else min(self.total, self.config.stop_at)
-        with self._open_log() as log, self._progress(progress) as bar:
+        if report is not None:
+            report.begin(self.step, last, self.total)
+        with self._open_log() as log:
             while self.step < last:
                 started = time.perf_counter()  # tokens/s counts reading the data too
                 record = self._run_step([next(batches) for _ in range(self.config.grad_accum)], started)
                 records.append(record)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                if self.step % self.config.logging_steps == 0 or self.step == self.total:
+                if report is not None:
+                    report.step(record)
+                elif self.step % self.config.logging_steps == 0 or self.step == last:
                     logger.info(
                         "step %d/%d loss %.4f lr %.3g", self.step, self.total, record["loss"], record["lr"]
                     )
@@ -392,17 +405,6 @@ class Trainer:
             "tokens_per_s": round(tokens / (time.perf_counter() - started), 1),
         }
 
-    @contextlib.contextmanager
-    def _progress(self, show: bool) -> Iterator:
-        if not show:
-            yield None
-            return
-        from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        with logging_redirect_tqdm(), tqdm(total=self.total, initial=self.step, unit="step") as bar:
-            yield bar
-
     def save_final(self) -> nn.Module:
         """Write the final folder; returns the trained model (merged when LoRA is merged)."""
         set_gradient_checkpointing(self.model, False)
@@ -425,13 +427,14 @@ def finetune(
     output_dir: str | os.PathLike = "finetuned",
     *,
     base_dir: str | os.PathLike | None = None,
-    progress: bool = False,
+    report: StepReport | None = None,
 ) -> nn.Module:
     """Fine-tune `model` (a QwenVLForCausalLM) on conversations and save it to `output_dir`.
 
     `train_items`: samples in Qwen-VL's format, a ConversationDataset, or the path of a JSON file.
     Relative image paths are resolved against `base_dir` (default: the data file's folder, else the
-    working directory). Returns the trained model: merged for LoRA with `merge`, else the PeftModel.
+    working directory). `report` hears of each step (else the logger does, every `logging_steps`).
+    Returns the trained model: merged for LoRA with `merge`, else the PeftModel.
     """
     config = config or TrainingConfig()
     if isinstance(train_items, (str, os.PathLike)):
@@ -444,5 +447,5 @@ def finetune(
             train_items, tokenizer, base_dir or ".", config.max_length, image_size, config.system
         )
     trainer = Trainer(model, tokenizer, dataset, config, output_dir)
-    trainer.train(progress)
+    trainer.train(report)
     return trainer.save_final()
