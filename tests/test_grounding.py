@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from qwenvl.grounding import (
-    LABEL_BACKGROUND,
+    BLACK,
     PALETTE,
+    WHITE,
     Box,
     assign_colors,
+    contrast_ratio,
     default_font_size,
     default_line_width,
     draw_boxes,
+    label_text_color,
     load_label_font,
     parse_boxes,
+    relative_luminance,
 )
-
-WHITE = (255, 255, 255)
 
 # --- parsing -----------------------------------------------------------------------------------
 
@@ -149,23 +153,50 @@ def crop_to_ink(pixels: np.ndarray, background: tuple[int, int, int]) -> np.ndar
     return pixels[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
 
 
-def test_label_is_the_shipped_font_rendering_of_the_phrase():
+def label_mask(image: Image.Image, box: Box) -> np.ndarray:
+    """Where ``box``'s label lies: the pixels that differ from the same box drawn without a phrase."""
+    unlabelled = Box(None, box.coords)  # the first box's colour either way
+    labelled = pixel_array(draw_boxes(image, [box]))
+    return np.any(labelled != pixel_array(draw_boxes(image, [unlabelled])), axis=-1)
+
+
+def test_label_is_contrasting_text_on_a_panel_of_the_box_colour():
     image = Image.new("RGB", (640, 480), WHITE)
-    drawn = pixel_array(draw_boxes(image, parse_boxes("<ref>真人</ref><box>(21,29),(526,837)</box>")))
-    panel = np.all(drawn == LABEL_BACKGROUND, axis=-1)
-    rows, cols = np.nonzero(panel)
-    assert rows.size > 0, "no label panel drawn"
+    box = parse_boxes("<ref>真人</ref><box>(21,29),(526,837)</box>")[0]
+    rows, cols = np.nonzero(label_mask(image, box))
+    assert rows.size > 0, "no label drawn"
     # The box top edge is at y=13, too close to the top for the panel: it goes just inside.
     assert rows.min() >= 13 + 3 and cols.min() >= 13 + 3
     assert rows.max() < 13 + 60 and cols.max() < 13 + 120
-    label = drawn[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    assert np.all(label == PALETTE[0], axis=-1).any(), "no pixel in the label colour"
+    label = pixel_array(draw_boxes(image, [box]))[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    text_color = label_text_color(PALETTE[0])
+    assert text_color == WHITE  # tab:blue is dark
+    assert tuple(label[0, 0]) == PALETTE[0] and tuple(label[-1, -1]) == PALETTE[0]  # the panel's padding
+    assert np.all(label == text_color, axis=-1).any(), "no pixel in the text colour"
 
-    reference = Image.new("RGB", (200, 100), LABEL_BACKGROUND)
+    reference = Image.new("RGB", (200, 100), PALETTE[0])
     font = load_label_font(default_font_size(640, 480))
-    ImageDraw.Draw(reference).text((20, 20), "真人", font=font, fill=PALETTE[0])
-    expected = crop_to_ink(pixel_array(reference), LABEL_BACKGROUND)
-    assert np.array_equal(crop_to_ink(label, LABEL_BACKGROUND), expected)
+    ImageDraw.Draw(reference).text((20, 20), "真人", font=font, fill=text_color)
+    expected = crop_to_ink(pixel_array(reference), PALETTE[0])
+    assert np.array_equal(crop_to_ink(label, PALETTE[0]), expected)
+
+
+@pytest.mark.parametrize("color", PALETTE)
+def test_label_text_on_every_palette_colour_meets_wcag_aa(color):
+    assert contrast_ratio(color, label_text_color(color)) >= 4.5  # AA for normal-size text
+
+
+def test_label_text_is_black_or_white_by_luminance():
+    assert relative_luminance(BLACK) == 0 and relative_luminance(WHITE) == pytest.approx(1)
+    assert contrast_ratio(BLACK, WHITE) == pytest.approx(21)
+    assert contrast_ratio(WHITE, BLACK) == pytest.approx(21)
+    assert label_text_color(BLACK) == WHITE and label_text_color(WHITE) == BLACK
+    assert label_text_color(PALETTE[1]) == BLACK  # tab:orange is light
+    # The better of black and white is worst where both contrast equally: (L + 0.05) / 0.05 =
+    # 1.05 / (L + 0.05), a ratio of sqrt(21) = 4.58. So any colour gets readable text; a grid of them:
+    levels = range(0, 256, 51)
+    for color in [(r, g, b) for r in levels for g in levels for b in levels]:
+        assert contrast_ratio(color, label_text_color(color)) >= math.sqrt(21)
 
 
 def test_shipped_font_has_real_chinese_glyphs():
@@ -180,8 +211,7 @@ def test_shipped_font_has_real_chinese_glyphs():
 
 def test_label_goes_above_the_box_when_there_is_room():
     image = Image.new("RGB", (640, 480), WHITE)
-    drawn = pixel_array(draw_boxes(image, [Box("dog", (100, 500, 400, 900))]))
-    rows, cols = np.nonzero(np.all(drawn == LABEL_BACKGROUND, axis=-1))
+    rows, cols = np.nonzero(label_mask(image, Box("dog", (100, 500, 400, 900))))
     assert rows.max() == 240 - 1 and cols.min() == 64
 
 
@@ -199,17 +229,18 @@ def test_one_colour_per_phrase_and_one_label_per_group():
     assert pixels[200, 300] == pixels[750, 900] == colors["dog"]  # bottom edges
     assert pixels[450, 300] == colors["cat"]
     assert pixels[100, 950] == colors[None]
-    panels = np.all(pixel_array(draw_boxes(image, boxes)) == LABEL_BACKGROUND, axis=-1)
-    assert panels[:100, 100:300].any() and panels[:100, 400:550].any()
-    assert not panels[500:600, 600:900].any(), "the second dog box is not labelled again"
-    assert not panels[600:, :300].any(), "a box without a phrase has no label"
+    # A label panel ends just above its box's top left corner; (x + 2, top - 2) is in its padding.
+    labelled = draw_boxes(image, boxes).load()
+    assert labelled[102, 98] == colors["dog"] and labelled[402, 98] == colors["cat"]
+    assert labelled[602, 598] == WHITE, "the second dog box is not labelled again"
+    assert labelled[52, 698] == WHITE, "a box without a phrase has no label"
 
 
 def test_empty_phrase_gets_no_label():
     image = Image.new("RGB", (200, 200), WHITE)
-    drawn = pixel_array(draw_boxes(image, parse_boxes("<ref></ref><box>(100,500),(900,900)</box>")))
-    assert not np.all(drawn == LABEL_BACKGROUND, axis=-1).any()
-    assert tuple(drawn[180, 100]) == PALETTE[0]
+    drawn = draw_boxes(image, parse_boxes("<ref></ref><box>(100,500),(900,900)</box>"))
+    assert drawn.tobytes() == draw_boxes(image, [Box(None, (100, 500, 900, 900))]).tobytes()
+    assert drawn.getpixel((100, 180)) == PALETTE[0]
 
 
 def test_colours_are_deterministic():

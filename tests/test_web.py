@@ -8,15 +8,18 @@ import itertools
 import os
 import shutil
 import signal
+import string
 import subprocess
 import sys
+from html.parser import HTMLParser
 
 import pytest
 from PIL import Image
 
 from qwenvl.engine import Engine, EngineBusyError
-from qwenvl.grounding import PALETTE
+from qwenvl.grounding import PALETTE, assign_colors, parse_boxes
 from qwenvl.web import ChatHandlers, Session, add_arguments, build_demo, chat_messages
+from qwenvl.web.reply_html import UNBOXED_COLOR, ref_label, reply_html
 
 from .conftest import DATA
 from .web_helpers import browser_page, chromium_or_skip, served
@@ -225,13 +228,17 @@ def test_a_failed_reply_gives_the_pictures_back(handlers, uploaded, monkeypatch,
 
 
 def test_a_reply_with_boxes_shows_the_annotated_picture(handlers, uploaded, upload_dir, monkeypatch):
-    monkeypatch.setattr(ChatHandlers, "stream_reply", fixed_reply("<ref>圆</ref>", BOX_REPLY))
+    streamed = ("<ref>圆", "<ref>圆</ref><box>(94,1", "<ref>圆</ref><box>(94,167),(406,583)</bo", BOX_REPLY)
+    monkeypatch.setattr(ChatHandlers, "stream_reply", fixed_reply(*streamed))
     session, _ = handlers.add_images([uploaded], Session())
-    answer(handlers, session, "Outline the circle")
+    handlers.ask("Outline the circle", session)
+    label = ref_label("圆", PALETTE[0])
+    for chat, _ in handlers.respond(session):  # while it streams, the label and no markup
+        assert chat[2] == {"role": "assistant", "content": label}
     annotated = session.turns[-1].annotated
     chat = chat_messages(session)
     assert chat[-1] == {"role": "assistant", "content": {"path": annotated}}
-    assert chat[-2]["content"] == "&lt;ref&gt;圆&lt;/ref&gt;&lt;box&gt;(94,167),(406,583)&lt;/box&gt;"
+    assert chat[-2]["content"] == label
     assert os.path.dirname(annotated) == str(upload_dir / "qwenvl-web")
     picture = Image.open(annotated)
     assert picture.size == (640, 480) and picture.getpixel(CIRCLE_LEFT_EDGE) == PALETTE[0]
@@ -246,6 +253,91 @@ def test_boxes_without_a_picture_draw_nothing(handlers, monkeypatch):
     session = Session()
     answer(handlers, session, "Where is the circle?")
     assert session.turns[-1].reply == BOX_REPLY and session.turns[-1].annotated is None
+    assert chat_messages(session)[1:] == [{"role": "assistant", "content": ref_label("圆", PALETTE[0])}]
+    monkeypatch.setattr(ChatHandlers, "stream_reply", fixed_reply("<box>(1,2),(3,4)</box>"))
+    answer(handlers, session, "Where?")
+    assert chat_messages(session)[-1]["content"] == "*(only box coordinates, and no picture to draw them on)*"
+
+
+# -- how a reply shows -------------------------------------------------------------------------------
+
+
+class ReadHTML(HTMLParser):
+    """An HTML fragment's start tags and text, character references resolved, as a browser reads it."""
+
+    def __init__(self, fragment: str):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.texts: list[str] = []
+        self.feed(fragment)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.texts.append(data)
+
+
+def test_refs_become_labels_in_their_box_colour_and_boxes_are_left_out():
+    text = (
+        "<ref>dog</ref><box>(1,2),(3,4)</box> and <ref>cat</ref><box>(5,6),(7,8)</box>"
+        "<box>(9,9),(10,10)</box>, <ref>dog</ref><quad>(1,2),(3,4),(5,6),(7,8)</quad>!"
+    )
+    assert assign_colors(parse_boxes(text)) == {"dog": PALETTE[0], "cat": PALETTE[1]}  # as drawn
+    dog, cat = ref_label("dog", PALETTE[0]), ref_label("cat", PALETTE[1])
+    assert reply_html(text, final=True) == f"{dog} and {cat}, {dog}!"
+    assert dog == (
+        '<span class="qwenvl-ref" style="background-color:#1f77b4;color:#ffffff;'
+        'border-radius:0.3em;padding:0 0.3em">dog</span>'
+    )
+    assert "background-color:#ff7f0e;color:#000000;" in cat  # dark text on light orange
+    assert reply_html("no grounding, *markdown* kept", final=True) == "no grounding, *markdown* kept"
+
+
+def test_a_phrase_without_a_box_gets_a_neutral_label_once_none_can_follow():
+    assert reply_html("<ref>the dog</ref> sits", final=True) == ref_label("the dog", UNBOXED_COLOR) + " sits"
+    assert "color:#000000" in ref_label("x", UNBOXED_COLOR)
+    # while streaming, the latest phrase has the colour its box will bring
+    assert reply_html("<ref>the dog</ref>", final=False) == ref_label("the dog", PALETTE[0])
+    assert reply_html("<ref>the dog</ref> sits", final=False) == ref_label("the dog", UNBOXED_COLOR) + " sits"
+    assert reply_html("<ref></ref><box>(1,2),(3,4)</box>ok", final=True) == "ok"  # an empty phrase
+
+
+def test_model_text_cannot_inject_html_or_markdown():
+    text = (
+        "<img src=x onerror=alert(1)> <ref><script>alert(1)</script>\n*a* [x](javascript:y)</ref>"
+        '<box>(1,2),(3,4)</box> </ref><b>bold</b> "quoted" & done'
+    )
+    shown = reply_html(text, final=True)
+    read = ReadHTML(shown)
+    assert read.tags == [("span", {"class": "qwenvl-ref", "style": read.tags[0][1]["style"]})]
+    assert "".join(read.texts) == (
+        "<img src=x onerror=alert(1)> <script>alert(1)</script> *a* [x](javascript:y)"
+        ' <b>bold</b> "quoted" & done'
+    )
+    # In the label, Markdown must not act either: every ASCII punctuation mark is a reference.
+    phrase = shown.split('">', 1)[1].split("</span>", 1)[0]
+    assert set(phrase) & set(string.punctuation) == set("&#;")
+
+
+def test_streaming_never_shows_half_a_tag_or_a_coordinate():
+    text = "看<ref>the red circle</ref><box>(94,167),(406,583)</box>，and <ref>a square</ref><quad>" + (
+        "(1,1),(2,2),(3,3),(4,4)</quad>."
+    )
+    final = reply_html(text, final=True)
+    labels = {ref_label("the red circle", PALETTE[0]), ref_label("a square", PALETTE[1])}
+    for end in range(len(text) + 1):  # every prefix: tags arrive as tokens, but need not
+        shown = reply_html(text[:end], final=False)
+        read = ReadHTML(shown)
+        visible = "".join(read.texts)
+        assert "<" not in visible and not any(digit in visible for digit in "0123456789"), text[:end]
+        for _, attrs in read.tags:  # a label keeps its colour as the reply grows
+            assert any(attrs["style"] in label for label in labels), text[:end]
+        assert final.startswith(shown.rsplit("<span", 1)[0])
+    assert reply_html(text, final=False) == final
+    assert reply_html("a <", final=False) == "a" and reply_html("a <", final=True) == "a &lt;"
+    assert reply_html("<ref>cat</r", final=False) == ref_label("cat", PALETTE[0])
 
 
 # -- the app and its flags ---------------------------------------------------------------------------
@@ -328,11 +420,20 @@ def test_in_a_browser(tiny_model, tokenizer, engine, tmp_path, monkeypatch):
         )
 
         monkeypatch.setattr(ChatHandlers, "stream_reply", fixed_reply(BOX_REPLY))
-        page.fill("#query textarea", "Outline the circle")
-        page.click("#submit")
+        query = page.locator("#query textarea")
+        query.fill("Outline")
+        query.press("Shift+Enter")  # a new line, not a question
+        query.press_sequentially("the circle")
+        assert query.input_value() == "Outline\nthe circle"
+        query.press("Enter")
         annotated = page.locator("[data-testid=bot] img[src*='qwenvl-web']")
         annotated.wait_for()
-        assert bot.nth(1).inner_text().strip() == BOX_REPLY  # the tags shown as text
+        assert page.locator("[data-testid=user]").last.inner_text().strip() == "Outline\nthe circle"
+        assert query.input_value() == ""
+        label = bot.nth(1).locator(".qwenvl-ref")  # the phrase as a label in its box's colour
+        assert label.inner_text() == "圆" and bot.nth(1).inner_text().strip() == "圆"  # no markup
+        colors = label.evaluate("e => [getComputedStyle(e).backgroundColor, getComputedStyle(e).color]")
+        assert colors == ["rgb(31, 119, 180)", "rgb(255, 255, 255)"]
         page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=annotated.element_handle())
         page.screenshot(path=str(tmp_path / "web-demo.png"), full_page=True)
 

@@ -32,7 +32,8 @@ PALETTE: tuple[RGB, ...] = (
     (188, 189, 34),
     (23, 190, 207),
 )
-LABEL_BACKGROUND: RGB = (20, 20, 20)
+BLACK: RGB = (0, 0, 0)
+WHITE: RGB = (255, 255, 255)
 FONT_RESOURCE = "assets/fonts/wqy-microhei-gb2312.ttf"
 
 # One pass over the text keeps refs and boxes in order; DOTALL because phrases may hold newlines.
@@ -89,6 +90,28 @@ def assign_colors(boxes: Iterable[Box]) -> dict[str | None, RGB]:
         if box.phrase not in colors:
             colors[box.phrase] = PALETTE[len(colors) % len(PALETTE)]
     return colors
+
+
+def relative_luminance(color: RGB) -> float:
+    """WCAG 2's relative luminance of an sRGB colour: 0 for black, 1 for white."""
+
+    def linear(channel: int) -> float:
+        value = channel / 255
+        return value / 12.92 if value <= 0.04045 else ((value + 0.055) / 1.055) ** 2.4
+
+    red, green, blue = (linear(channel) for channel in color)
+    return 0.2126 * red + 0.7152 * green + 0.0722 * blue
+
+
+def contrast_ratio(first: RGB, second: RGB) -> float:
+    """WCAG 2's contrast ratio, from 1 (the same luminance) to 21 (black on white)."""
+    darker, lighter = sorted((relative_luminance(first), relative_luminance(second)))
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+def label_text_color(background: RGB) -> RGB:
+    """Black or white, whichever contrasts more with ``background``: at least 4.58:1 on any colour."""
+    return BLACK if contrast_ratio(background, BLACK) >= contrast_ratio(background, WHITE) else WHITE
 
 
 def default_line_width(width: int, height: int) -> int:
@@ -155,7 +178,7 @@ def _draw_label(
     font: ImageFont.FreeTypeFont,
     line_width: int,
 ) -> None:
-    """Text in the box colour on a dark panel: above the corner if it fits, else just inside."""
+    """Black or white text on a panel of the box colour: above the corner if it fits, else just inside."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     padding = max(1, font.size // 8)
     panel_width = right - left + 2 * padding
@@ -166,8 +189,8 @@ def _draw_label(
     else:
         x, y = x + line_width, y + line_width
     x = max(0, min(x, image_width - panel_width))
-    draw.rectangle((x, y, x + panel_width - 1, y + panel_height - 1), fill=LABEL_BACKGROUND)
-    draw.text((x + padding - left, y + padding - top), text, font=font, fill=color)
+    draw.rectangle((x, y, x + panel_width - 1, y + panel_height - 1), fill=color)
+    draw.text((x + padding - left, y + padding - top), text, font=font, fill=label_text_color(color))
 
 
 @functools.lru_cache(maxsize=1)

@@ -52,7 +52,14 @@ def build_demo(
         session = gr.State(Session())
         gr.Markdown(f"## {TITLE}\n{INTRO}")
         chatbot = gr.Chatbot(label=TITLE, height=520, buttons=["copy"], elem_id="chat")
-        query = gr.Textbox(lines=2, label="Question", placeholder="Ask about the pictures", elem_id="query")
+        # One line that grows: Gradio sends a one-line textbox on Enter and lets Shift+Enter add a line.
+        query = gr.Textbox(
+            lines=1,
+            max_lines=8,
+            label="Question",
+            placeholder="Ask about the pictures (Enter sends, Shift+Enter adds a line)",
+            elem_id="query",
+        )
         with gr.Row():
             upload = gr.UploadButton(
                 "Upload pictures", file_types=["image"], file_count="multiple", elem_id="upload"

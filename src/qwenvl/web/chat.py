@@ -22,8 +22,13 @@ from ..engine import Engine, EngineBusyError
 from ..generation import PromptTooLongError, SamplingParams
 from ..grounding import draw_boxes, parse_boxes
 from ..images import ImageError, ImagePolicy, load_image
+from .reply_html import reply_html
 
 logger = logging.getLogger(__name__)
+
+# What a finished reply with no text to show says, when there is no picture either.
+_EMPTY = "*(empty reply)*"
+_BOXES_ONLY = "*(only box coordinates, and no picture to draw them on)*"
 
 
 @dataclass(eq=False)  # compared by identity: a conversation may hold the same picture twice
@@ -64,10 +69,11 @@ def chat_messages(session: Session) -> list[dict]:
         messages += [{"role": "user", "content": {"path": u.path}} for u in turn.uploads]
         if turn.text:
             messages.append({"role": "user", "content": _as_text(turn.text)})
-        if turn.reply:
-            messages.append({"role": "assistant", "content": _as_text(turn.reply)})
-        elif turn.status == "done":
-            messages.append({"role": "assistant", "content": "*(empty reply)*"})
+        shown = reply_html(turn.reply or "", final=turn.status == "done")
+        if shown:
+            messages.append({"role": "assistant", "content": shown})
+        elif turn.status == "done" and not turn.annotated:
+            messages.append({"role": "assistant", "content": _EMPTY if not turn.reply else _BOXES_ONLY})
         if turn.annotated:
             messages.append({"role": "assistant", "content": {"path": turn.annotated}})
     messages += [{"role": "user", "content": {"path": u.path}} for u in session.pending]
