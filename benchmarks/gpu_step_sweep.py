@@ -156,12 +156,11 @@ def report_lines(results: dict) -> list[str]:
             ]
             for r in sweep
         ]
-        lines += [
+        lines += _titled_table(
             "a graphed decode step (ms) with matvec's blocks for one input width (* the base settings')",
-            "",
-            markdown_table(["input width", "blocks", "step ms"], rows),
-            "",
-        ]
+            ["input width", "blocks", "step ms"],
+            rows,
+        )
     early = results.get("dependent_launch", [])
     if early:
         pairs = ", ".join(f"{r['usual_ms']:.3f} / {r['early_ms']:.3f}" for r in early)
@@ -172,10 +171,13 @@ def report_lines(results: dict) -> list[str]:
             [r["name"], statistics.median(r["step_ms"]), " ".join(f"{ms:.3f}" for ms in r["step_ms"])]
             for r in candidates
         ]
-        lines += [
+        lines += _titled_table(
             "a graphed decode step (ms) under each candidate's settings (in the record), in turns",
-            "",
-            markdown_table(["candidate", "median ms", "each round"], rows),
-            "",
-        ]
+            ["candidate", "median ms", "each round"],
+            rows,
+        )
     return lines
+
+
+def _titled_table(title: str, headers: list[str], rows: list[list]) -> list[str]:
+    return [title, "", markdown_table(headers, rows), ""]

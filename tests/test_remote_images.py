@@ -29,6 +29,7 @@ PNG = (Path(__file__).parent / "data" / "images" / "shapes.png").read_bytes()
 # internet: the public_stand_in fixture makes is_public_address accept exactly that address.
 PRIVATE_HOST = "127.0.0.1"
 PUBLIC_HOST = "127.0.0.2"
+LIMITS = {"timeout": 5, "max_bytes": 10**6}  # what a fetch here may take: far more than the PNG needs
 
 _REAL_GETADDRINFO = socket.getaddrinfo
 _REAL_CONNECT = socket.socket.connect
@@ -188,7 +189,7 @@ def public_server() -> Iterator[Server]:
 
 
 def refused(url: str, reason: str, **options) -> FetchError:
-    options = {"timeout": 5, "max_bytes": 10**6, **options}
+    options = {**LIMITS, **options}
     with pytest.raises(FetchError) as caught:
         fetch(url, **options)
     assert reason in str(caught.value)
@@ -211,12 +212,6 @@ LOOPBACK_SPELLINGS = [
     "http://[::]/",
     "http://[::ffff:127.0.0.1]/",
 ]
-
-
-@pytest.mark.parametrize("url", LOOPBACK_SPELLINGS)
-def test_loopback_spellings_are_refused_before_connecting(url, network):
-    refused(url, "non-public")
-    assert network.connections == []
 
 
 PRIVATE_DESTINATIONS = [
@@ -244,8 +239,8 @@ PRIVATE_DESTINATIONS = [
 ]
 
 
-@pytest.mark.parametrize("url", PRIVATE_DESTINATIONS)
-def test_private_destinations_are_refused_before_connecting(url, network):
+@pytest.mark.parametrize("url", LOOPBACK_SPELLINGS + PRIVATE_DESTINATIONS)
+def test_loopback_and_private_destinations_are_refused_before_connecting(url, network):
     refused(url, "non-public")
     assert network.connections == []
 
@@ -297,7 +292,7 @@ def test_dns_rebinding_finds_no_second_lookup(private_server, network):
 
 
 def test_next_checked_address_is_tried_after_a_connection_error(public_server, public_stand_in, network):
-    assert fetch(f"http://two.example:{public_server.port}/image.png", timeout=5, max_bytes=10**6) == PNG
+    assert fetch(f"http://two.example:{public_server.port}/image.png", **LIMITS) == PNG
     assert network.connections == [("8.8.8.8", public_server.port), (PUBLIC_HOST, public_server.port)]
     assert network.lookups.count("two.example") == 1
 
@@ -311,15 +306,12 @@ def test_idna_host_is_encoded_before_lookup(network):
 
 
 def test_allowed_domains_exact_and_wildcard(public_server, public_stand_in):
-    options = {"timeout": 5, "max_bytes": 10**6}
     port = public_server.port
     assert (
-        fetch(f"http://images.example:{port}/image.png", allowed_domains=["Images.Example"], **options) == PNG
+        fetch(f"http://images.example:{port}/image.png", allowed_domains=["Images.Example"], **LIMITS) == PNG
     )
     for host in ("cdn.images.example", "a.b.images.example"):
-        assert (
-            fetch(f"http://{host}:{port}/image.png", allowed_domains=["*.images.example"], **options) == PNG
-        )
+        assert fetch(f"http://{host}:{port}/image.png", allowed_domains=["*.images.example"], **LIMITS) == PNG
 
 
 @pytest.mark.parametrize(
@@ -342,7 +334,7 @@ def test_ip_literal_host_needs_the_identical_literal_pattern(private_server, net
     url = private_server.url("/image.png")
     refused(url, "not in the allowed domains", allowed_domains=["*.0.0.1", "localhost"], allow_private=True)
     assert network.connections == []
-    assert fetch(url, timeout=5, max_bytes=10**6, allow_private=True, allowed_domains=["127.0.0.1"]) == PNG
+    assert fetch(url, **LIMITS, allow_private=True, allowed_domains=["127.0.0.1"]) == PNG
 
 
 def test_redirect_out_of_the_allowed_domains_is_refused_before_lookup(
@@ -425,7 +417,7 @@ def test_redirects_to_forbidden_destinations_are_refused(
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
 def test_redirects_are_followed(status, public_server, public_stand_in, network):
     url = public_server.url(f"/redirect?status={status}&to=/image.png")
-    assert fetch(url, timeout=5, max_bytes=10**6) == PNG
+    assert fetch(url, **LIMITS) == PNG
     assert network.connections == [(PUBLIC_HOST, public_server.port)] * 2
 
 
@@ -437,7 +429,7 @@ def test_every_redirect_status_is_checked(status, public_server, public_stand_in
 
 
 def test_redirect_chain_longer_than_max_redirects(public_server, public_stand_in, network):
-    assert fetch(public_server.url("/chain/3"), timeout=5, max_bytes=10**6, max_redirects=3) == PNG
+    assert fetch(public_server.url("/chain/3"), **LIMITS, max_redirects=3) == PNG
     network.connections.clear()
     refused(public_server.url("/chain/4"), "more than 3 redirects", max_redirects=3)
     assert len(network.connections) == 4  # the first request and three redirects
@@ -452,9 +444,9 @@ def test_redirect_without_location(public_server, public_stand_in):
 
 
 def test_fetch_from_loopback_with_allow_private(private_server):
-    assert fetch(private_server.url("/image.png"), timeout=5, max_bytes=10**6, allow_private=True) == PNG
+    assert fetch(private_server.url("/image.png"), **LIMITS, allow_private=True) == PNG
     url = f"http://localhost:{private_server.port}/image.png"
-    assert fetch(url, timeout=5, max_bytes=10**6, allow_private=True) == PNG
+    assert fetch(url, **LIMITS, allow_private=True) == PNG
 
 
 def test_host_header_names_the_host_not_the_address(public_server, public_stand_in, network):
@@ -468,7 +460,7 @@ def test_environment_proxies_are_not_used(private_server, monkeypatch, network):
         monkeypatch.setenv(name, "http://10.1.2.3:3128")
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
-    assert fetch(private_server.url("/image.png"), timeout=5, max_bytes=10**6, allow_private=True) == PNG
+    assert fetch(private_server.url("/image.png"), **LIMITS, allow_private=True) == PNG
     assert network.connections == [(PRIVATE_HOST, private_server.port)]
 
 

@@ -159,6 +159,15 @@ def test_streamers_see_the_prompt_then_each_token_then_the_end(tiny_model, token
     list(tiny_model.chat_stream(tokenizer, "What is 2+2?", max_new_tokens=4, streamer=in_stream, **GREEDY))
     assert in_stream.puts == in_chat.puts and in_stream.ended == 1
 
+    # chat failing before its first token ends the streamer too: an unknown option, then a
+    # picture that cannot be read (found when the reply's tokens are asked for)
+    bad_option, bad_picture = Recorder(), Recorder()
+    with pytest.raises(ValueError):
+        tiny_model.chat(tokenizer, "What is 2+2?", streamer=bad_option, temprature=0.5)
+    with pytest.raises(Exception, match="no-such-picture"):
+        list(tiny_model.chat_stream(tokenizer, "<img>no-such-picture.png</img>", streamer=bad_picture))
+    assert bad_option.ended == 1 and bad_option.puts == [] and bad_picture.ended == 1
+
 
 def test_a_text_iterator_streamer_in_another_thread(tiny_model, tokenizer, prompt, free):
     """transformers' documented pattern; a call that fails ends the stream too. (The timeout only

@@ -215,9 +215,7 @@ class Engine:
     ) -> RequestHandle:
         """Queue a prompt; `images` are the PIL images of its image spans, in order."""
         prompt = list(prompt)
-        spans = len(
-            image_span_starts(torch.as_tensor([prompt]), self.model.transformer.vision_config.image_start_id)
-        )
+        spans = len(image_span_starts(torch.as_tensor([prompt]), llm_image_start(self.model)))
         if spans != len(images):
             raise ValueError(f"the prompt has {spans} image spans but {len(images)} images were given")
         limit = self.model.config.max_position_embeddings

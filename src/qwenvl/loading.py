@@ -113,7 +113,7 @@ def weight_files(folder: str) -> list[str]:
     for index_name in WEIGHT_INDEXES:
         index_path = os.path.join(folder, index_name)
         if os.path.exists(index_path):
-            names = _shard_names(index_path)
+            names = sorted(set(read_weight_map(index_path).values()))
             files = [_shard_path(folder, index_path, name) for name in names]
             missing = [name for name, path in zip(names, files, strict=True) if not os.path.exists(path)]
             if missing:
@@ -130,8 +130,8 @@ def weight_files(folder: str) -> list[str]:
     )
 
 
-def _shard_names(index_path: str) -> list[str]:
-    """The distinct shard names of a weight index, each checked to be a string."""
+def read_weight_map(index_path: str) -> dict[str, str]:
+    """A weight index's map of tensor name -> shard name, each shard name checked to be a string."""
     try:
         with open(index_path, encoding="utf-8") as f:
             index = json.load(f)
@@ -143,7 +143,7 @@ def _shard_names(index_path: str) -> list[str]:
     for tensor, name in weight_map.items():
         if not isinstance(name, str) or not name:
             raise CheckpointError(f"{index_path} gives tensor {tensor!r} the shard {name!r}: not a file name")
-    return sorted(set(weight_map.values()))
+    return weight_map
 
 
 def _shard_path(folder: str, index_path: str, name: str) -> str:

@@ -130,12 +130,14 @@ class QwenVLForCausalLM(PreTrainedModel):
         return self.transformer.visual.encode(images, self.image_policy)
 
     def _features_for_ids(
-        self, input_ids: torch.Tensor, images: Mapping[str, Any] | None = None
+        self, input_ids: torch.Tensor | Sequence[Sequence[int]], images: Mapping[str, Any] | None = None
     ) -> torch.Tensor | None:
-        """Features of the pictures the ids' image spans name: a picture given in `images` under
-        its name (see `in_memory_images`), else the path or URL the span holds."""
+        """Features of the pictures the ids' image spans name (ids [B, L], a tensor or rows of
+        ints): a picture given in `images` under its name (see `in_memory_images`), else the path
+        or URL the span holds."""
+        rows = input_ids.tolist() if isinstance(input_ids, torch.Tensor) else input_ids
         start_id = self.transformer.vision_config.image_start_id
-        references = [ref for row in input_ids.tolist() for ref in image_references(row, start_id)]
+        references = [ref for row in rows for ref in image_references(row, start_id)]
         return self.encode_images([find_image(ref, images) for ref in references]) if references else None
 
     # -- forward -----------------------------------------------------------------------------------
@@ -227,10 +229,9 @@ class QwenVLForCausalLM(PreTrainedModel):
             # num_return_sequences samples each prompt again, its rows next to each other
             count = options.num_return_sequences
             rows = [row for row in self._prompt_rows(ids, attention_mask) for _ in range(count)]
-            features = self._features_for_ids(torch.as_tensor(_pad(rows, 0)), images)
+            features = self._features_for_ids(rows, images)
         except BaseException:
-            if streamer is not None:  # a reader waiting on it (a TextIteratorStreamer) must not hang
-                streamer.end()
+            _end(streamer)
             raise
         steps = stream_tokens(self, rows, params, features)
         if streamer is not None:
@@ -246,30 +247,38 @@ class QwenVLForCausalLM(PreTrainedModel):
         mask = torch.as_tensor(attention_mask, device=input_ids.device).reshape(input_ids.shape).bool()
         return [ids[keep].tolist() for ids, keep in zip(input_ids, mask, strict=True)]
 
-    def _chat_prompt(self, caller, tokenizer, query, history, system, generation_config, kwargs):
-        """(prompt ids, SamplingParams, chat format) of a chat turn: the original's chat keywords
-        (chat_format, max_window_size, stop_words_ids, stream) taken here, the rest checked by
-        `generation_options` (any it cannot honour is a ValueError naming it)."""
-        if kwargs.pop("stream", None):
-            raise ValueError(f"{caller}(stream=True): chat() returns the whole reply; use chat_stream()")
-        chat_format, max_window = prompt_settings(
-            self.generation_config,  # below what the call and its generation_config set
-            kwargs.pop("chat_format", None) or getattr(generation_config, "chat_format", None),
-            kwargs.pop("max_window_size", None) or getattr(generation_config, "max_window_size", None),
-        )
-        stop_words_ids = list(kwargs.pop("stop_words_ids", None) or [])
-        _, prompt = make_context(tokenizer, query, history, system, max_window, chat_format)
-        options = generation_options(
-            caller,
-            self.generation_config,
-            generation_config,
-            kwargs,
-            prompt_width=len(prompt),
-            tokenizer=tokenizer,
-            returns_ids=False,
-        )
-        params = options.params.with_stop_words(stop_words_ids + get_stop_words_ids(chat_format, tokenizer))
-        return prompt, params, chat_format
+    def _chat_turn(self, caller, tokenizer, query, history, system, generation_config, prefix_cache, kwargs):
+        """(the reply's text, its tokens as they will come) of a chat turn: the original's chat
+        keywords (chat_format, max_window_size, stop_words_ids, stream) and a `streamer` taken here,
+        the rest checked by `generation_options` (any it cannot honour is a ValueError naming it)."""
+        streamer = kwargs.pop("streamer", None)
+        try:
+            if kwargs.pop("stream", None):
+                raise ValueError(f"{caller}(stream=True): chat() returns the whole reply; use chat_stream()")
+            chat_format, max_window = prompt_settings(
+                self.generation_config,  # below what the call and its generation_config set
+                kwargs.pop("chat_format", None) or getattr(generation_config, "chat_format", None),
+                kwargs.pop("max_window_size", None) or getattr(generation_config, "max_window_size", None),
+            )
+            stop_words_ids = list(kwargs.pop("stop_words_ids", None) or [])
+            _, prompt = make_context(tokenizer, query, history, system, max_window, chat_format)
+            options = generation_options(
+                caller,
+                self.generation_config,
+                generation_config,
+                kwargs,
+                prompt_width=len(prompt),
+                tokenizer=tokenizer,
+                returns_ids=False,
+            )
+            stop_words_ids += get_stop_words_ids(chat_format, tokenizer)
+            params = options.params.with_stop_words(stop_words_ids)
+            reply = ReplyText(tokenizer, chat_format, _stop_texts(params))
+            images = carried_images(query, history, system)
+        except BaseException:
+            _end(streamer)
+            raise
+        return reply, self._reply_tokens(prompt, params, prefix_cache, images, streamer)
 
     def _reply_tokens(
         self,
@@ -283,9 +292,13 @@ class QwenVLForCausalLM(PreTrainedModel):
         (the conversation so far, images included) is not run again, and the finished turn is kept
         in it for the next one. `images`: the in-memory pictures the spans may name; `streamer`:
         a transformers streamer shown the prompt and the tokens."""
-        cache = new_cache(self, [prompt], params)
-        start = prefix_cache.restore(self, prompt, cache) if prefix_cache is not None else 0
-        features = self._features_for_ids(torch.as_tensor([prompt[start:]]), images)
+        try:
+            cache = new_cache(self, [prompt], params)
+            start = prefix_cache.restore(self, prompt, cache) if prefix_cache is not None else 0
+            features = self._features_for_ids([prompt[start:]], images)
+        except BaseException:
+            _end(streamer)
+            raise
         steps = stream_tokens(self, [prompt], params, features, cache)
         if streamer is not None:
             pad = params.eos_ids[0] if params.eos_ids else 0  # shown for no row: there is one
@@ -319,13 +332,10 @@ class QwenVLForCausalLM(PreTrainedModel):
         and generation options as in `generate` (stop_strings end the reply before them).
         """
         append_history = kwargs.pop("append_history", True)
-        streamer = kwargs.pop("streamer", None)
-        prompt, params, chat_format = self._chat_prompt(
-            "chat", tokenizer, query, history, system, generation_config, kwargs
+        reply, tokens = self._chat_turn(
+            "chat", tokenizer, query, history, system, generation_config, prefix_cache, kwargs
         )
-        images = carried_images(query, history, system)
-        reply = ReplyText(tokenizer, chat_format, _stop_texts(params))
-        reply.tokens.extend(self._reply_tokens(prompt, params, prefix_cache, images, streamer))
+        reply.tokens.extend(tokens)
         response = reply.finish()
         turns = [tuple(turn) for turn in history or ()]
         return response, [*turns, (query, response)] if append_history else turns
@@ -342,13 +352,10 @@ class QwenVLForCausalLM(PreTrainedModel):
     ) -> Iterator[str]:
         """The growing reply as tokens arrive (complete characters only); `prefix_cache` and keyword
         arguments as in `chat` (but append_history). Options are checked here, at the call."""
-        streamer = kwargs.pop("streamer", None)
-        prompt, params, chat_format = self._chat_prompt(
-            "chat_stream", tokenizer, query, history, system, generation_config, kwargs
+        reply, tokens = self._chat_turn(
+            "chat_stream", tokenizer, query, history, system, generation_config, prefix_cache, kwargs
         )
-        reply = ReplyText(tokenizer, chat_format, _stop_texts(params))
-        images = carried_images(query, history, system)
-        return self._grown_reply(reply, self._reply_tokens(prompt, params, prefix_cache, images, streamer))
+        return self._grown_reply(reply, tokens)
 
     @torch.no_grad()
     def _grown_reply(self, reply: ReplyText, tokens: Iterator[int]) -> Iterator[str]:
@@ -386,3 +393,10 @@ def _stop_texts(params: SamplingParams) -> tuple[str, ...]:
 def _pad(rows: list[list[int]], pad: int) -> list[list[int]]:
     width = max(len(r) for r in rows)
     return [r + [pad] * (width - len(r)) for r in rows]
+
+
+def _end(streamer: Any) -> None:
+    """A streamer's end when generation fails before its first token: a reader waiting on it (a
+    TextIteratorStreamer in another thread) must not hang."""
+    if streamer is not None:
+        streamer.end()

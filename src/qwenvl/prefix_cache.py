@@ -64,23 +64,23 @@ class PrefixCache:
         visual = model.transformer.vision_config
         starts = image_span_starts(torch.as_tensor([list(prompt)]), visual.image_start_id)
         spans = [(start, start + visual.n_queries + 2) for _, start in starts]
-        best, stored, stored_alpha = 0, None, None
+        best, chosen, layout = 0, None, cache.layout
         for tokens, entry in self._entries.items():
-            if entry.cache.layout != cache.layout:  # kept for another model, dtype or device
+            if entry.cache.layout != layout:  # kept for another model, dtype or device
                 continue
             # keep one token to run
             shared = min(_shared_prefix(tokens, prompt), len(prompt) - 1)
             shared = _before_other_pictures(shared, spans, entry.pictures, pictures)
             if shared > best:
-                best, stored, stored_alpha = shared, entry.cache, entry.alpha
+                best, chosen = shared, entry
         alpha = ntk_alpha(len(prompt), model.transformer.llm_config)
         # the stored keys were rotated with their own prefill's NTK alpha: reuse only when it matches
-        if stored is None or stored_alpha != alpha:
+        if chosen is None or chosen.alpha != alpha:
             return 0
-        cache.copy_prefix(stored, best)
+        cache.copy_prefix(chosen.cache, best)
         cache.set_lengths([best] * cache.batch_size)
         cache.ntk_alpha.fill_(alpha)
-        cache.inv_freq.copy_(stored.inv_freq)
+        cache.inv_freq.copy_(chosen.cache.inv_freq)
         return best
 
 

@@ -33,7 +33,7 @@ class RequestFailedError(RuntimeError):
 @dataclass
 class Event:
     token: int | None = None
-    finish_reason: str | None = None  # "stop" or "length" on the last event
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" on the last event
     error: BaseException | None = None
     logprobs: TokenLogprobs | None = None  # the token's, when its sampling parameters ask for them
 

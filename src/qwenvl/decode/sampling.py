@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -60,7 +60,6 @@ class SamplingParams:
     logprobs: int | None = None
     # one of DECODE_MODES; "auto": CUDA graphs on a GPU, static steps on CPU
     decode_mode: str = "auto"
-    extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
     def from_config(
@@ -70,7 +69,7 @@ class SamplingParams:
         overrides (None: not given). ValueError for a name that is no field (with the spelling
         it may mean) and for values no sequence can be decoded with. Stop strings given as text
         need the `tokenizer` (transformers asks generate() for it too)."""
-        names = {f.name for f in fields(cls)} - {"extra"}
+        names = {f.name for f in fields(cls)}
         refuse_unknown(set(overrides) - names, names, "sampling parameter")
         values: dict[str, Any] = {}
         for name in names:
@@ -166,7 +165,7 @@ NUCLEUS_CANDIDATES = 1024
 def nucleus_by_candidates(device: torch.device) -> bool:
     """Whether top-p sampling first tries the candidates on `device`. Knowing whether they hold the
     nucleus is a wait for the device: on a GPU it would stall the step that runs a step ahead
-    (`tokens_a_step_ahead`) until it ends, where sorting the vocabulary is a few kernels more."""
+    (`generation.stream_tokens`) until it ends, where sorting the vocabulary is a few kernels more."""
     return device.type != "cuda"
 
 

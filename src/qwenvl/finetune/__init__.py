@@ -9,7 +9,8 @@ Command line: `qwenvl finetune --model M --data train.json --output DIR [--lora 
 
 from .cli import add_arguments, main, run_from_args
 from .data import Batch, ConversationDataset, DataError, Example, collate, encode_conversation, load_items
-from .train import TrainingConfig, finetune, supervised_loss_sum
+from .train import finetune, supervised_loss_sum
+from .training_config import TrainingConfig
 
 __all__ = [
     "Batch",

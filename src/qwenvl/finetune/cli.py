@@ -15,6 +15,7 @@ from ..chat_format import DEFAULT_SYSTEM
 from ..frontend import MissingExtraError, require_extra
 from ..progress import Progress, format_duration, show_logs
 from .lora import DEFAULT_LORA_TARGETS
+from .training_config import TrainingConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -110,9 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace):
-    from .train import TrainingConfig
-
+def config_from_args(args: argparse.Namespace) -> TrainingConfig:
     targets = tuple(name.strip() for name in args.lora_target.split(",") if name.strip())
     return TrainingConfig(
         epochs=args.epochs,
@@ -212,7 +211,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace, config, console: TrainingConsole) -> None:
+def _train(args: argparse.Namespace, config: TrainingConfig, console: TrainingConsole) -> None:
     import torch
 
     from .. import QwenVLForCausalLM, QwenVLTokenizer

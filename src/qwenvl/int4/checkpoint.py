@@ -16,7 +16,7 @@ import os
 import torch
 from torch import nn
 
-from ..loading import WEIGHT_INDEXES, CheckpointError
+from ..loading import WEIGHT_INDEXES, CheckpointError, read_weight_map
 from .gptq import QUANTIZED_LINEARS, GPTQSettings, linear_slots
 from .linear import Int4Linear
 
@@ -55,8 +55,7 @@ def tensor_names(folder: str, files: list[str]) -> set[str]:
     for index_name in WEIGHT_INDEXES:
         index_path = os.path.join(folder, index_name)
         if os.path.exists(index_path):
-            with open(index_path, encoding="utf-8") as f:
-                return set(json.load(f)["weight_map"])  # loading.weight_files checked its shape
+            return set(read_weight_map(index_path))
     names: set[str] = set()
     for path in files:
         if path.endswith(".safetensors"):

@@ -157,7 +157,6 @@ class Step:
             alphas = [ntk_alpha(n, cfg) for n in lengths]
             cache.ntk_alpha = to_device(torch.tensor(alphas), positions.device)
             cache.inv_freq = rotary_inv_freq(alphas, cfg, positions.device)
-        if fresh:
             kv_length = 0
         else:
             kv_length = max(held) + length if held is not None else int(positions.max()) + 1

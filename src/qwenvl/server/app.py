@@ -32,12 +32,13 @@ from .middleware import DEFAULT_MAX_REQUEST_BYTES, LimitRequestBody, RequireKey
 from .replies import (
     Exchange,
     event_stream,
-    generation_error,
     reply_boxes,
     reply_deltas,
     sampling_params,
     served_model,
     sse_event,
+    stop_strings,
+    stream_failure,
     submit,
     whole_reply,
 )
@@ -230,8 +231,7 @@ def create_app(
         # the boxes' pixels need only the last picture's size
         picture_size = original_size(prompt.images[-1]) if prompt.images else None
         del prompt
-        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        exchange = Exchange(model_name, handle, ReplyText(tokenizer, chat_format, stops))
+        exchange = Exchange(model_name, handle, ReplyText(tokenizer, chat_format, stop_strings(body)))
         deadline = asyncio.get_running_loop().time() + request_timeout
         if not body.stream:
             await whole_reply(request, exchange, deadline, request_timeout)
@@ -243,9 +243,7 @@ def create_app(
                 async for delta in reply_deltas(handle, exchange.reply, deadline, timing):
                     yield sse_event(exchange.chunk({"content": delta}))
             except Exception as error:  # the response has started: report in the stream, then end it
-                failure = generation_error(error, request_timeout)
-                timing.failed_in_stream(failure)
-                yield sse_event(failure.body())
+                yield stream_failure(error, request_timeout, timing)
                 return
             # the whole reply's boxes, as a reply in one piece has them in its message
             boxes = reply_boxes(exchange.reply.text, picture_size)

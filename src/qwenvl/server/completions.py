@@ -31,11 +31,12 @@ from .metrics import request_timing
 from .replies import (
     Exchange,
     event_stream,
-    generation_error,
     reply_deltas,
     sampling_params,
     served_model,
     sse_event,
+    stop_strings,
+    stream_failure,
     submit,
     whole_reply,
 )
@@ -114,8 +115,8 @@ def add_completions(
         ids = await asyncio.to_thread(prompt_ids, tokenizer, text, pictures)
         handle = submit(engine, ids, params, pictures, param="prompt")
         del pictures  # in the engine until its prefill
-        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
-        completion = Completion(model_name, handle, ReplyText(tokenizer, stops=stops, strip=False))
+        reply = ReplyText(tokenizer, stops=stop_strings(body), strip=False)
+        completion = Completion(model_name, handle, reply)
         deadline = asyncio.get_running_loop().time() + request_timeout
         if not body.stream:
             await whole_reply(request, completion, deadline, request_timeout)
@@ -126,9 +127,7 @@ def add_completions(
                 async for delta in reply_deltas(handle, completion.reply, deadline, timing):
                     yield sse_event(completion.chunk_of(delta))
             except Exception as error:  # the response has started: report in the stream, then end it
-                failure = generation_error(error, request_timeout)
-                timing.failed_in_stream(failure)
-                yield sse_event(failure.body())
+                yield stream_failure(error, request_timeout, timing)
                 return
             yield sse_event(completion.chunk_of("", completion.finish_reason()))
             if body.stream_options is not None and body.stream_options.include_usage:

@@ -3,8 +3,8 @@
 Fetching waits on other machines, so it gets a pool of its own: requests whose fetches hang (up
 to the policy's timeout) hold only fetch threads, never the threads that decode pictures sent
 inline or build prompts (asyncio's default pool). Decoding is CPU work and holds a decoded
-picture in memory, so its pool is as wide as the machine's cores and bounds how many pictures are
-being decoded at once, whatever the number of requests.
+picture in memory, so its pool is as wide as the machine's cores (at most 4) and bounds how many
+pictures are being decoded at once, whatever the number of requests.
 """
 
 from __future__ import annotations
@@ -29,15 +29,10 @@ DEFAULT_FETCH_THREADS = 16
 class ImageLoader:
     """Loads the images of requests under `policy`."""
 
-    def __init__(
-        self,
-        policy: ImagePolicy,
-        fetch_threads: int = DEFAULT_FETCH_THREADS,
-        decode_threads: int | None = None,
-    ):
+    def __init__(self, policy: ImagePolicy, fetch_threads: int = DEFAULT_FETCH_THREADS):
         self.policy = policy
         self._fetching = ThreadPoolExecutor(fetch_threads, thread_name_prefix="qwenvl-fetch")
-        decode_threads = decode_threads or min(4, os.cpu_count() or 1)
+        decode_threads = min(4, os.cpu_count() or 1)
         self._decoding = ThreadPoolExecutor(decode_threads, thread_name_prefix="qwenvl-decode")
 
     async def load_all(self, references: Sequence[tuple[str, str]]) -> list[Image.Image]:

@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 # -- a request -> the engine --------------------------------------------------------------------------
 
 
+def stop_strings(body: ChatCompletionRequest | CompletionRequest) -> list[str]:
+    """The request's `stop`, one string or several, as a list."""
+    return [body.stop] if isinstance(body.stop, str) else body.stop or []
+
+
 def served_model(requested: str | None, names: Sequence[str]) -> str:
     """The model name a reply gives: the request's, one of the served `names` (another is a 404, in
     OpenAI's shape), or the first when the request names none."""
@@ -148,6 +153,13 @@ def generation_error(error: BaseException, timeout: float) -> APIError:
         return APIError(500, f"generation failed: {error}", "server_error", code="generation_failed")
     logger.error("generation failed", exc_info=error)
     return APIError(500, "generation failed", "server_error")
+
+
+def stream_failure(error: BaseException, timeout: float, timing: RequestTiming) -> str:
+    """The event that reports `generation_error` inside a stream whose 200 has gone out."""
+    failure = generation_error(error, timeout)
+    timing.failed_in_stream(failure)
+    return sse_event(failure.body())
 
 
 # -- text -> OpenAI's shapes --------------------------------------------------------------------------
