@@ -123,14 +123,23 @@ def test_free_memory_is_known_here():
 def test_without_native_bf16_products_wide_products_compute_in_fp32(bf16_model, monkeypatch):
     """An emulated bf16 product of a prompt's rows took 3-5x its fp32 one (cpu_ops' docstring)."""
     monkeypatch.setattr(cpu_ops_module, "onednn_bf16", lambda: False)
-    ops = CpuOps(bf16_model)
     linear = bf16_model.transformer.h[0].mlp.w1
-    wide = torch.randn(1, cpu_ops_module.FP32_ROWS, linear.in_features).bfloat16()
-    narrow = wide[:, :8]
+    prompt = torch.randn(1, cpu_ops_module.KERNEL_ROWS + 1, linear.in_features).bfloat16()
+    wide, narrow = prompt[:, : cpu_ops_module.FP32_ROWS], prompt[:, :8]
     with torch.no_grad():
-        in_fp32 = F.linear(wide.float(), linear.weight.float()).bfloat16()
-        assert torch.equal(ops.project(linear, wide), in_fp32)
-        assert torch.equal(ops.project(linear, narrow), F.linear(narrow, linear.weight))  # a step: bf16
+
+        def in_fp32(x):
+            return F.linear(x.float(), linear.weight.float()).bfloat16()
+
+        for own_kernels in (False, True):
+            ops = CpuOps(bf16_model, own_kernels=own_kernels)
+            assert torch.equal(ops.project(linear, prompt), in_fp32(prompt))
+            if ops.kernels is None:  # PyTorch's products: bf16 for a step, fp32 from FP32_ROWS rows
+                assert torch.equal(ops.project(linear, wide), in_fp32(wide))
+                assert torch.equal(ops.project(linear, narrow), F.linear(narrow, linear.weight))
+            else:  # ours up to KERNEL_ROWS rows
+                expected = ops.kernels.bf16_product(wide[0], linear.weight, None)
+                assert torch.equal(ops.project(linear, wide), expected[None])
 
 
 def test_asking_for_bf16_on_such_a_cpu_says_what_it_costs(tiny_checkpoint, monkeypatch, capsys):

@@ -113,18 +113,24 @@ def test_dequantize_follows_each_inputs_group(act_order):
 ROUNDING = {torch.bfloat16: 2**-9, torch.float32: 2**-24}
 
 
+@pytest.mark.parametrize("own_kernels", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_cpu_backend_int4_products_stay_within_rounding(act_order, dtype):
+def test_cpu_backend_int4_products_stay_within_rounding(act_order, dtype, own_kernels):
+    from qwenvl.decode.cpu_kernels import kernels
     from qwenvl.decode.int4_cpu import int4_product
 
+    if own_kernels and kernels() is None:
+        pytest.skip("our CPU kernels do not build here (no C compiler or no AVX2)")
     settings = GPTQSettings(group_size=GROUP, desc_act=act_order)
     g_idx = torch.randperm(256, generator=torch.Generator().manual_seed(1)) // GROUP if act_order else None
     linear, _ = hand_made(256, 128, settings, g_idx)
     linear = linear.to(dtype)
-    product = int4_product(linear, dtype)
+    product = int4_product(linear, dtype, kernels() if own_kernels else None)
     assert product is not None
-    for rows in (1, 5):
+    # act-order layers always take torch's kernel; in-order ones ours for up to 8 rows
+    assert (product.few_rows is not None) is (own_kernels and not act_order)
+    for rows in (1, 5, 9):
         x = torch.randn(rows, 1, 256).to(dtype)
         expected = linear(x).float()
         scales = linear.scales.float()[linear.g_idx.long()].t()  # [out, in]
@@ -260,8 +266,10 @@ def test_decoding_stays_within_1e_3_of_the_dequantized_model(int4_model, dequant
 
 def test_bf16_decoding_runs_on_the_packed_products(int4_folder, tokenizer):
     model = QwenVLForCausalLM.from_pretrained(int4_folder, bf16=True)
+    # every Int4 layer through the int4 kernels (ours also takes the bf16 head where it builds)
+    assert CpuOps(model, pack_bf16=False, own_kernels=False).copies == len(int4_layers(model))
     ops = CpuOps(model, pack_bf16=False)
-    assert ops.copies == len(int4_layers(model))  # every Int4 layer through the int4 kernel
+    assert ops.copies == len(int4_layers(model)) + (ops.kernels is not None)
     _, prompt = make_context(tokenizer, "What is 2+2?")
     decoder = Decoder(model, 1, len(prompt) + 4, ops=ops)
     logits = decoder.prefill([prompt])

@@ -22,8 +22,15 @@ compute in fp32; fewer rows (a decode step, batches of up to 16 or so) read the 
 the bytes, which measured faster (8 rows: 6.3 ms against 14.6 converted, 10.4 from a kept fp32
 copy).
 
-Int4 layers (`int4.Int4Linear`) take the products of `int4_cpu.py`, over copies of their codes in
-an int4 kernel's layout (half a byte a weight, always made).
+There too, products of up to `KERNEL_ROWS` rows (decode steps, batches, short prompts) go through
+our own kernel (`cpu_kernels.c`), which reads the bf16 weights where they lie, where the C compiler
+can build it: at one row 1.15-1.5x the speed of PyTorch's emulated product, at 4 rows 2.7-3.2x
+(`python -m benchmarks.cpu_products`), and at 16 to 128 rows 1.1-11x converting the weight to
+fp32 (the LM head of 32 rows: 108 ms against 732). Without it, the `FP32_ROWS` rule above holds.
+
+Int4 layers (`int4.Int4Linear`) take the products of `int4_cpu.py`: our kernel over the GPTQ codes
+for decode steps, and a copy of the codes in PyTorch's int4 kernel's layout for prompts (half a
+byte a weight, always made).
 
 The copies are made when the backend is built (`CpuOps(model)`), never by a forward, and cost
 their weights' memory once more: the bf16 copies only while that fits in half the memory the
@@ -43,6 +50,7 @@ from torch import nn
 
 from ..int4.linear import Int4Linear
 from ..model.ops import TorchOps
+from . import cpu_kernels
 from .int4_cpu import int4_product
 
 Product = Callable[[torch.Tensor], torch.Tensor]
@@ -50,6 +58,9 @@ Product = Callable[[torch.Tensor], torch.Tensor]
 # without native bf16 products: bf16 products of this many rows or more compute in fp32 (the
 # crossing point measured on an AVX2 EPYC was 24 to 32 rows)
 FP32_ROWS = 32
+# there, products of up to this many rows take our kernel (at 128 it still led the fp32 products
+# by 1.1-1.6x on the mid config's shapes)
+KERNEL_ROWS = 128
 # what a front end tells someone who asks for bf16 on such a CPU
 BF16_WITHOUT_NATIVE_PRODUCTS = (
     "note: this CPU has no native bf16 matrix products (no AVX512-BF16 or AMX), so PyTorch emulates "
@@ -65,11 +76,13 @@ class CpuOps(TorchOps):
 
     name = "cpu"
 
-    def __init__(self, model, pack_bf16: bool | None = None):
+    def __init__(self, model, pack_bf16: bool | None = None, own_kernels: bool = True):
         """`pack_bf16`: oneDNN copies of the bf16 weights; None: while they fit in half the free
-        memory; True: always; False: never."""
+        memory; True: always; False: never. `own_kernels`: our kernels (`cpu_kernels.py`) where
+        they build; False: PyTorch's products only."""
         self._products: dict[nn.Module, Product] = {}
         self._copied: dict[nn.Module, tuple] = {}
+        self.kernels = cpu_kernels.kernels() if own_kernels else None
         linears = list(_llm_linears(model.transformer, model.lm_head))
         head = model.lm_head
         if _plain(head) and head.weight.dtype == torch.float32 and head.bias is None:
@@ -80,8 +93,12 @@ class CpuOps(TorchOps):
             if pack_bf16 or size <= free_memory() // 2:
                 for linear in bf16:
                     self._add(linear, _PackedBF16(linear))
+        elif self.kernels is not None and not onednn_bf16():
+            for linear in bf16:
+                if _FewRowsBF16.takes(linear):
+                    self._add(linear, _FewRowsBF16(linear, self.kernels))
         for linear in [m for m in model.transformer.h.modules() if isinstance(m, Int4Linear)]:
-            product = int4_product(linear, head.weight.dtype)
+            product = int4_product(linear, head.weight.dtype, self.kernels)
             if product is not None:
                 self._add(linear, product)
 
@@ -104,14 +121,8 @@ class CpuOps(TorchOps):
         product = self._products.get(linear)
         if product is not None:
             return product(x)
-        if (
-            x.dtype == torch.bfloat16
-            and _plain(linear)
-            and x.numel() >= FP32_ROWS * x.shape[-1]
-            and not onednn_bf16()
-        ):
-            bias = None if linear.bias is None else linear.bias.float()
-            return F.linear(x.float(), linear.weight.float(), bias).to(x.dtype)
+        if x.dtype == torch.bfloat16 and _plain(linear) and not onednn_bf16():
+            return _emulated_bf16(linear, x)
         return linear(x)
 
     def logits(self, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -124,8 +135,27 @@ class CpuOps(TorchOps):
         2048), while in fp32 it is the fast one."""
         if query.shape[2] != 1 or query.dtype not in (torch.bfloat16, torch.float16):
             return super().attend_to_cache(query, keys, values, mask)
+        if self.kernels is not None and _cache_kernel_takes(query, keys, values, mask):
+            return self.kernels.attend_one_query(query, keys, values, mask)
         scores = (query @ keys.transpose(-1, -2)).float() * query.shape[-1] ** -0.5 + mask.float()
         return scores.softmax(dim=-1).to(values.dtype) @ values
+
+
+def _cache_kernel_takes(query, keys, values, mask) -> bool:
+    """Whether our one-query attention takes these: bf16 throughout (its mask too), the positions'
+    values contiguous, a head size it holds, on a CPU without native bf16 products (with them,
+    PyTorch's bf16 products are fast)."""
+    width = query.shape[-1]
+    return (
+        all(t.dtype == torch.bfloat16 for t in (query, keys, values, mask))
+        and keys.stride(-1) == 1
+        and values.stride(-1) == 1
+        and mask.dim() == 4
+        and mask.shape[1] == mask.shape[2] == 1
+        and width % 8 == 0
+        and width <= 256
+        and not onednn_bf16()
+    )
 
 
 class _TransposedHead:
@@ -135,6 +165,35 @@ class _TransposedHead:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight
+
+
+class _FewRowsBF16:
+    """A bf16 Linear's products of up to `KERNEL_ROWS` rows through our kernel."""
+
+    def __init__(self, linear: nn.Linear, kernels: cpu_kernels.CpuKernels):
+        self.linear, self.kernels = linear, kernels
+        self.weight = linear.weight.detach()
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+
+    @staticmethod
+    def takes(linear: nn.Linear) -> bool:
+        out_features, in_features = linear.weight.shape
+        return linear.weight.is_contiguous() and in_features % 8 == 0 and out_features % 4 == 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if x.dtype != torch.bfloat16 or rows > KERNEL_ROWS:
+            return _emulated_bf16(self.linear, x)
+        out = self.kernels.bf16_product(x.reshape(rows, -1).contiguous(), self.weight, self.bias)
+        return out.view(*x.shape[:-1], -1)
+
+
+def _emulated_bf16(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A bf16 product where the CPU has no native one: the rows of a prompt in fp32."""
+    if x.dtype == torch.bfloat16 and x.numel() >= FP32_ROWS * x.shape[-1]:
+        bias = None if linear.bias is None else linear.bias.float()
+        return F.linear(x.float(), linear.weight.float(), bias).to(x.dtype)
+    return linear(x)
 
 
 class _PackedBF16:

@@ -1,24 +1,30 @@
-"""The CPU backend's products of Int4 layers (`int4.Int4Linear`): torch's int4 CPU kernel
-(`_weight_int4pack_mm_for_cpu`) over a copy of the codes in its layout, made when the backend is
-built (half a byte a weight, as the layer's own).
+"""The CPU backend's products of Int4 layers (`int4.Int4Linear`):
 
-Measured on two AVX2 EPYC cores (no native bf16), the mid config's shapes, each weight read from
-memory (benchmarks: `python -m benchmarks.run --config mid --device cpu --int4`):
+- decode steps (up to `KERNEL_ROWS` rows, groups in order): our kernel (`cpu_kernels.c`), which
+  reads GPTQ's packed codes where they lie, in fp32 or bf16;
+- prompts, act-order layers, and where our kernel cannot be built: torch's int4 CPU kernel
+  (`_weight_int4pack_mm_for_cpu`) over a copy of the codes in its layout, made when the backend
+  is built (half a byte a weight, as the layer's own).
 
-- bf16 activations, one row: 0.11-0.73 ms where F.linear over the dequantized bf16 weight takes
-  0.27-1.57 (2.1-2.5x, 1024 x 1024 to 1024 x 8192); 8 rows 2.5-3.5x; 301 rows (a prompt) 2.8-3.5x.
-  Each call dequantizing the weight first (the layer's reference forward) took 25-70 ms.
-- fp32 activations: the kernel sums in fp32 (within 2^-22 of sum |x w| of the exact product),
-  but its time grows with the rows: one row 1.6-10.7 ms, against 25-70 for the reference, which
-  it overtakes near 8 rows (`FP32_KERNEL_ROWS`); more rows take the reference.
-- not chosen: an inductor-compiled dequantize-and-sum over GPTQ's own layout (0.9-4.4 ms a
-  row) and a hand-written AVX2 loop over it (0.3-1.6 ms), both slower than the kernel.
+Measured on AVX2 EPYC cores (no native bf16), the mid config's shapes, each weight read from memory
+(`python -m benchmarks.cpu_products`):
 
-The kernel computes (code - 8) * scale + offset per weight, so GPTQ's scale * (code - zero) is
-offset = scale * (8 - zero), held with the scales in the activations' dtype. With act-order
-(`desc_act`, a permuted `g_idx`) the inputs are put in group order once, here, and each row of
-inputs is gathered in that order before the product. A layer the kernel does not take (a group
-size it has no kernel for, groups of unequal sizes) keeps its own exact forward.
+- one row, one thread: ours 1.7-1.9x torch's kernel (0.09-0.47 ms against 0.17-0.89, 1024 x 1024
+  to 5504 x 1024), 1.2-1.5x at 2-4 rows. Ours decodes each row's codes again, so at many rows
+  torch's kernel, which batches them, is the faster.
+- torch's kernel with bf16 activations: 2.1-2.5x F.linear over the dequantized bf16 weight at one
+  row, 2.5-3.5x at 8 rows, 2.8-3.5x at 301 (a prompt). Each call dequantizing the weight first
+  (the layer's reference forward) took 25-70 ms.
+- torch's kernel with fp32 activations sums in fp32 (within 2^-22 of sum |x w| of the exact
+  product) but its time grows with the rows: one row 1.6-10.7 ms, against 25-70 for the
+  reference, which it overtakes near 8 rows (`FP32_KERNEL_ROWS`); more rows take the reference.
+
+torch's kernel computes (code - 8) * scale + offset per weight, so GPTQ's scale * (code - zero) is
+offset = scale * (8 - zero), held with the scales in the activations' dtype; ours takes
+scale * code - scale * zero in fp32. With act-order (`desc_act`, a permuted `g_idx`) the inputs
+are put in group order once, here, and each row of inputs is gathered in that order before the
+product. A layer neither kernel takes (a group size torch's has no kernel for, groups of unequal
+sizes) keeps its own exact forward.
 """
 
 from __future__ import annotations
@@ -26,33 +32,91 @@ from __future__ import annotations
 import torch
 
 from ..int4.linear import Int4Linear
+from .cpu_kernels import CpuKernels
 
 GROUP_SIZES = (32, 64, 128, 256)  # the group sizes the kernel takes
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INNER_K_TILES = 2
 FP32_KERNEL_ROWS = 8  # fp32 products of this many rows or more take the layer's reference
+# products of up to this many rows take our kernel: it decodes the codes again for each row, so
+# past two rows torch's kernel, which batches them, caught up with bf16 activations; with fp32
+# ones torch's kernel is the slower at any count our kernel takes
+KERNEL_ROWS = {torch.bfloat16: 2, torch.float32: 8}
 
 
-def int4_product(linear: Int4Linear, dtype: torch.dtype):
+def int4_product(linear: Int4Linear, dtype: torch.dtype, kernels: CpuKernels | None = None):
     """A faster product of `linear` for activations in `dtype`, or None where its own forward is
-    the one to use."""
-    width = linear.settings.group_width(linear.in_features)
-    if (
-        dtype not in DTYPES
-        or linear.qweight.device.type != "cpu"
-        or width not in GROUP_SIZES
-        or linear.in_features % width
-        or linear.in_features % (INNER_K_TILES * 16)
-    ):
+    the one to use. `kernels`: our kernels, where they were built."""
+    if dtype not in DTYPES or linear.qweight.device.type != "cpu":
         return None
-    sizes = torch.bincount(linear.g_idx.long(), minlength=linear.groups)
-    if not bool((sizes == width).all()):  # act-order whose groups are not all `width` inputs
+    few_rows = CodesInPlace(linear, kernels) if kernels is not None and CodesInPlace.takes(linear) else None
+    packed = PackedInt4(linear, dtype) if PackedInt4.takes(linear) else None
+    if few_rows is None and packed is None:
         return None
-    return PackedInt4(linear, dtype)
+    return Int4Products(linear, few_rows, packed)
+
+
+class Int4Products:
+    """Steps through our kernel, other products through torch's, or the layer's own forward."""
+
+    def __init__(self, linear: Int4Linear, few_rows: CodesInPlace | None, packed: PackedInt4 | None):
+        self.linear, self.few_rows, self.packed = linear, few_rows, packed
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.few_rows is not None and x.numel() <= KERNEL_ROWS.get(x.dtype, 0) * x.shape[-1]:
+            return self.few_rows(x)
+        if self.packed is not None:
+            return self.packed(x)
+        return self.linear(x)
+
+
+class CodesInPlace:
+    """Our kernel over the layer's own codes; its scales and offsets (-scale * zero) in fp32."""
+
+    def __init__(self, linear: Int4Linear, kernels: CpuKernels):
+        with torch.no_grad():
+            self.scales = linear.scales.float().contiguous()
+            self.offsets = (-self.scales * linear.zeros().float()).contiguous()
+            self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.qweight, self.kernels = linear.qweight, kernels
+        self.group_size = linear.settings.group_width(linear.in_features)
+        self.linear = linear
+
+    @staticmethod
+    def takes(linear: Int4Linear) -> bool:
+        width = linear.settings.group_width(linear.in_features)
+        return (
+            linear.out_features % 32 == 0
+            and width % 8 == 0
+            and linear.in_features % width == 0
+            and linear.qweight.is_contiguous()
+            and linear.ordered_groups()
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            return self.linear(x)
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        out = self.kernels.int4_product(
+            rows, self.qweight, self.scales, self.offsets, self.group_size, self.bias
+        )
+        return out.view(*x.shape[:-1], -1)
 
 
 class PackedInt4:
     """`linear`'s codes in the int4 CPU kernel's layout, its scales and offsets in `dtype`."""
+
+    @staticmethod
+    def takes(linear: Int4Linear) -> bool:
+        width = linear.settings.group_width(linear.in_features)
+        if (
+            width not in GROUP_SIZES
+            or linear.in_features % width
+            or linear.in_features % (INNER_K_TILES * 16)
+        ):
+            return False
+        sizes = torch.bincount(linear.g_idx.long(), minlength=linear.groups)
+        return bool((sizes == width).all())  # not act-order whose groups are not all `width` inputs
 
     def __init__(self, linear: Int4Linear, dtype: torch.dtype):
         with torch.no_grad():

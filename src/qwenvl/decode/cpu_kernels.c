@@ -1,0 +1,315 @@
+// Matrix products of a few rows for CPUs with AVX2 and FMA, read at memory speed: a decode step
+// of one to a few tokens reads every weight once, so it takes what reading them takes.
+//
+// - bf16_product: y[m, n] = sum_k x[m, k] w[n, k] (+ b[n]), w bf16 [N, K] (a Linear's layout).
+//   A bf16 value is the high half of an fp32 one, so widening it is a shift; the sums are in
+//   fp32, as torch's bf16 products keep them.
+// - int4_product: the same over GPTQ's packed codes, read where they lie: q int32 [K/8, N] holds
+//   the codes of inputs 8r..8r+7 of output n at bits 4j of q[r, n]; w[n, k] = s[g, n] code +
+//   o[g, n] with g = k / group. Per group, sum_k x code is summed first, then scaled:
+//   y += s * sum(x code) + o * sum(x).
+//
+// x and y are both fp32 or both bf16 (`bf16`); the sums are fp32, rounded once to bf16 at the
+// end (to nearest, ties to even, as torch rounds).
+//
+// Built by cpu_kernels.py with the C compiler at first use (the kernels carry their own target
+// attributes, so the library loads on any x86-64 and `has_avx2_fma` says whether they may run).
+// Threads: OpenMP, sharing the runtime PyTorch loaded (its libgomp has the same soname).
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+
+int has_avx2_fma(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+#define AVX2 __attribute__((target("avx2,fma")))
+
+// the lanes of four sums: [sum a, sum b, sum c, sum d]
+AVX2 static inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
+    const __m256 abcd = _mm256_hadd_ps(ab, cd);
+    return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+AVX2 static inline __m256 widen_bf16(const uint16_t *p) {
+    const __m256i halves = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(halves, 16));
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  // NaN stays NaN
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// x [count] fp32 or bf16 as fp32 (a copy the caller frees)
+static float *rows_as_float(const void *x, int64_t count, int bf16) {
+    float *out = malloc(sizeof(float) * (count ? count : 1));
+    if (!out) return NULL;
+    for (int64_t i = 0; i < count; ++i) out[i] = bf16 ? bf16_to_float(((const uint16_t *)x)[i]) : ((const float *)x)[i];
+    return out;
+}
+
+static inline void store_value(void *y, int64_t i, float value, int bf16) {
+    if (bf16)
+        ((uint16_t *)y)[i] = float_to_bf16(value);
+    else
+        ((float *)y)[i] = value;
+}
+
+// Asks for the weights of the outputs eight ahead while these four are summed: with four rows
+// read side by side the hardware's prefetcher alone left a third of the bandwidth unused.
+// Each call covers 64 bytes, and a call per eight inputs covers the next four rows as these end.
+static inline void prefetch_ahead(const uint16_t *w, int64_t K, int64_t k) {
+    _mm_prefetch((const char *)(w + 8 * K + 4 * k), _MM_HINT_T0);
+}
+
+// Four outputs n..n+3 of one row.
+AVX2 static void bf16_four_outputs(const float *x, int64_t K, const uint16_t *w, __m128 *out) {
+    const uint16_t *w0 = w, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t k = 0; k < K; k += 8) {
+        prefetch_ahead(w, K, k);
+        const __m256 u = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(widen_bf16(w0 + k), u, a0);
+        a1 = _mm256_fmadd_ps(widen_bf16(w1 + k), u, a1);
+        a2 = _mm256_fmadd_ps(widen_bf16(w2 + k), u, a2);
+        a3 = _mm256_fmadd_ps(widen_bf16(w3 + k), u, a3);
+    }
+    *out = sum4(a0, a1, a2, a3);
+}
+
+// Four outputs n..n+3 of two rows: each widened weight serves both.
+AVX2 static void bf16_four_outputs_two_rows(const float *x, int64_t K, const uint16_t *w, __m128 *out0,
+                                            __m128 *out1) {
+    const uint16_t *w0 = w, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+    const float *x1 = x + K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (int64_t k = 0; k < K; k += 8) {
+        prefetch_ahead(w, K, k);
+        const __m256 u = _mm256_loadu_ps(x + k), v = _mm256_loadu_ps(x1 + k);
+        __m256 t = widen_bf16(w0 + k);
+        a0 = _mm256_fmadd_ps(t, u, a0), b0 = _mm256_fmadd_ps(t, v, b0);
+        t = widen_bf16(w1 + k);
+        a1 = _mm256_fmadd_ps(t, u, a1), b1 = _mm256_fmadd_ps(t, v, b1);
+        t = widen_bf16(w2 + k);
+        a2 = _mm256_fmadd_ps(t, u, a2), b2 = _mm256_fmadd_ps(t, v, b2);
+        t = widen_bf16(w3 + k);
+        a3 = _mm256_fmadd_ps(t, u, a3), b3 = _mm256_fmadd_ps(t, v, b3);
+    }
+    *out0 = sum4(a0, a1, a2, a3), *out1 = sum4(b0, b1, b2, b3);
+}
+
+// x [rows, K], w [N, K] bf16 bits, bias [N] fp32 or NULL, y [rows, N]; x and y fp32 or bf16.
+// K a multiple of 8, N of 4. Returns 0, or -1 where memory ran out (y then undefined).
+AVX2 int bf16_product(const void *x_in, int bf16, int64_t rows, int64_t K, const uint16_t *w, int64_t N,
+                      const float *bias, void *y, int threads) {
+    float *x = rows_as_float(x_in, rows * K, bf16);
+    if (!x) return -1;
+    // in chunks of 256 outputs handed to whichever thread is free: a thread the system pauses
+    // delays one chunk, not half of the product
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 64)
+    for (int64_t n = 0; n < N; n += 4) {
+        const __m128 b = bias ? _mm_loadu_ps(bias + n) : _mm_setzero_ps();
+        float sums[8];
+        int64_t m = 0;
+        for (; m < rows; m += 2) {
+            __m128 s0, s1 = b;
+            if (m + 1 < rows)
+                bf16_four_outputs_two_rows(x + m * K, K, w + n * K, &s0, &s1), s1 = _mm_add_ps(s1, b);
+            else
+                bf16_four_outputs(x + m * K, K, w + n * K, &s0);
+            _mm_storeu_ps(sums, _mm_add_ps(s0, b)), _mm_storeu_ps(sums + 4, s1);
+            for (int i = 0; i < 4; ++i) {
+                store_value(y, m * N + n + i, sums[i], bf16);
+                if (m + 1 < rows) store_value(y, (m + 1) * N + n + i, sums[4 + i], bf16);
+            }
+        }
+    }
+    free(x);
+    return 0;
+}
+
+// Adds one row's products with the words q[r, n0 .. n0 + 32) (inputs 8r .. 8r + 7) to acc[0 .. 32).
+// `xr` is the row's inputs 8r .. 8r + 7, times 2^-4j at j < 7 and as they are at j = 7: the code at
+// bits 4j, masked in place, is code * 2^4j as an integer, exact in fp32, so each product is
+// exactly code * x without shifting the word down first. Even and odd inputs sum apart, to halve
+// the chains of dependent additions.
+AVX2 static inline __attribute__((always_inline)) void int4_add_word_row(const int32_t *q, const float *xr,
+                                                                         float *acc) {
+    const __m256i w0 = _mm256_loadu_si256((const __m256i *)q);
+    const __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + 8));
+    const __m256i w2 = _mm256_loadu_si256((const __m256i *)(q + 16));
+    const __m256i w3 = _mm256_loadu_si256((const __m256i *)(q + 24));
+    __m256 e0 = _mm256_loadu_ps(acc), e1 = _mm256_loadu_ps(acc + 8);
+    __m256 e2 = _mm256_loadu_ps(acc + 16), e3 = _mm256_loadu_ps(acc + 24);
+    __m256 o0 = _mm256_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+#define INT4_TERM(W, X, S) _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(W, mask)), X, S)
+#define INT4_INPUT(j, S0, S1, S2, S3)                                             \
+    {                                                                             \
+        const __m256i mask = _mm256_set1_epi32(0xF << (4 * (j)));                 \
+        const __m256 xj = _mm256_broadcast_ss(xr + (j));                          \
+        S0 = INT4_TERM(w0, xj, S0), S1 = INT4_TERM(w1, xj, S1);                   \
+        S2 = INT4_TERM(w2, xj, S2), S3 = INT4_TERM(w3, xj, S3);                   \
+    }
+    INT4_INPUT(0, e0, e1, e2, e3) INT4_INPUT(1, o0, o1, o2, o3)
+    INT4_INPUT(2, e0, e1, e2, e3) INT4_INPUT(3, o0, o1, o2, o3)
+    INT4_INPUT(4, e0, e1, e2, e3) INT4_INPUT(5, o0, o1, o2, o3)
+    INT4_INPUT(6, e0, e1, e2, e3)
+#undef INT4_INPUT
+#undef INT4_TERM
+    // the top code would reach the sign bit in place: shifted down instead
+    const __m256 x7 = _mm256_broadcast_ss(xr + 7);
+    o0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w0, 28)), x7, o0);
+    o1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w1, 28)), x7, o1);
+    o2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w2, 28)), x7, o2);
+    o3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w3, 28)), x7, o3);
+    _mm256_storeu_ps(acc, _mm256_add_ps(e0, o0)), _mm256_storeu_ps(acc + 8, _mm256_add_ps(e1, o1));
+    _mm256_storeu_ps(acc + 16, _mm256_add_ps(e2, o2)), _mm256_storeu_ps(acc + 24, _mm256_add_ps(e3, o3));
+}
+
+// x [rows, K], q [K/8, N], s and o [G, N] fp32, bias [N] fp32 or NULL, y [rows, N]; x and y
+// fp32 or bf16. N a multiple of 32, group a multiple of 8, K = G * group, rows at most
+// INT4_MAX_ROWS. Returns 0, -1 where memory ran out (y then undefined), -2 for too many rows.
+//
+// The groups go in INT4_PARTS parts of consecutive rows of words, each a block of memory read
+// from start to end, to whichever thread is free: a thread the system pauses delays one part, not
+// half of the product. Each part sums into its own partial outputs, added up in part order at the
+// end, so the sums do not depend on which thread took which part.
+#define INT4_MAX_ROWS 8
+#define INT4_PARTS 16
+
+AVX2 int int4_product(const void *x_in, int bf16, int64_t rows, int64_t K, const int32_t *q, const float *s,
+                      const float *o, int64_t N, int64_t group, const float *bias, void *y, int threads) {
+    if (rows > INT4_MAX_ROWS) return -2;
+    const int64_t G = K / group, words = group / 8, parts = G < INT4_PARTS ? G : INT4_PARTS;
+    float *xs = rows_as_float(x_in, rows * K, bf16), *xsum = malloc(sizeof(float) * (rows * G + 1));
+    float *partial = malloc(sizeof(float) * (parts * rows * N + 1));
+    if (!xs || !xsum || !partial) return free(xs), free(xsum), free(partial), -1;
+    for (int64_t m = 0; m < rows; ++m)
+        for (int64_t g = 0; g < G; ++g) {
+            float total = 0.0f;
+            for (int64_t k = g * group; k < (g + 1) * group; ++k) total += xs[m * K + k];
+            xsum[m * G + g] = total;
+        }
+    // what int4_add_word_row multiplies input 8r + j by: powers of two, so the scaled row is exact
+    // (unless it falls below 2^-126, where fp32 loses bits)
+    static const float lane_scales[8] = {1.0f, 0x1p-4f, 0x1p-8f, 0x1p-12f, 0x1p-16f, 0x1p-20f, 0x1p-24f, 1.0f};
+    for (int64_t i = 0; i < rows * K; ++i) xs[i] *= lane_scales[i % 8];
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *acc = malloc(sizeof(float) * rows * N);
+        failed = !acc;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t part = 0; part < parts; ++part) {
+            if (!acc) continue;
+            float *sums = partial + part * rows * N;
+            memset(sums, 0, sizeof(float) * rows * N);
+            for (int64_t g = G * part / parts; g < G * (part + 1) / parts; ++g) {
+                memset(acc, 0, sizeof(float) * rows * N);
+                for (int64_t r = g * words; r < (g + 1) * words; ++r)
+                    for (int64_t n0 = 0; n0 < N; n0 += 32)
+                        for (int64_t m = 0; m < rows; ++m)
+                            int4_add_word_row(q + r * N + n0, xs + m * K + 8 * r, acc + m * N + n0);
+                for (int64_t m = 0; m < rows; ++m) {
+                    const __m256 total = _mm256_broadcast_ss(xsum + m * G + g);
+                    for (int64_t n = 0; n < N; n += 8) {
+                        float *out = sums + m * N + n;
+                        const __m256 sum = _mm256_fmadd_ps(_mm256_loadu_ps(acc + m * N + n), _mm256_loadu_ps(s + g * N + n),
+                                                           _mm256_loadu_ps(out));
+                        _mm256_storeu_ps(out, _mm256_fmadd_ps(total, _mm256_loadu_ps(o + g * N + n), sum));
+                    }
+                }
+            }
+        }
+        free(acc);
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n += 32)
+            for (int64_t m = 0; m < rows && !failed; ++m)
+                for (int64_t i = n; i < n + 32; i += 8) {
+                    __m256 total = bias ? _mm256_loadu_ps(bias + i) : _mm256_setzero_ps();
+                    for (int64_t part = 0; part < parts; ++part)
+                        total = _mm256_add_ps(total, _mm256_loadu_ps(partial + (part * rows + m) * N + i));
+                    float values[8];
+                    _mm256_storeu_ps(values, total);
+                    for (int j = 0; j < 8; ++j) store_value(y, m * N + i + j, values[j], bf16);
+                }
+    }
+    free(xs), free(xsum), free(partial);
+    return failed ? -1 : 0;
+}
+
+// One query per row and head against a bf16 cache: out = softmax(q k^T * scale + mask) v, all in
+// fp32, rounded once to bf16. q [B, H, D] and out [B, H, D] contiguous bf16; keys and values bf16
+// with strides (in elements) per row, head and position, each position's D values contiguous;
+// mask bf16 [B, L] (additive, 0 or -inf) with strides per row and position. Keys the mask hides
+// are not read: a static step's cache is mostly hidden capacity. D a multiple of 8, at most 256.
+// Returns 0, or -1 where memory ran out (out then undefined).
+AVX2 int attend_one_query(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const uint16_t *mask,
+                          int64_t B, int64_t H, int64_t L, int64_t D, const int64_t *key_strides,
+                          const int64_t *value_strides, const int64_t *mask_strides, float scale, uint16_t *out,
+                          int threads) {
+    if (D % 8 || D > 256) return -2;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *scores = malloc(sizeof(float) * (L + 1));
+        failed = !scores;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < B * H; ++task) {
+            if (!scores) continue;
+            const int64_t b = task / H, h = task % H;
+            const uint16_t *k = keys + b * key_strides[0] + h * key_strides[1];
+            const uint16_t *v = values + b * value_strides[0] + h * value_strides[1];
+            const uint16_t *m = mask + b * mask_strides[0];
+            float query[256], acc[256];
+            for (int64_t d = 0; d < D; ++d) query[d] = bf16_to_float(q[task * D + d]), acc[d] = 0.0f;
+            float top = -INFINITY;
+            for (int64_t l = 0; l < L; ++l) {
+                const float hidden = bf16_to_float(m[l * mask_strides[1]]);
+                if (hidden == -INFINITY) {
+                    scores[l] = -INFINITY;
+                    continue;
+                }
+                __m256 dot = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 8)
+                    dot = _mm256_fmadd_ps(widen_bf16(k + l * key_strides[2] + d), _mm256_loadu_ps(query + d), dot);
+                const __m128 half = _mm_add_ps(_mm256_castps256_ps128(dot), _mm256_extractf128_ps(dot, 1));
+                const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+                scores[l] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair))) * scale + hidden;
+                if (scores[l] > top) top = scores[l];
+            }
+            float total = 0.0f;
+            for (int64_t l = 0; top != -INFINITY && l < L; ++l) {
+                if (scores[l] == -INFINITY) continue;
+                const float p = expf(scores[l] - top);
+                total += p;
+                const __m256 weight = _mm256_set1_ps(p);
+                for (int64_t d = 0; d < D; d += 8)
+                    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(widen_bf16(v + l * value_strides[2] + d), weight,
+                                                              _mm256_loadu_ps(acc + d)));
+            }
+            // a row that sees no key gets NaN, as softmax over nothing does in PyTorch
+            const float inverse = top == -INFINITY ? NAN : 1.0f / total;
+            for (int64_t d = 0; d < D; ++d) out[task * D + d] = float_to_bf16(acc[d] * inverse);
+        }
+        free(scores);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,203 @@
+"""Our CPU kernels (`cpu_kernels.c`): products of a few rows over bf16 weights and over GPTQ's packed
+int4 codes, for CPUs with AVX2 and FMA, at memory speed.
+
+Why our own: on CPUs without native bf16 products (AVX2 only) PyTorch's one-row bf16 product read
+the mid config's weights at 5-10 GB/s and its int4 kernel at about 7, where the memory gives 17-23
+(`python -m benchmarks.cpu_products`). A decode step reads every weight once, so it takes what
+those reads take.
+
+The library is compiled from the C source with the system's C compiler at first use, into a cache
+folder keyed by the source's digest, and loaded with ctypes (which lets go of the GIL during a
+call). Where there is no compiler, no x86-64 or no AVX2, `kernels()` is None and the products keep
+PyTorch's kernels. `QWENVL_CPU_KERNELS=0` turns them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+# GCC's generic tuning splits unaligned 256-bit loads in two, which halved the int4 kernel's speed
+FLAGS = (
+    "-O3",
+    "-shared",
+    "-fPIC",
+    "-fopenmp",
+    "-std=c11",
+    "-mno-avx256-split-unaligned-load",
+    "-mno-avx256-split-unaligned-store",
+)
+MAX_ROWS = 8  # the int4 kernel's most rows (INT4_MAX_ROWS): it decodes the codes again for each
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+class CpuKernels:
+    """The loaded library's products, on contiguous CPU tensors: activations [rows, K] in fp32 or
+    bf16, outputs [rows, N] in the same dtype."""
+
+    def __init__(self, library: ctypes.CDLL):
+        self._bf16 = library.bf16_product
+        self._bf16.argtypes = [_P, ctypes.c_int, _I, _I, _P, _I, _P, _P, ctypes.c_int]
+        self._int4 = library.int4_product
+        self._int4.argtypes = [_P, ctypes.c_int, _I, _I, _P, _P, _P, _I, _I, _P, _P, ctypes.c_int]
+        self._attend = library.attend_one_query
+        strides = ctypes.POINTER(ctypes.c_int64)
+        self._attend.argtypes = [
+            _P,
+            _P,
+            _P,
+            _P,
+            _I,
+            _I,
+            _I,
+            _I,
+            strides,
+            strides,
+            strides,
+            ctypes.c_float,
+            _P,
+            ctypes.c_int,
+        ]
+        self._bf16.restype = self._int4.restype = self._attend.restype = ctypes.c_int
+
+    def bf16_product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ weight^T (+ bias): weight [N, K] bf16, bias [N] fp32; K a multiple of 8, N of 4."""
+        rows, width = x.shape
+        out = x.new_empty(rows, weight.shape[0])
+        status = self._bf16(
+            x.data_ptr(),
+            x.dtype == torch.bfloat16,
+            rows,
+            width,
+            weight.data_ptr(),
+            weight.shape[0],
+            _pointer(bias),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return _checked(status, out)
+
+    def int4_product(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        offsets: torch.Tensor,
+        group: int,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x times the weight scales * code + offsets (GPTQ's qweight [K/8, N], scales and offsets
+        [K/group, N] fp32), plus bias [N] fp32. N a multiple of 32, group of 8."""
+        rows, width = x.shape
+        out = x.new_empty(rows, qweight.shape[1])
+        status = self._int4(
+            x.data_ptr(),
+            x.dtype == torch.bfloat16,
+            rows,
+            width,
+            qweight.data_ptr(),
+            scales.data_ptr(),
+            offsets.data_ptr(),
+            qweight.shape[1],
+            group,
+            _pointer(bias),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return _checked(status, out)
+
+    def attend_one_query(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """softmax(query keys^T / sqrt(D) + mask) values for one query: query [B, H, 1, D], keys and
+        values [B, H, L, D] (any strides, each position's D values contiguous), mask [B, 1, 1, L]
+        additive (0 or -inf), all bf16; D a multiple of 8 up to 256. Out [B, H, 1, D] bf16."""
+        batch, heads, _, width = query.shape
+        query = query.contiguous()
+        out = torch.empty_like(query)
+        status = self._attend(
+            query.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            mask.data_ptr(),
+            batch,
+            heads,
+            keys.shape[2],
+            width,
+            _strides(keys.stride()[:3]),
+            _strides(values.stride()[:3]),
+            _strides((mask.stride(0), mask.stride(-1))),
+            width**-0.5,
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return _checked(status, out)
+
+
+def _checked(status: int, out: torch.Tensor) -> torch.Tensor:
+    if status == -2:
+        raise ValueError(f"the int4 kernel takes at most {MAX_ROWS} rows")
+    if status != 0:
+        raise MemoryError("the CPU kernel could not allocate its working memory")
+    return out
+
+
+def _strides(strides: tuple[int, ...]):
+    return (ctypes.c_int64 * len(strides))(*strides)
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+@functools.cache
+def kernels() -> CpuKernels | None:
+    """The kernels where this machine can build and run them, else None."""
+    if os.environ.get("QWENVL_CPU_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        library = ctypes.CDLL(str(_built_library()))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    library.has_avx2_fma.restype = ctypes.c_int
+    return CpuKernels(library) if library.has_avx2_fma() else None
+
+
+def _built_library() -> Path:
+    source = SOURCE.read_bytes()
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler")
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode() + compiler.encode()).hexdigest()[:16]
+    target = _cache_folder() / f"cpu_kernels-{digest}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # built beside the target, then renamed: processes building at once each finish a whole file
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        built = Path(work) / target.name
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(built, target)
+    return target
+
+
+def _cache_folder() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "qwenvl" / "kernels"

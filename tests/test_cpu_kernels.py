@@ -1,0 +1,200 @@
+"""Our CPU kernels (decode/cpu_kernels.c): products of a few rows over bf16 weights and over GPTQ's
+packed codes, against exact references, the same bits at any thread count and batch, and PyTorch's
+products where the kernels cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenvl.decode import cpu_kernels
+from qwenvl.int4 import GPTQSettings
+from qwenvl.int4.gptq import pack_rows
+from qwenvl.int4.quantize import quantize_linear
+
+KERNELS = cpu_kernels.kernels()
+needs_kernels = pytest.mark.skipif(
+    KERNELS is None, reason="our CPU kernels do not build here (no C compiler or AVX2)"
+)
+
+
+def sum_bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What fp32 sums of x w^T in any order may differ from the exact sum by: at most one rounding
+    (2^-24 relative) of each partial sum, K of them, each at most sum |x| |w|."""
+    return (x.double().abs() @ weight.double().abs().t()) * weight.shape[1] * 2**-24
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_product_is_the_exact_product_within_fp32_sums(rows, bias):
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(132, 96, generator=generator).bfloat16()
+    b = torch.randn(132, generator=generator) if bias else None
+    x = torch.randn(rows, 96, generator=generator)
+    exact = x.double() @ weight.double().t() + (0 if b is None else b.double())
+    got = KERNELS.bf16_product(x, weight, b)
+    assert got.dtype == torch.float32
+    assert ((got.double() - exact).abs() <= sum_bound(x, weight.float()) + exact.abs() * 2**-24).all()
+
+
+@needs_kernels
+def test_bf16_outputs_are_the_fp32_sums_rounded_as_torch_rounds():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(256, 64, generator=generator).bfloat16()
+    x = torch.randn(3, 64, generator=generator).bfloat16()
+    rounded = KERNELS.bf16_product(x, weight, None)
+    assert rounded.dtype == torch.bfloat16
+    assert torch.equal(rounded, KERNELS.bf16_product(x.float(), weight, None).bfloat16())
+    nan = x.clone()
+    nan[1, 5] = float("nan")
+    assert torch.isnan(KERNELS.bf16_product(nan, weight, None)[1]).all()
+
+
+def quantized(in_features: int, out_features: int, bias: bool = True):
+    generator = torch.Generator().manual_seed(in_features)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator))
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=generator))
+    return quantize_linear(linear, GPTQSettings(group_size=32), torch.float32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_int4_product_over_packed_codes_is_the_dequantized_product(rows):
+    int4 = quantized(128, 96)
+    weight = int4.dequantize()  # exact: scale * (code - zero) in fp32
+    scales = int4.scales.float()
+    offsets = -scales * int4.zeros().float()
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
+    got = KERNELS.int4_product(x, int4.qweight, scales, offsets, 32, int4.bias)
+    exact = x.double() @ weight.double().t() + int4.bias.double()
+    # each group's sum of x * code (codes up to 15) and of x are fp32 sums, then scaled once
+    codes_bound = sum_bound(x, torch.full_like(weight, 15.0)) * scales.abs().max().double()
+    zeros_bound = sum_bound(x, torch.ones_like(weight)) * offsets.abs().max().double()
+    assert ((got.double() - exact).abs() <= codes_bound + zeros_bound + sum_bound(x, weight) + 1e-6).all()
+
+
+@needs_kernels
+def test_codes_at_every_bit_position_count():
+    """A code of 15 at each of the eight positions of a word, the top one included (whose bits
+    reach the sign bit of the int32)."""
+    codes = torch.zeros(64, 32, dtype=torch.uint8)
+    codes[torch.arange(64), torch.arange(64) % 32] = 15
+    qweight = pack_rows(codes)
+    scales, offsets = torch.ones(2, 32), torch.zeros(2, 32)
+    x = torch.eye(64)
+    got = torch.cat([KERNELS.int4_product(rows, qweight, scales, offsets, 32, None) for rows in x.split(8)])
+    assert torch.equal(got, codes.float())
+    with pytest.raises(ValueError, match="at most 8 rows"):
+        KERNELS.int4_product(x[:9], qweight, scales, offsets, 32, None)
+
+
+@needs_kernels
+def test_products_do_not_depend_on_threads_or_the_other_rows():
+    weight = torch.randn(300, 64).bfloat16()
+    int4 = quantized(64, 64)
+    scales, offsets = int4.scales.float(), -int4.scales.float() * int4.zeros().float()
+    x = torch.randn(5, 64)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(
+                (
+                    KERNELS.bf16_product(x, weight, None),
+                    KERNELS.int4_product(x, int4.qweight, scales, offsets, 32, None),
+                )
+            )
+            alone = (
+                KERNELS.bf16_product(x[3:4], weight, None),
+                KERNELS.int4_product(x[3:4], int4.qweight, scales, offsets, 32, None),
+            )
+            assert torch.equal(alone[0], results[-1][0][3:4]) and torch.equal(alone[1], results[-1][1][3:4])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
+def test_without_a_compiler_the_products_stay_pytorchs(tiny_model, monkeypatch, tmp_path):
+    import copy
+
+    from qwenvl.decode import cpu_ops
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built before
+    monkeypatch.setattr(cpu_ops, "onednn_bf16", lambda: False)
+    cpu_kernels.kernels.cache_clear()
+    try:
+        assert cpu_kernels.kernels() is None
+        ops = cpu_ops.CpuOps(copy.deepcopy(tiny_model).to(torch.bfloat16))
+        assert ops.kernels is None and ops.copies == 0  # every product PyTorch's own
+    finally:
+        cpu_kernels.kernels.cache_clear()
+
+
+def test_the_switch_turns_them_off(monkeypatch):
+    monkeypatch.setenv("QWENVL_CPU_KERNELS", "0")
+    cpu_kernels.kernels.cache_clear()
+    try:
+        assert cpu_kernels.kernels() is None
+    finally:
+        cpu_kernels.kernels.cache_clear()
+
+
+@needs_kernels
+def test_a_bf16_model_decodes_through_them_as_accurately_as_through_pytorch(
+    tiny_model, tokenizer, in_golden_dir
+):
+    """Both round each product's fp32 sums once to bf16 and differ only in the order of the sums,
+    so against the same model computed in fp32 their logits err alike: bf16 roundings, layer
+    after layer. Ours may not err more than twice PyTorch's."""
+    import copy
+
+    from qwenvl.decode import Decoder
+    from qwenvl.decode.cpu_ops import CpuOps
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    in_fp32 = copy.deepcopy(model).float()  # the same (bf16) weights, computed in fp32
+    prompt = tokenizer.encode("The capital of France is")
+    fed = [13, 576, 6722, 315, 9625]  # the same tokens fed to every decoder
+
+    def logits(target, ops) -> torch.Tensor:
+        decoder = Decoder(target, 1, len(prompt) + len(fed), ops=ops)
+        steps = [decoder.prefill([prompt])]
+        steps += [decoder.step(torch.tensor([token])) for token in fed[:-1]]
+        return torch.stack(steps).float()
+
+    with torch.no_grad():
+        exact = logits(in_fp32, "torch")
+        ours = logits(model, CpuOps(model, pack_bf16=False))
+        pytorchs = logits(model, CpuOps(model, pack_bf16=False, own_kernels=False))
+    assert (ours - exact).abs().max() <= 2 * (pytorchs - exact).abs().max()
+
+
+@needs_kernels
+def test_one_query_attention_over_a_strided_cache_with_hidden_keys():
+    """Against fp32 attention over the same bf16 values: the kernel sums in fp32 and rounds once to
+    bf16 (2^-9 relative, of values at most max |v|), while fp32 sums err by far less."""
+    generator = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, 2, 3, 40, 64, generator=generator).bfloat16()  # [keys/values, B, H, capacity, D]
+    keys, values = cache[0, :, :, :29], cache[1, :, :, :29]  # a view of the first 29 positions
+    query = torch.randn(2, 3, 1, 64, generator=generator).bfloat16()
+    mask = torch.zeros(2, 1, 1, 29)
+    mask[0, ..., 20:] = float("-inf")  # row 0 sees 20 keys, row 1 all 29
+    mask[1, ..., 3] = float("-inf")
+    mask = mask.bfloat16()
+    got = KERNELS.attend_one_query(query, keys, values, mask)
+    expected = F.scaled_dot_product_attention(
+        query.float(), keys.float(), values.float(), attn_mask=mask.float()
+    )
+    assert got.dtype == torch.bfloat16 and got.shape == query.shape
+    bound = 2**-9 * values.float().abs().amax() + 1e-5
+    assert ((got.float() - expected).abs() <= bound).all()
+    poisoned = values.clone()
+    poisoned[0, :, 25] = float("nan")  # a hidden position is never read
+    assert torch.equal(KERNELS.attend_one_query(query, keys, poisoned, mask)[0], got[0])
