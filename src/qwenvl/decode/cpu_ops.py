@@ -24,9 +24,10 @@ copy).
 
 There too, products of up to `KERNEL_ROWS` rows (decode steps, batches, short prompts) go through
 our own kernel (`cpu_kernels.c`), which reads the bf16 weights where they lie, where the C compiler
-can build it: at one row 1.15-1.5x the speed of PyTorch's emulated product, at 4 rows 2.7-3.2x
-(`python -m benchmarks.cpu_products`), and at 16 to 128 rows 1.1-11x converting the weight to
-fp32 (the LM head of 32 rows: 108 ms against 732). Without it, the `FP32_ROWS` rule above holds.
+can build it: at one row 1.15-1.5x the speed of PyTorch's emulated product on two threads, at 4
+rows 3.8-4.2x on one (`python -m benchmarks.cpu_products`), and at 16 to 128 rows 1.1-11x
+converting the weight to fp32 (the LM head of 32 rows: 108 ms against 732). Without it, the
+`FP32_ROWS` rule above holds.
 
 Int4 layers (`int4.Int4Linear`) take the products of `int4_cpu.py`: our kernel over the GPTQ codes
 for decode steps, and a copy of the codes in PyTorch's int4 kernel's layout for prompts (half a
