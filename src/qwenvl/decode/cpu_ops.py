@@ -83,9 +83,12 @@ class CpuOps(TorchOps):
         they build; False: PyTorch's products only."""
         self._products: dict[nn.Module, Product] = {}
         self._copied: dict[nn.Module, tuple] = {}
-        self.kernels = cpu_kernels.kernels() if own_kernels else None
         linears = list(_llm_linears(model.transformer, model.lm_head))
         head = model.lm_head
+        int4 = [m for m in model.transformer.h.modules() if isinstance(m, Int4Linear)]
+        # built (or loaded) only for a model that has products of theirs: bf16 ones or Int4 layers
+        wanted = own_kernels and (head.weight.dtype == torch.bfloat16 or bool(int4))
+        self.kernels = cpu_kernels.kernels() if wanted else None
         if _plain(head) and head.weight.dtype == torch.float32 and head.bias is None:
             self._add(head, _TransposedHead(head))
         bf16 = [linear for linear in linears if linear.weight.dtype == torch.bfloat16]
@@ -98,7 +101,7 @@ class CpuOps(TorchOps):
             for linear in bf16:
                 if _FewRowsBF16.takes(linear):
                     self._add(linear, _FewRowsBF16(linear, self.kernels))
-        for linear in [m for m in model.transformer.h.modules() if isinstance(m, Int4Linear)]:
+        for linear in int4:
             product = int4_product(linear, head.weight.dtype, self.kernels)
             if product is not None:
                 self._add(linear, product)
