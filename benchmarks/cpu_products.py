@@ -91,15 +91,16 @@ def int4_pair(out_features: int, in_features: int, rows: int, own) -> tuple[list
         ((w[:, None, :] >> shifts[None, :, None]) & 15).reshape(in_features, out_features) for w in words
     ]
     packed = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(c.t().contiguous().int(), 2) for c in codes]
-    scales = torch.rand(in_features // GROUP, out_features) * 0.01 + 0.001
-    offsets = -8 * scales
-    scales_and_offsets = torch.stack([scales, offsets + 8 * scales], dim=-1).bfloat16().contiguous()
+    # bf16 scales and zero points of 8, as a bf16 model holds them
+    scales = (torch.rand(in_features // GROUP, out_features) * 0.01 + 0.001).bfloat16()
+    qzeros = torch.full((in_features // GROUP, out_features // 8), 0x77777777, dtype=torch.int32)  # 8 - 1
+    scales_and_offsets = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous()
     x = torch.randn(rows, in_features).bfloat16()
     pack, word = cycling(packed), cycling(words)
     times = best_of_alternating(
         [
             lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, pack(), GROUP, scales_and_offsets),
-            lambda: own.int4_product(x, word(), scales, offsets, GROUP, None),
+            lambda: own.int4_product(x, word(), scales, qzeros, 1, GROUP, None),
         ],
         per_round=copies,
     )

@@ -52,25 +52,38 @@ def test_bf16_outputs_are_the_fp32_sums_rounded_as_torch_rounds():
     assert torch.isnan(KERNELS.bf16_product(nan, weight, None)[1]).all()
 
 
-def quantized(in_features: int, out_features: int, bias: bool = True):
+def quantized(in_features: int, out_features: int, bias: bool = True, checkpoint_format: str = "gptq"):
     generator = torch.Generator().manual_seed(in_features)
     linear = torch.nn.Linear(in_features, out_features, bias=bias)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(out_features, in_features, generator=generator))
         if bias:
             linear.bias.copy_(torch.randn(out_features, generator=generator))
-    return quantize_linear(linear, GPTQSettings(group_size=32), torch.float32)
+    settings = GPTQSettings(group_size=32, checkpoint_format=checkpoint_format)
+    return quantize_linear(linear, settings, torch.float32)
+
+
+def int4_product(x, int4, **kwargs):
+    """Our kernel over `int4`'s own codes, scales and zero points."""
+    return KERNELS.int4_product(
+        x, int4.qweight, int4.scales, int4.qzeros, int4.settings.zero_offset, 32, kwargs.get("bias")
+    )
 
 
 @needs_kernels
 @pytest.mark.parametrize("rows", [1, 2, 5])
-def test_int4_product_over_packed_codes_is_the_dequantized_product(rows):
-    int4 = quantized(128, 96)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_int4_product_over_packed_codes_is_the_dequantized_product(rows, scale_dtype, checkpoint_format):
+    """Codes, scales and zero points read as the layer holds them: zero points stored as zero - 1
+    (v1) or as they are (v2), scales in fp32 or bf16."""
+    int4 = quantized(128, 96, checkpoint_format=checkpoint_format)
+    int4.scales = int4.scales.to(scale_dtype)
     weight = int4.dequantize()  # exact: scale * (code - zero) in fp32
     scales = int4.scales.float()
     offsets = -scales * int4.zeros().float()
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows))
-    got = KERNELS.int4_product(x, int4.qweight, scales, offsets, 32, int4.bias)
+    got = int4_product(x, int4, bias=int4.bias.float())
     exact = x.double() @ weight.double().t() + int4.bias.double()
     # each group's sum of x * code (codes up to 15) and of x are fp32 sums, then scaled once
     codes_bound = sum_bound(x, torch.full_like(weight, 15.0)) * scales.abs().max().double()
@@ -85,19 +98,18 @@ def test_codes_at_every_bit_position_count():
     codes = torch.zeros(64, 32, dtype=torch.uint8)
     codes[torch.arange(64), torch.arange(64) % 32] = 15
     qweight = pack_rows(codes)
-    scales, offsets = torch.ones(2, 32), torch.zeros(2, 32)
+    scales, qzeros = torch.ones(2, 32), torch.zeros(2, 4, dtype=torch.int32)  # zero points 0 (v2)
     x = torch.eye(64)
-    got = torch.cat([KERNELS.int4_product(rows, qweight, scales, offsets, 32, None) for rows in x.split(8)])
+    got = torch.cat([KERNELS.int4_product(rows, qweight, scales, qzeros, 0, 32, None) for rows in x.split(8)])
     assert torch.equal(got, codes.float())
     with pytest.raises(ValueError, match="at most 8 rows"):
-        KERNELS.int4_product(x[:9], qweight, scales, offsets, 32, None)
+        KERNELS.int4_product(x[:9], qweight, scales, qzeros, 0, 32, None)
 
 
 @needs_kernels
 def test_products_do_not_depend_on_threads_or_the_other_rows():
     weight = torch.randn(300, 64).bfloat16()
     int4 = quantized(64, 64)
-    scales, offsets = int4.scales.float(), -int4.scales.float() * int4.zeros().float()
     x = torch.randn(5, 64)
     threads = torch.get_num_threads()
     try:
@@ -107,12 +119,12 @@ def test_products_do_not_depend_on_threads_or_the_other_rows():
             results.append(
                 (
                     KERNELS.bf16_product(x, weight, None),
-                    KERNELS.int4_product(x, int4.qweight, scales, offsets, 32, None),
+                    int4_product(x, int4),
                 )
             )
             alone = (
                 KERNELS.bf16_product(x[3:4], weight, None),
-                KERNELS.int4_product(x[3:4], int4.qweight, scales, offsets, 32, None),
+                int4_product(x[3:4], int4),
             )
             assert torch.equal(alone[0], results[-1][0][3:4]) and torch.equal(alone[1], results[-1][1][3:4])
     finally:
@@ -198,3 +210,28 @@ def test_one_query_attention_over_a_strided_cache_with_hidden_keys():
     poisoned = values.clone()
     poisoned[0, :, 25] = float("nan")  # a hidden position is never read
     assert torch.equal(KERNELS.attend_one_query(query, keys, poisoned, mask)[0], got[0])
+
+
+@needs_kernels
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rms_norm_rounds_where_the_modules_norm_rounds(with_delta):
+    """Ours against RMSNorm's PyTorch spelling, in bf16. The sum x + delta is one bf16 rounding of an
+    exact fp32 sum, so it is equal bit for bit. The norm's mean of squares sums in another order, so
+    its scale may differ in the last fp32 bits (relative 2^-24 times a few hundred partial sums, far
+    below bf16's 2^-8): each of the two bf16 roundings after it may then go the other way, one bf16
+    step (2^-8 relative) each, and almost all values are equal."""
+    from qwenvl.model.llm import RMSNorm
+    from qwenvl.model.ops import TORCH_OPS
+
+    generator = torch.Generator().manual_seed(3)
+    norm = RMSNorm(1024, eps=1e-6).bfloat16()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(1024, generator=generator))
+    x = (torch.randn(3, 1024, generator=generator) * 4).bfloat16()
+    delta = torch.randn(3, 1024, generator=generator).bfloat16() if with_delta else None
+    with torch.no_grad():
+        want_sum, want = TORCH_OPS.add_norm(x, delta, norm)
+    got_sum, got = KERNELS.add_rms_norm(x, delta, norm.weight.detach(), norm.eps)
+    assert torch.equal(got_sum, want_sum)
+    assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7).all()
+    assert (got == want).float().mean() > 0.99

@@ -41,6 +41,7 @@ MAX_ROWS = 8  # the int4 kernel's most rows (INT4_MAX_ROWS): it decodes the code
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
+_C = ctypes.c_int
 
 
 class CpuKernels:
@@ -51,7 +52,8 @@ class CpuKernels:
         self._bf16 = library.bf16_product
         self._bf16.argtypes = [_P, ctypes.c_int, _I, _I, _P, _I, _P, _P, ctypes.c_int]
         self._int4 = library.int4_product
-        self._int4.argtypes = [_P, ctypes.c_int, _I, _I, _P, _P, _P, _I, _I, _P, _P, ctypes.c_int]
+        # x, bf16, rows, K, qweight, scales, bf16 scales, qzeros, zero offset, N, group, bias, y, threads
+        self._int4.argtypes = [_P, _C, _I, _I, _P, _P, _C, _P, _C, _I, _I, _P, _P, _C]
         self._attend = library.attend_one_query
         strides = ctypes.POINTER(ctypes.c_int64)
         self._attend.argtypes = [
@@ -71,6 +73,9 @@ class CpuKernels:
             ctypes.c_int,
         ]
         self._bf16.restype = self._int4.restype = self._attend.restype = ctypes.c_int
+        self._norm = library.add_rms_norm
+        self._norm.argtypes = [_P, _P, _P, ctypes.c_float, _I, _I, _P, _P]
+        self._norm.restype = ctypes.c_int
 
     def bf16_product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ weight^T (+ bias): weight [N, K] bf16, bias [N] fp32; K a multiple of 8, N of 4."""
@@ -94,12 +99,14 @@ class CpuKernels:
         x: torch.Tensor,
         qweight: torch.Tensor,
         scales: torch.Tensor,
-        offsets: torch.Tensor,
+        qzeros: torch.Tensor,
+        zero_offset: int,
         group: int,
         bias: torch.Tensor | None,
     ) -> torch.Tensor:
-        """x times the weight scales * code + offsets (GPTQ's qweight [K/8, N], scales and offsets
-        [K/group, N] fp32), plus bias [N] fp32. N a multiple of 32, group of 8."""
+        """x times the weight scales * (code - zero), from GPTQ's qweight [K/8, N], scales [K/group, N]
+        (fp32 or bf16) and qzeros [K/group, N/8] (zero points stored as zero - zero_offset modulo 16),
+        plus bias [N] fp32. N a multiple of 32, group of 8."""
         rows, width = x.shape
         out = x.new_empty(rows, qweight.shape[1])
         status = self._int4(
@@ -109,7 +116,9 @@ class CpuKernels:
             width,
             qweight.data_ptr(),
             scales.data_ptr(),
-            offsets.data_ptr(),
+            scales.dtype == torch.bfloat16,
+            qzeros.data_ptr(),
+            zero_offset,
             qweight.shape[1],
             group,
             _pointer(bias),
@@ -144,6 +153,26 @@ class CpuKernels:
             torch.get_num_threads(),
         )
         return _checked(status, out)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, its RMS norm times weight), all bf16 and contiguous, x and delta [rows, width]
+        (no delta: x itself), rounded where RMSNorm's PyTorch spelling rounds."""
+        rows, width = x.shape
+        total = x if delta is None else torch.empty_like(x)
+        normed = torch.empty_like(x)
+        self._norm(
+            x.data_ptr(),
+            _pointer(delta),
+            weight.data_ptr(),
+            eps,
+            rows,
+            width,
+            None if delta is None else total.data_ptr(),
+            normed.data_ptr(),
+        )
+        return total, normed
 
 
 def _checked(status: int, out: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..int4.linear import Int4Linear
+from ..model.llm import RMSNorm
 from ..model.ops import TorchOps
 from . import cpu_kernels
 from .int4_cpu import int4_product
@@ -132,6 +133,18 @@ class CpuOps(TorchOps):
     def logits(self, head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return self.project(head, hidden)
 
+    def add_norm(self, x, delta, norm):
+        """bf16 rows through our kernel: PyTorch's eager RMS norm is a dozen small operations, a
+        millisecond of a mid-size model's step."""
+        if self.kernels is None or not _norm_kernel_takes(x, delta, norm):
+            return super().add_norm(x, delta, norm)
+        width = x.shape[-1]
+        rows = x.reshape(-1, width)
+        total, normed = self.kernels.add_rms_norm(
+            rows, None if delta is None else delta.reshape(-1, width), norm.weight.detach(), norm.eps
+        )
+        return total.view(x.shape), normed.view(x.shape)
+
     def attend_to_cache(self, query, keys, values, mask):
         """One query per row in bf16 or fp16, spelled out: two matrix products in the inputs' dtype
         around an fp32 softmax. SDPA's CPU kernel takes longer there (one layer of a mid-size step,
@@ -143,6 +156,18 @@ class CpuOps(TorchOps):
             return self.kernels.attend_one_query(query, keys, values, mask)
         scores = (query @ keys.transpose(-1, -2)).float() * query.shape[-1] ** -0.5 + mask.float()
         return scores.softmax(dim=-1).to(values.dtype) @ values
+
+
+def _norm_kernel_takes(x, delta, norm) -> bool:
+    """Whether our add-and-norm takes these: an RMSNorm of bf16 rows, no gradient wanted."""
+    return (
+        type(norm) is RMSNorm
+        and not torch.is_grad_enabled()
+        and x.dtype == norm.weight.dtype == torch.bfloat16
+        and x.is_contiguous()
+        and x.shape[-1] % 8 == 0
+        and (delta is None or (delta.dtype == x.dtype and delta.shape == x.shape and delta.is_contiguous()))
+    )
 
 
 def _cache_kernel_takes(query, keys, values, mask) -> bool:

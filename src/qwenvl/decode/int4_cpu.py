@@ -71,14 +71,15 @@ class Int4Products:
 
 
 class CodesInPlace:
-    """Our kernel over the layer's own codes; its scales and offsets (-scale * zero) in fp32."""
+    """Our kernel over the layer's own codes, zero points and scales (fp16 ones as an fp32 copy)."""
 
     def __init__(self, linear: Int4Linear, kernels: CpuKernels):
         with torch.no_grad():
-            self.scales = linear.scales.float().contiguous()
-            self.offsets = (-self.scales * linear.zeros().float()).contiguous()
+            scales = linear.scales.detach()
+            self.scales = scales if scales.dtype in (torch.float32, torch.bfloat16) else scales.float()
             self.bias = None if linear.bias is None else linear.bias.detach().float()
-        self.qweight, self.kernels = linear.qweight, kernels
+        self.qweight, self.qzeros, self.kernels = linear.qweight, linear.qzeros, kernels
+        self.zero_offset = linear.settings.zero_offset
         self.group_size = linear.settings.group_width(linear.in_features)
         self.linear = linear
 
@@ -90,6 +91,8 @@ class CodesInPlace:
             and width % 8 == 0
             and linear.in_features % width == 0
             and linear.qweight.is_contiguous()
+            and linear.qzeros.is_contiguous()
+            and linear.scales.is_contiguous()
             and linear.ordered_groups()
         )
 
@@ -98,7 +101,7 @@ class CodesInPlace:
             return self.linear(x)
         rows = x.reshape(-1, x.shape[-1]).contiguous()
         out = self.kernels.int4_product(
-            rows, self.qweight, self.scales, self.offsets, self.group_size, self.bias
+            rows, self.qweight, self.scales, self.qzeros, self.zero_offset, self.group_size, self.bias
         )
         return out.view(*x.shape[:-1], -1)
 
