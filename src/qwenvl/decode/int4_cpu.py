@@ -9,9 +9,9 @@
 Measured on AVX2 EPYC cores (no native bf16), the mid config's shapes, each weight read from memory
 (`python -m benchmarks.cpu_products`):
 
-- one row: ours 1.6-2.3x torch's kernel on one thread (0.11-0.49 ms against 0.18-0.88, 1024 x 1024
-  to 5504 x 1024), 1.5-1.7x on two; two rows 1.1-1.5x; four rows 1.0-1.2x on one thread. Ours
-  decodes each row's codes again, so at more rows torch's kernel, which batches them, leads.
+- one row: ours 2.6-3.0x torch's kernel on one thread (0.06-0.27 ms against 0.16-0.80, 1024 x 1024
+  to 5504 x 1024), 1.7-2.8x on two; two rows 1.4-1.7x; four rows 1.1-1.2x on one thread. Ours
+  decodes each row's codes again, so at more rows torch's kernel, which batches them, catches up.
 - torch's kernel with bf16 activations: 2.1-2.5x F.linear over the dequantized bf16 weight at one
   row, 2.5-3.5x at 8 rows, 2.8-3.5x at 301 (a prompt). Each call dequantizing the weight first
   (the layer's reference forward) took 25-70 ms.
