@@ -63,11 +63,10 @@ def quantized(in_features: int, out_features: int, bias: bool = True, checkpoint
     return quantize_linear(linear, settings, torch.float32)
 
 
-def int4_product(x, int4, **kwargs):
+def int4_product(x, int4, bias=None):
     """Our kernel over `int4`'s own codes, scales and zero points."""
-    return KERNELS.int4_product(
-        x, int4.qweight, int4.scales, int4.qzeros, int4.settings.zero_offset, 32, kwargs.get("bias")
-    )
+    zeros = (int4.qzeros, int4.settings.zero_offset)
+    return KERNELS.int4_product(x, int4.qweight, int4.scales, *zeros, 32, bias)
 
 
 @needs_kernels
