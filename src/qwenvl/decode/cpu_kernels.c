@@ -186,14 +186,54 @@ AVX2 static inline __attribute__((always_inline)) void int4_add_word_row(const i
     _mm256_storeu_ps(acc + 16, _mm256_add_ps(e2, o2)), _mm256_storeu_ps(acc + 24, _mm256_add_ps(e3, o3));
 }
 
+// The same for two rows of inputs at once over the words q[r, n0 .. n0 + 16): each code is
+// decoded once for both rows, where calling int4_add_word_row per row decodes it again.
+AVX2 static inline __attribute__((always_inline)) void int4_add_word_row_pair(const int32_t *q, const float *xr0,
+                                                                              const float *xr1, float *acc0,
+                                                                              float *acc1) {
+    _mm_prefetch((const char *)(q + 768), _MM_HINT_T0);
+    const __m256i w0 = _mm256_loadu_si256((const __m256i *)q);
+    const __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + 8));
+    __m256 a0 = _mm256_loadu_ps(acc0), a1 = _mm256_loadu_ps(acc0 + 8);
+    __m256 b0 = _mm256_loadu_ps(acc1), b1 = _mm256_loadu_ps(acc1 + 8);
+    __m256 c0 = _mm256_setzero_ps(), c1 = c0, d0 = c0, d1 = c0;
+#define INT4_PAIR(CODES0, CODES1, j, A0, A1, B0, B1)                                      \
+    {                                                                                     \
+        const __m256 u = _mm256_broadcast_ss(xr0 + (j)), v = _mm256_broadcast_ss(xr1 + (j)); \
+        const __m256 k0 = _mm256_cvtepi32_ps(CODES0), k1 = _mm256_cvtepi32_ps(CODES1);    \
+        A0 = _mm256_fmadd_ps(k0, u, A0), A1 = _mm256_fmadd_ps(k1, u, A1);                 \
+        B0 = _mm256_fmadd_ps(k0, v, B0), B1 = _mm256_fmadd_ps(k1, v, B1);                 \
+    }
+#define INT4_PAIR_MASKED(j, A0, A1, B0, B1)                                                    \
+    {                                                                                          \
+        const __m256i mask = _mm256_set1_epi32(0xF << (4 * (j)));                              \
+        INT4_PAIR(_mm256_and_si256(w0, mask), _mm256_and_si256(w1, mask), j, A0, A1, B0, B1) \
+    }
+    INT4_PAIR_MASKED(0, a0, a1, b0, b1) INT4_PAIR_MASKED(1, c0, c1, d0, d1)
+    INT4_PAIR_MASKED(2, a0, a1, b0, b1) INT4_PAIR_MASKED(3, c0, c1, d0, d1)
+    INT4_PAIR_MASKED(4, a0, a1, b0, b1) INT4_PAIR_MASKED(5, c0, c1, d0, d1)
+    INT4_PAIR_MASKED(6, a0, a1, b0, b1)
+    INT4_PAIR(_mm256_srli_epi32(w0, 28), _mm256_srli_epi32(w1, 28), 7, c0, c1, d0, d1)
+#undef INT4_PAIR_MASKED
+#undef INT4_PAIR
+    _mm256_storeu_ps(acc0, _mm256_add_ps(a0, c0)), _mm256_storeu_ps(acc0 + 8, _mm256_add_ps(a1, c1));
+    _mm256_storeu_ps(acc1, _mm256_add_ps(b0, d0)), _mm256_storeu_ps(acc1 + 8, _mm256_add_ps(b1, d1));
+}
+
 // Adds the products of one group's `words` rows of words q [words, N] with each row's inputs of
 // that group (x, rows `K` apart) to acc [rows, N]. The words are read in memory order.
 AVX2 static inline __attribute__((always_inline)) void int4_add_group(const int32_t *q, int64_t N, int64_t words,
                                                                      const float *x, int64_t K, float *acc,
                                                                      int64_t rows) {
-    for (int64_t r = 0; r < words; ++r)
-        for (int64_t n0 = 0; n0 < N; n0 += 32)
-            for (int64_t m = 0; m < rows; ++m) int4_add_word_row(q + r * N + n0, x + m * K + 8 * r, acc + m * N + n0);
+    for (int64_t r = 0; r < words; ++r) {
+        int64_t m = 0;
+        for (; m + 1 < rows; m += 2)
+            for (int64_t n0 = 0; n0 < N; n0 += 16)
+                int4_add_word_row_pair(q + r * N + n0, x + m * K + 8 * r, x + (m + 1) * K + 8 * r, acc + m * N + n0,
+                                       acc + (m + 1) * N + n0);
+        if (m < rows)
+            for (int64_t n0 = 0; n0 < N; n0 += 32) int4_add_word_row(q + r * N + n0, x + m * K + 8 * r, acc + m * N + n0);
+    }
 }
 
 // x [rows, K], q [K/8, N], s [G, N] fp32 or bf16 (`bf16_scales`), qz [G, N/8] (GPTQ's qzeros:

@@ -37,7 +37,7 @@ FLAGS = (
     "-mno-avx256-split-unaligned-load",
     "-mno-avx256-split-unaligned-store",
 )
-MAX_ROWS = 8  # the int4 kernel's most rows (INT4_MAX_ROWS): it decodes the codes again for each
+MAX_ROWS = 8  # the int4 kernel's most rows (INT4_MAX_ROWS)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
