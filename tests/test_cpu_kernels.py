@@ -63,10 +63,10 @@ def quantized(in_features: int, out_features: int, bias: bool = True, checkpoint
     return quantize_linear(linear, settings, torch.float32)
 
 
-def int4_product(x, int4, bias=None):
+def int4_product(x, int4, bias=None, dot=None):
     """Our kernel over `int4`'s own codes, scales and zero points."""
     zeros = (int4.qzeros, int4.settings.zero_offset)
-    return KERNELS.int4_product(x, int4.qweight, int4.scales, *zeros, 32, bias)
+    return KERNELS.int4_product(x, int4.qweight, int4.scales, *zeros, 32, bias, dot=dot)
 
 
 @needs_kernels
@@ -88,6 +88,48 @@ def test_int4_product_over_packed_codes_is_the_dequantized_product(rows, scale_d
     codes_bound = sum_bound(x, torch.full_like(weight, 15.0)) * scales.abs().max().double()
     zeros_bound = sum_bound(x, torch.ones_like(weight)) * offsets.abs().max().double()
     assert ((got.double() - exact).abs() <= codes_bound + zeros_bound + sum_bound(x, weight) + 1e-6).all()
+
+
+needs_dot = pytest.mark.skipif(
+    KERNELS is None or not KERNELS.bf16_dot, reason="this CPU has no AVX512-BF16 dot products"
+)
+
+
+@needs_dot
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_int4_product_through_bf16_dot_products(rows, scale_dtype, checkpoint_format):
+    """bf16 rows through AVX512-BF16 dot products, which read each code as 128 + code and take
+    128 * sum(x) back with the zero point: exact products, fp32 sums of terms up to 143 |x|, then
+    the outputs rounded once to bf16."""
+    int4 = quantized(128, 96, checkpoint_format=checkpoint_format)
+    int4.scales = int4.scales.to(scale_dtype)
+    weight = int4.dequantize()
+    scales = int4.scales.float()
+    shifted = scales * (int4.zeros().float() + 128)  # the zero point's term, with the codes' 128
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    got = int4_product(x, int4, bias=int4.bias.float(), dot=True)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, int4_product(x, int4, bias=int4.bias.float()))  # where it has them, the default
+    exact = x.double() @ weight.double().t() + int4.bias.double()
+    codes_bound = sum_bound(x, torch.full_like(weight, 143.0)) * scales.abs().max().double()
+    # sum(x) in fp32, times scale * (zero + 128) rounded once (exact with bf16 scales)
+    x_total = x.double().abs().sum(-1, keepdim=True)
+    zeros_bound = (sum_bound(x, torch.ones_like(weight)) + x_total * 2**-24) * shifted.abs().max().double()
+    error = codes_bound + zeros_bound + sum_bound(x, weight)
+    # and one rounding to bf16: half a unit in the last of its 8 significant bits
+    assert ((got.double() - exact).abs() <= error + (exact.abs() + error) * 2**-8).all()
+
+
+@needs_kernels
+def test_dot_products_are_refused_where_they_cannot_be():
+    int4 = quantized(128, 96)
+    with pytest.raises(ValueError, match="bf16 rows"):
+        int4_product(torch.randn(1, 128), int4, dot=True)  # fp32 rows
+    if not KERNELS.bf16_dot:
+        with pytest.raises(ValueError, match="bf16 rows"):
+            int4_product(torch.randn(1, 128).bfloat16(), int4, dot=True)
 
 
 @needs_kernels
@@ -119,13 +161,15 @@ def test_products_do_not_depend_on_threads_or_the_other_rows():
                 (
                     KERNELS.bf16_product(x, weight, None),
                     int4_product(x, int4),
+                    int4_product(x.bfloat16(), int4),  # through dot products where the CPU has them
                 )
             )
             alone = (
                 KERNELS.bf16_product(x[3:4], weight, None),
                 int4_product(x[3:4], int4),
+                int4_product(x[3:4].bfloat16(), int4),
             )
-            assert torch.equal(alone[0], results[-1][0][3:4]) and torch.equal(alone[1], results[-1][1][3:4])
+            assert all(torch.equal(a, b[3:4]) for a, b in zip(alone, results[-1], strict=True))
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
@@ -158,16 +202,21 @@ def test_the_switch_turns_them_off(monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("pack_bf16", [False, True])
 def test_a_bf16_model_decodes_through_them_as_accurately_as_through_pytorch(
-    tiny_model, tokenizer, in_golden_dir
+    tiny_model, tokenizer, in_golden_dir, pack_bf16
 ):
     """Both round each product's fp32 sums once to bf16 and differ only in the order of the sums,
     so against the same model computed in fp32 their logits err alike: bf16 roundings, layer
-    after layer. Ours may not err more than twice PyTorch's."""
+    after layer. Ours may not err more than twice PyTorch's. With oneDNN's copies (CPUs with
+    native bf16), decode steps still take our kernels."""
     import copy
 
     from qwenvl.decode import Decoder
-    from qwenvl.decode.cpu_ops import CpuOps
+    from qwenvl.decode.cpu_ops import CpuOps, onednn_bf16
+
+    if pack_bf16 and not onednn_bf16():
+        pytest.skip("oneDNN's bf16 copies need native bf16 products")
 
     model = copy.deepcopy(tiny_model).to(torch.bfloat16)
     in_fp32 = copy.deepcopy(model).float()  # the same (bf16) weights, computed in fp32
@@ -182,7 +231,7 @@ def test_a_bf16_model_decodes_through_them_as_accurately_as_through_pytorch(
 
     with torch.no_grad():
         exact = logits(in_fp32, "torch")
-        ours = logits(model, CpuOps(model, pack_bf16=False))
+        ours = logits(model, CpuOps(model, pack_bf16=pack_bf16))
         pytorchs = logits(model, CpuOps(model, pack_bf16=False, own_kernels=False))
     assert (ours - exact).abs().max() <= 2 * (pytorchs - exact).abs().max()
 

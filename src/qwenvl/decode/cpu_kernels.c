@@ -23,6 +23,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 int has_avx2_fma(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -40,20 +42,6 @@ AVX2 static inline __m128 sum4(__m256 a, __m256 b, __m256 c, __m256 d) {
 AVX2 static inline __m256 widen_bf16(const uint16_t *p) {
     const __m256i halves = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(halves, 16));
-}
-
-static inline float bf16_to_float(uint16_t h) {
-    const uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);  // NaN stays NaN
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 // x [count] fp32 or bf16 as fp32 (a copy the caller frees)
@@ -239,8 +227,9 @@ AVX2 static inline __attribute__((always_inline)) void int4_add_group(const int3
 // x [rows, K], q [K/8, N], s [G, N] fp32 or bf16 (`bf16_scales`), qz [G, N/8] (GPTQ's qzeros:
 // the zero point of output 8c + j at bits 4j of word c, stored as zero - zero_offset modulo 16),
 // bias [N] fp32 or NULL, y [rows, N]; x and y fp32 or bf16. N a multiple of 32, group a multiple
-// of 8, K = G * group, rows at most INT4_MAX_ROWS. Returns 0, -1 where memory ran out (y then
-// undefined), -2 for too many rows.
+// of 8, K = G * group, rows at most INT4_MAX_ROWS. `dot`: through AVX512-BF16 dot products
+// (int4_bf16_dot.c), for bf16 rows on CPUs that have them. Returns 0, -1 where memory ran out (y
+// then undefined), -2 for too many rows, -3 where `dot` cannot be.
 //
 // The groups go in INT4_PARTS parts of consecutive rows of words, each a block of memory read
 // from start to end, to whichever thread is free: a thread the system pauses delays one part, not
@@ -249,10 +238,17 @@ AVX2 static inline __attribute__((always_inline)) void int4_add_group(const int3
 #define INT4_MAX_ROWS 8
 #define INT4_PARTS 16
 
+int has_avx512_bf16(void);
+int int4_product_dot(const uint16_t *x, int64_t rows, int64_t K, const int32_t *q, const void *s, int bf16_scales,
+                     const int32_t *qz, int zero_offset, int64_t N, int64_t group, const float *bias, uint16_t *y,
+                     int parts, int threads);
+
 AVX2 int int4_product(const void *x_in, int bf16, int64_t rows, int64_t K, const int32_t *q, const void *s,
                       int bf16_scales, const int32_t *qz, int zero_offset, int64_t N, int64_t group,
-                      const float *bias, void *y, int threads) {
+                      const float *bias, void *y, int dot, int threads) {
     if (rows > INT4_MAX_ROWS) return -2;
+    if (dot && !(bf16 && N % 16 == 0 && has_avx512_bf16())) return -3;
+    if (dot) return int4_product_dot(x_in, rows, K, q, s, bf16_scales, qz, zero_offset, N, group, bias, y, INT4_PARTS, threads);
     const int64_t G = K / group, words = group / 8, parts = G < INT4_PARTS ? G : INT4_PARTS;
     float *xs = rows_as_float(x_in, rows * K, bf16), *xsum = malloc(sizeof(float) * (rows * G + 1));
     float *partial = malloc(sizeof(float) * (parts * rows * N + 1));

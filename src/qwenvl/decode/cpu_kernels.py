@@ -6,7 +6,11 @@ the mid config's weights at 5-10 GB/s and its int4 kernel at about 7, where the 
 (`python -m benchmarks.cpu_products`). A decode step reads every weight once, so it takes what
 those reads take.
 
-The library is compiled from the C source with the system's C compiler at first use, into a cache
+On CPUs with AVX512-BF16 (Zen 4, Sapphire Rapids and later) the int4 product of bf16 rows takes
+their dot products (`int4_bf16_dot.c`): the AVX2 kernel needs three instructions per 8
+multiply-adds and could not keep up with the memory there (11 GB/s a thread).
+
+The library is compiled from the C sources with the system's C compiler at first use, into a cache
 folder keyed by the source's digest, and loaded with ctypes (which lets go of the GIL during a
 call). Where there is no compiler, no x86-64 or no AVX2, `kernels()` is None and the products keep
 PyTorch's kernels. `QWENVL_CPU_KERNELS=0` turns them off.
@@ -26,7 +30,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_kernels.c", HERE / "int4_bf16_dot.c")
+HEADERS = (HERE / "bf16.h",)
 # GCC's generic tuning splits unaligned 256-bit loads in two, which halved the int4 kernel's speed
 FLAGS = (
     "-O3",
@@ -52,8 +58,12 @@ class CpuKernels:
         self._bf16 = library.bf16_product
         self._bf16.argtypes = [_P, ctypes.c_int, _I, _I, _P, _I, _P, _P, ctypes.c_int]
         self._int4 = library.int4_product
-        # x, bf16, rows, K, qweight, scales, bf16 scales, qzeros, zero offset, N, group, bias, y, threads
-        self._int4.argtypes = [_P, _C, _I, _I, _P, _P, _C, _P, _C, _I, _I, _P, _P, _C]
+        # x, bf16, rows, K, qweight, scales, bf16 scales, qzeros, zero offset, N, group, bias, y, dot,
+        # threads
+        self._int4.argtypes = [_P, _C, _I, _I, _P, _P, _C, _P, _C, _I, _I, _P, _P, _C, _C]
+        library.has_avx512_bf16.restype = ctypes.c_int
+        # whether bf16 rows may take the int4 product through AVX512-BF16 dot products
+        self.bf16_dot = bool(library.has_avx512_bf16())
         self._attend = library.attend_one_query
         strides = ctypes.POINTER(ctypes.c_int64)
         self._attend.argtypes = [
@@ -103,11 +113,17 @@ class CpuKernels:
         zero_offset: int,
         group: int,
         bias: torch.Tensor | None,
+        dot: bool | None = None,
     ) -> torch.Tensor:
         """x times the weight scales * (code - zero), from GPTQ's qweight [K/8, N], scales [K/group, N]
         (fp32 or bf16) and qzeros [K/group, N/8] (zero points stored as zero - zero_offset modulo 16),
-        plus bias [N] fp32. N a multiple of 32, group of 8."""
+        plus bias [N] fp32. N a multiple of 32, group of 8. `dot`: bf16 rows through AVX512-BF16 dot
+        products (`int4_bf16_dot.c`); None: where this CPU has them."""
         rows, width = x.shape
+        if dot is None:
+            dot = self.bf16_dot and x.dtype == torch.bfloat16
+        elif dot and not (self.bf16_dot and x.dtype == torch.bfloat16):
+            raise ValueError("AVX512-BF16 dot products take bf16 rows, on CPUs that have them")
         out = x.new_empty(rows, qweight.shape[1])
         status = self._int4(
             x.data_ptr(),
@@ -123,6 +139,7 @@ class CpuKernels:
             group,
             _pointer(bias),
             out.data_ptr(),
+            dot,
             torch.get_num_threads(),
         )
         return _checked(status, out)
@@ -178,6 +195,8 @@ class CpuKernels:
 def _checked(status: int, out: torch.Tensor) -> torch.Tensor:
     if status == -2:
         raise ValueError(f"the int4 kernel takes at most {MAX_ROWS} rows")
+    if status == -3:
+        raise ValueError("AVX512-BF16 dot products take bf16 rows and a multiple of 16 outputs")
     if status != 0:
         raise MemoryError("the CPU kernel could not allocate its working memory")
     return out
@@ -205,7 +224,7 @@ def kernels() -> CpuKernels | None:
 
 
 def _built_library() -> Path:
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler")
@@ -218,7 +237,7 @@ def _built_library() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
         built = Path(work) / target.name
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+            [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"],
             check=True,
             capture_output=True,
             timeout=120,

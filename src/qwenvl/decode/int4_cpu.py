@@ -1,7 +1,8 @@
 """The CPU backend's products of Int4 layers (`int4.Int4Linear`):
 
 - decode steps (up to `KERNEL_ROWS` rows, groups in order): our kernel (`cpu_kernels.c`), which
-  reads GPTQ's packed codes where they lie, in fp32 or bf16;
+  reads GPTQ's packed codes where they lie, in fp32 or bf16; bf16 rows on CPUs with AVX512-BF16
+  through its dot products (`int4_bf16_dot.c`, up to `DOT_KERNEL_ROWS` rows);
 - prompts, act-order layers, and where our kernel cannot be built: torch's int4 CPU kernel
   (`_weight_int4pack_mm_for_cpu`) over a copy of the codes in its layout, made when the backend
   is built (half a byte a weight, as the layer's own).
@@ -13,6 +14,8 @@ Measured on AVX2 EPYC cores (no native bf16), the mid config's shapes, each weig
   to 5504 x 1024), 1.7-2.8x on two; on two threads two rows 1.3-2.3x, four 1.1-1.3x, eight
   1.05-1.3x. Ours decodes each code once for two rows (13-20% faster at 2 and 4 rows than once a
   row) but multiplies each row apart, so at more rows torch's kernel, which batches them, catches up.
+- on Zen 4 cores (AVX512-BF16), where torch's kernel has AVX-512 code too: one row 1.25-1.5x
+  torch's through the dot products (19-25 GB/s), two rows 0.8-1.6x, four and eight 0.7-1.3x.
 - torch's kernel with bf16 activations: 2.1-2.5x F.linear over the dequantized bf16 weight at one
   row, 2.5-3.5x at 8 rows, 2.8-3.5x at 301 (a prompt). Each call dequantizing the weight first
   (the layer's reference forward) took 25-70 ms.
@@ -43,6 +46,9 @@ FP32_KERNEL_ROWS = 8  # fp32 products of this many rows or more take the layer's
 # and 8 rows of bf16 activations it led torch's kernel by 1.05-1.3x; with fp32 ones torch's kernel
 # is the slower at any count
 KERNEL_ROWS = {torch.bfloat16: 8, torch.float32: 8}
+# where bf16 rows take AVX512-BF16 dot products: at 1 and 2 rows ours led torch's kernel (which has
+# AVX-512 code there too) by 1.2-1.6x, at 4 and 8 rows it trailed (0.7-1.3x)
+DOT_KERNEL_ROWS = 2
 
 
 def int4_product(linear: Int4Linear, dtype: torch.dtype, kernels: CpuKernels | None = None):
@@ -64,7 +70,7 @@ class Int4Products:
         self.linear, self.few_rows, self.packed = linear, few_rows, packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.few_rows is not None and x.numel() <= KERNEL_ROWS.get(x.dtype, 0) * x.shape[-1]:
+        if self.few_rows is not None and x.numel() <= self.few_rows.most_rows(x.dtype) * x.shape[-1]:
             return self.few_rows(x)
         if self.packed is not None:
             return self.packed(x)
@@ -96,6 +102,12 @@ class CodesInPlace:
             and linear.scales.is_contiguous()
             and linear.ordered_groups()
         )
+
+    def most_rows(self, dtype: torch.dtype) -> int:
+        """The most rows in `dtype` that our kernel multiplies faster than torch's."""
+        if dtype == torch.bfloat16 and self.kernels.bf16_dot:
+            return DOT_KERNEL_ROWS
+        return KERNEL_ROWS.get(dtype, 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.float32, torch.bfloat16):
