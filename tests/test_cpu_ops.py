@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenvl.decode import Decoder
+from qwenvl.decode import Decoder, cpu_kernels
 from qwenvl.decode import cpu_ops as cpu_ops_module
 from qwenvl.decode.backends import ops_for
 from qwenvl.decode.cpu_ops import CpuOps
@@ -31,13 +31,27 @@ def llm_linears(model):
 @NEEDS_PACKING
 @pytest.mark.parametrize("rows", [1, 2, 8, 33])
 def test_packed_bf16_products_give_the_bits_of_f_linear(bf16_model, rows):
-    ops = CpuOps(bf16_model, pack_bf16=True)
+    ops = CpuOps(bf16_model, pack_bf16=True, own_kernels=False)
     assert ops.copies == len(list(llm_linears(bf16_model)))
     generator = torch.Generator().manual_seed(rows)
     with torch.no_grad():
         for linear in llm_linears(bf16_model):
             x = torch.randn(rows, 1, linear.in_features, generator=generator).to(torch.bfloat16) * 3
             assert torch.equal(ops.project(linear, x), F.linear(x, linear.weight, linear.bias))
+
+
+@NEEDS_PACKING
+@pytest.mark.skipif(cpu_kernels.kernels() is None, reason="our CPU kernels do not build here")
+def test_with_packed_copies_decode_steps_still_take_our_kernel(bf16_model):
+    ops = CpuOps(bf16_model, pack_bf16=True)
+    linear = bf16_model.transformer.h[0].mlp.w1
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for rows in (1, cpu_ops_module.OWN_KERNEL_ROWS, cpu_ops_module.OWN_KERNEL_ROWS + 1):
+            x = torch.randn(rows, linear.in_features, generator=generator).bfloat16()
+            ours = cpu_kernels.kernels().bf16_product(x, linear.weight, None)
+            want = ours if rows <= cpu_ops_module.OWN_KERNEL_ROWS else F.linear(x, linear.weight)
+            assert torch.equal(ops.project(linear, x), want)
 
 
 @NEEDS_PACKING
@@ -52,11 +66,9 @@ def test_packed_bf16_decoding_gives_the_same_logits(bf16_model, tokenizer):
             logits = decoder.step(logits.argmax(-1))
         return torch.stack(outputs)
 
-    packed = decode("static", CpuOps(bf16_model, pack_bf16=True))
-    unpacked = decode("static", CpuOps(bf16_model, pack_bf16=False))
-    plain = decode("plain", "torch")
+    packed = decode("static", CpuOps(bf16_model, pack_bf16=True, own_kernels=False))
+    unpacked = decode("static", CpuOps(bf16_model, pack_bf16=False, own_kernels=False))
     assert torch.equal(packed, unpacked)
-    assert torch.equal(packed.argmax(-1), plain.argmax(-1))
 
 
 def test_the_fp32_head_copy_gives_the_heads_logits(tiny_model):
@@ -85,9 +97,10 @@ def test_a_backend_whose_weights_changed_is_built_again(tiny_model):
 @NEEDS_PACKING
 def test_bf16_copies_only_when_memory_allows(bf16_model, monkeypatch):
     monkeypatch.setattr(cpu_ops_module, "free_memory", lambda: 0)
-    assert CpuOps(bf16_model).copies == 0
-    assert CpuOps(bf16_model, pack_bf16=True).copies == len(list(llm_linears(bf16_model)))
-    assert CpuOps(bf16_model, pack_bf16=False).copies == 0
+    # our kernels take decode steps without a copy: off here, so that only oneDNN's copies count
+    assert CpuOps(bf16_model, own_kernels=False).copies == 0
+    assert CpuOps(bf16_model, pack_bf16=True, own_kernels=False).copies == len(list(llm_linears(bf16_model)))
+    assert CpuOps(bf16_model, pack_bf16=False, own_kernels=False).copies == 0
 
 
 def test_wrapped_linears_keep_their_own_forward(bf16_model):

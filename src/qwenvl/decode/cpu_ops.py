@@ -8,7 +8,8 @@ matrix-vector products take, and those depend on the weight's layout. Measured o
 - bf16, every Linear of the blocks and the LM head: oneDNN's blocked layout reads 23-26 GB/s
   where F.linear over the checkpoint's [out, in] layout reads 14-19 (the 151936 x 1024 head in
   12 ms instead of 17; 1.3-2.2x at 8 and 32 rows, 1.15-1.6x for a prefill's 40 or 301), with the
-  same bits as F.linear.
+  same bits as F.linear. Our kernel (below) reads faster still at one and two rows, so decode
+  steps take it (`OWN_KERNEL_ROWS`).
 - fp32 LM head: [hidden, vocab] (a transposed copy): 3.8-5 ms instead of 12-13 ms for
   151936 x 128, 29 instead of 43 for 151936 x 1024. fp32 blocks keep their weights: oneDNN's
   layout would read them 1.3-1.9x faster, but its sums round otherwise than F.linear's, and fp32
@@ -66,6 +67,10 @@ FP32_ROWS = 32
 # there, products of up to this many rows take our kernel (at 128 it still led the fp32 products
 # by 1.1-1.6x on the mid config's shapes)
 KERNEL_ROWS = 128
+# with native bf16 products, products of up to this many bf16 rows still take our kernel: on Zen 4
+# cores (AVX512-BF16) it read one row's weights at 31-33 GB/s where oneDNN's read 23-27 (a mid
+# decode step 15% faster), two rows 1.3-1.5x; at 4 and 8 rows oneDNN's led
+OWN_KERNEL_ROWS = 2
 # what a front end tells someone who asks for bf16 on such a CPU
 BF16_WITHOUT_NATIVE_PRODUCTS = (
     "note: this CPU has no native bf16 matrix products (no AVX512-BF16 or AMX), so PyTorch emulates "
@@ -96,15 +101,14 @@ class CpuOps(TorchOps):
         if _plain(head) and head.weight.dtype == torch.float32 and head.bias is None:
             self._add(head, _TransposedHead(head))
         bf16 = [linear for linear in linears if linear.weight.dtype == torch.bfloat16]
-        if bf16 and pack_bf16 is not False and onednn_bf16():
-            size = sum(linear.weight.nbytes for linear in bf16)
-            if pack_bf16 or size <= free_memory() // 2:
-                for linear in bf16:
-                    self._add(linear, _PackedBF16(linear))
-        elif self.kernels is not None and not onednn_bf16():
-            for linear in bf16:
-                if _FewRowsBF16.takes(linear):
-                    self._add(linear, _FewRowsBF16(linear, self.kernels))
+        packed = bool(bf16) and pack_bf16 is not False and onednn_bf16()
+        if packed and not pack_bf16:
+            packed = sum(linear.weight.nbytes for linear in bf16) <= free_memory() // 2
+        for linear in bf16:
+            if packed:
+                self._add(linear, _PackedBF16(linear, self.kernels))
+            elif self.kernels is not None and _FewRowsBF16.takes(linear):
+                self._add(linear, _FewRowsBF16(linear, self.kernels))
         for linear in int4:
             product = int4_product(linear, head.weight.dtype, self.kernels)
             if product is not None:
@@ -175,8 +179,9 @@ def _norm_kernel_takes(x, delta, norm) -> bool:
 
 def _cache_kernel_takes(query, keys, values, mask) -> bool:
     """Whether our one-query attention takes these: bf16 throughout (its mask too), the positions'
-    values contiguous, a head size it holds, on a CPU without native bf16 products (with them,
-    PyTorch's bf16 products are fast)."""
+    values contiguous, a head size it holds. Also where the CPU has native bf16 products: there
+    PyTorch's two small products still took 2.4-2.9x ours (16 heads of 64 over 300 positions, on
+    Zen 4 cores with AVX512-BF16)."""
     width = query.shape[-1]
     return (
         all(t.dtype == torch.bfloat16 for t in (query, keys, values, mask))
@@ -186,7 +191,6 @@ def _cache_kernel_takes(query, keys, values, mask) -> bool:
         and mask.shape[1] == mask.shape[2] == 1
         and width % 8 == 0
         and width <= 256
-        and not onednn_bf16()
     )
 
 
@@ -200,12 +204,15 @@ class _TransposedHead:
 
 
 class _FewRowsBF16:
-    """A bf16 Linear's products of up to `KERNEL_ROWS` rows through our kernel."""
+    """A bf16 Linear's products of a few rows through our kernel: up to `KERNEL_ROWS` where the CPU
+    has no native bf16 products, `OWN_KERNEL_ROWS` where it has; more rows through PyTorch's."""
 
     def __init__(self, linear: nn.Linear, kernels: cpu_kernels.CpuKernels):
         self.linear, self.kernels = linear, kernels
         self.weight = linear.weight.detach()
         self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.native = onednn_bf16()
+        self.most_rows = OWN_KERNEL_ROWS if self.native else KERNEL_ROWS
 
     @staticmethod
     def takes(linear: nn.Linear) -> bool:
@@ -214,8 +221,8 @@ class _FewRowsBF16:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if x.dtype != torch.bfloat16 or rows > KERNEL_ROWS:
-            return _emulated_bf16(self.linear, x)
+        if x.dtype != torch.bfloat16 or rows > self.most_rows:
+            return self.linear(x) if self.native else _emulated_bf16(self.linear, x)
         out = self.kernels.bf16_product(x.reshape(rows, -1).contiguous(), self.weight, self.bias)
         return out.view(*x.shape[:-1], -1)
 
@@ -229,13 +236,23 @@ def _emulated_bf16(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 class _PackedBF16:
-    def __init__(self, linear: nn.Linear):
+    """oneDNN's product over its copy of the weight; decode steps of up to `OWN_KERNEL_ROWS` rows
+    through our kernel over the Linear's own weight, where it builds."""
+
+    def __init__(self, linear: nn.Linear, kernels: cpu_kernels.CpuKernels | None = None):
         # the layout oneDNN picks for one row at a time; it serves any number of rows
         with torch.no_grad():
             self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.few_rows = _FewRowsBF16(linear, kernels) if kernels and _FewRowsBF16.takes(linear) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.few_rows is not None
+            and x.dtype == torch.bfloat16
+            and x.numel() <= OWN_KERNEL_ROWS * x.shape[-1]
+        ):
+            return self.few_rows(x)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
