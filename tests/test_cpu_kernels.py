@@ -237,13 +237,17 @@ def test_a_bf16_model_decodes_through_them_as_accurately_as_through_pytorch(
 
 
 @needs_kernels
-def test_one_query_attention_over_a_strided_cache_with_hidden_keys():
+@pytest.mark.parametrize("width", [64, 128, 40])  # the two head sizes it has its own code for, and another
+def test_one_query_attention_over_a_strided_cache_with_hidden_keys(width):
     """Against fp32 attention over the same bf16 values: the kernel sums in fp32 and rounds once to
-    bf16 (2^-9 relative, of values at most max |v|), while fp32 sums err by far less."""
+    bf16 (2^-9 relative, of values at most max |v|), while fp32 sums and its exp (within a few units
+    in the last place of fp32) err by far less."""
     generator = torch.Generator().manual_seed(0)
-    cache = torch.randn(2, 2, 3, 40, 64, generator=generator).bfloat16()  # [keys/values, B, H, capacity, D]
+    cache = torch.randn(
+        2, 2, 3, 40, width, generator=generator
+    ).bfloat16()  # [keys/values, B, H, capacity, D]
     keys, values = cache[0, :, :, :29], cache[1, :, :, :29]  # a view of the first 29 positions
-    query = torch.randn(2, 3, 1, 64, generator=generator).bfloat16()
+    query = torch.randn(2, 3, 1, width, generator=generator).bfloat16()
     mask = torch.zeros(2, 1, 1, 29)
     mask[0, ..., 20:] = float("-inf")  # row 0 sees 20 keys, row 1 all 29
     mask[1, ..., 3] = float("-inf")
@@ -258,6 +262,11 @@ def test_one_query_attention_over_a_strided_cache_with_hidden_keys():
     poisoned = values.clone()
     poisoned[0, :, 25] = float("nan")  # a hidden position is never read
     assert torch.equal(KERNELS.attend_one_query(query, keys, poisoned, mask)[0], got[0])
+    # as softmax gives them: NaN for a row that sees no key, and for one that sees a NaN
+    assert torch.isnan(KERNELS.attend_one_query(query, keys, values, torch.full_like(mask, -torch.inf))).all()
+    broken = keys.clone()
+    broken[1, :, 5] = float("nan")  # row 1 sees position 5
+    assert torch.isnan(KERNELS.attend_one_query(query, broken, values, mask)[1]).all()
 
 
 @needs_kernels
@@ -283,3 +292,47 @@ def test_add_rms_norm_rounds_where_the_modules_norm_rounds(with_delta):
     assert torch.equal(got_sum, want_sum)
     assert ((got.float() - want.float()).abs() <= want.float().abs() * 2**-7).all()
     assert (got == want).float().mean() > 0.99
+
+
+@needs_kernels
+@pytest.mark.parametrize("logn", [True, False])
+def test_rotary_and_cache_write_give_pytorchs_bits(tiny_model, logn):
+    """One token per row, one row past seq_length (where the log-n scale is not 1), rows with
+    different NTK alphas: the queries and both caches hold the same bits as PyTorch's."""
+    import copy
+    import dataclasses
+
+    from qwenvl.cache import KVCache
+    from qwenvl.decode.cpu_ops import CpuOps
+    from qwenvl.model.llm import Step, rotary_inv_freq
+    from qwenvl.model.ops import TORCH_OPS
+
+    model = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    cfg = model.transformer.llm_config
+    heads, width = cfg.num_attention_heads, cfg.kv_channels
+    capacity = cfg.seq_length + 16
+    cache = KVCache.for_model(model, 2, capacity)
+    cache.inv_freq = rotary_inv_freq([1.0, 3.0], cfg)
+    cache.lengths = torch.tensor([5, capacity - 1])
+    step = Step.static_decode(cfg, cache)
+    if not logn:
+        step = dataclasses.replace(step, logn=None)
+    assert logn == (step.logn is not None and bool((step.logn != 1).any()))
+    theirs = dataclasses.replace(step, cache=copy.deepcopy(cache))
+    qkv = torch.randn(2, 1, 3 * heads * width, generator=torch.Generator().manual_seed(0)).bfloat16() * 3
+    with torch.no_grad():
+        ours_query, _, _ = CpuOps(model).rotate_and_store(qkv, step, 1, heads, width)
+        their_query, _, _ = TORCH_OPS.rotate_and_store(qkv, theirs, 1, heads, width)
+    assert torch.equal(ours_query, their_query)
+    assert torch.equal(cache.keys[1], theirs.cache.keys[1]) and torch.equal(
+        cache.values[1], theirs.cache.values[1]
+    )
+    assert cache.keys[1].abs().sum() > 0  # written
+
+
+@needs_kernels
+def test_a_position_outside_the_cache_is_refused():
+    keys = torch.zeros(1, 2, 4, 8).bfloat16()
+    qkv, table = torch.zeros(1, 3 * 2 * 8).bfloat16(), torch.ones(1, 8)
+    with pytest.raises(IndexError, match="outside the cache"):
+        KERNELS.rotate_to_cache(qkv, table, table, None, torch.tensor([4]), keys, keys.clone())

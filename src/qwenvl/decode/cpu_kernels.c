@@ -318,12 +318,102 @@ AVX2 int int4_product(const void *x_in, int bf16, int64_t rows, int64_t K, const
     return failed ? -1 : 0;
 }
 
+// exp(x) in eight lanes, within about 2 units in the last place of fp32 for x <= 0 (Cephes'
+// expf: x = n ln 2 + r with |r| <= ln 2 / 2, a degree-7 polynomial in r, then 2^n); below -87
+// it gives 2^-126 times a little, where the softmax's weight is as good as 0.
+AVX2 static inline __m256 exp_lanes(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // this order keeps a NaN
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // ln 2 in two parts, so that n ln 2 is exact enough to subtract
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i power = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(power));
+}
+
+// One (row, head): scores of the visible keys, then the softmax's weighted sum of their values.
+// With D a constant (the switch below) the values' sums stay in registers. The keys go eight
+// positions at a time, each summed in its own register: one chain of FMAs per position, eight
+// side by side, where one position at a time waited on each FMA's latency.
+AVX2 static inline __attribute__((always_inline)) void attend_head(const float *query, const uint16_t *k,
+                                                                  const uint16_t *v, const uint16_t *m, int64_t L,
+                                                                  const int64_t D, int64_t key_step, int64_t value_step,
+                                                                  int64_t mask_step, float scale, float *scores,
+                                                                  uint16_t *out) {
+    float top = -INFINITY;
+    for (int64_t l0 = 0; l0 < L; l0 += 8) {
+        const int64_t count = L - l0 < 8 ? L - l0 : 8;
+        int visible = 0;
+        for (int64_t i = 0; i < count; ++i) visible |= bf16_to_float(m[(l0 + i) * mask_step]) != -INFINITY;
+        if (!visible) {
+            for (int64_t i = 0; i < count; ++i) scores[l0 + i] = -INFINITY;
+            continue;
+        }
+        __m256 dots[8];
+        for (int i = 0; i < 8; ++i) dots[i] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 u = _mm256_loadu_ps(query + d);
+            for (int i = 0; i < 8; ++i)
+                if (i < count) dots[i] = _mm256_fmadd_ps(widen_bf16(k + (l0 + i) * key_step + d), u, dots[i]);
+        }
+        float sums[8];
+        _mm_storeu_ps(sums, sum4(dots[0], dots[1], dots[2], dots[3]));
+        _mm_storeu_ps(sums + 4, sum4(dots[4], dots[5], dots[6], dots[7]));
+        for (int64_t i = 0; i < count; ++i) {
+            const float hidden = bf16_to_float(m[(l0 + i) * mask_step]);
+            scores[l0 + i] = hidden == -INFINITY ? -INFINITY : sums[i] * scale + hidden;
+            if (scores[l0 + i] > top) top = scores[l0 + i];
+        }
+    }
+    // the softmax's weights in place of the scores, eight at a time: exp(score - top), 0 for
+    // hidden keys (expf one at a time took a quarter of the time)
+    float total = 0.0f;
+    if (top != -INFINITY) {
+        const __m256 shift = _mm256_set1_ps(top), hidden = _mm256_set1_ps(-INFINITY);
+        __m256 totals = _mm256_setzero_ps();
+        int64_t l = 0;
+        for (; l + 8 <= L; l += 8) {
+            const __m256 score = _mm256_loadu_ps(scores + l);
+            const __m256 weight = _mm256_andnot_ps(_mm256_cmp_ps(score, hidden, _CMP_EQ_OQ),
+                                                   exp_lanes(_mm256_sub_ps(score, shift)));
+            _mm256_storeu_ps(scores + l, weight);
+            totals = _mm256_add_ps(totals, weight);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, totals);
+        for (int i = 0; i < 8; ++i) total += lanes[i];
+        for (; l < L; ++l) total += scores[l] = scores[l] == -INFINITY ? 0.0f : expf(scores[l] - top);
+    }
+    __m256 acc[32];  // D <= 256
+    for (int64_t j = 0; j < D / 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int64_t l = 0; top != -INFINITY && l < L; ++l) {
+        if (scores[l] == 0.0f) continue;  // hidden, or too small to count
+        const __m256 weight = _mm256_set1_ps(scores[l]);
+        for (int64_t j = 0; j < D / 8; ++j) acc[j] = _mm256_fmadd_ps(widen_bf16(v + l * value_step + 8 * j), weight, acc[j]);
+    }
+    // a row that sees no key gets NaN, as softmax over nothing does in PyTorch
+    const float inverse = top == -INFINITY ? NAN : 1.0f / total;
+    for (int64_t j = 0; j < D / 8; ++j) {
+        float values[8];
+        _mm256_storeu_ps(values, acc[j]);
+        for (int i = 0; i < 8; ++i) out[8 * j + i] = float_to_bf16(values[i] * inverse);
+    }
+}
+
 // One query per row and head against a bf16 cache: out = softmax(q k^T * scale + mask) v, all in
 // fp32, rounded once to bf16. q [B, H, D] and out [B, H, D] contiguous bf16; keys and values bf16
 // with strides (in elements) per row, head and position, each position's D values contiguous;
-// mask bf16 [B, L] (additive, 0 or -inf) with strides per row and position. Keys the mask hides
-// are not read: a static step's cache is mostly hidden capacity. D a multiple of 8, at most 256.
-// Returns 0, or -1 where memory ran out (out then undefined).
+// mask bf16 [B, L] (additive, 0 or -inf) with strides per row and position. Eight keys in a row
+// that the mask hides are not read: a static step's cache is mostly hidden capacity. D a multiple
+// of 8, at most 256. Returns 0, or -1 where memory ran out (out then undefined).
 AVX2 int attend_one_query(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const uint16_t *mask,
                           int64_t B, int64_t H, int64_t L, int64_t D, const int64_t *key_strides,
                           const int64_t *value_strides, const int64_t *mask_strides, float scale, uint16_t *out,
@@ -341,36 +431,17 @@ AVX2 int attend_one_query(const uint16_t *q, const uint16_t *keys, const uint16_
             const uint16_t *k = keys + b * key_strides[0] + h * key_strides[1];
             const uint16_t *v = values + b * value_strides[0] + h * value_strides[1];
             const uint16_t *m = mask + b * mask_strides[0];
-            float query[256], acc[256];
-            for (int64_t d = 0; d < D; ++d) query[d] = bf16_to_float(q[task * D + d]), acc[d] = 0.0f;
-            float top = -INFINITY;
-            for (int64_t l = 0; l < L; ++l) {
-                const float hidden = bf16_to_float(m[l * mask_strides[1]]);
-                if (hidden == -INFINITY) {
-                    scores[l] = -INFINITY;
-                    continue;
-                }
-                __m256 dot = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d += 8)
-                    dot = _mm256_fmadd_ps(widen_bf16(k + l * key_strides[2] + d), _mm256_loadu_ps(query + d), dot);
-                const __m128 half = _mm_add_ps(_mm256_castps256_ps128(dot), _mm256_extractf128_ps(dot, 1));
-                const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
-                scores[l] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair))) * scale + hidden;
-                if (scores[l] > top) top = scores[l];
-            }
-            float total = 0.0f;
-            for (int64_t l = 0; top != -INFINITY && l < L; ++l) {
-                if (scores[l] == -INFINITY) continue;
-                const float p = expf(scores[l] - top);
-                total += p;
-                const __m256 weight = _mm256_set1_ps(p);
-                for (int64_t d = 0; d < D; d += 8)
-                    _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(widen_bf16(v + l * value_strides[2] + d), weight,
-                                                              _mm256_loadu_ps(acc + d)));
-            }
-            // a row that sees no key gets NaN, as softmax over nothing does in PyTorch
-            const float inverse = top == -INFINITY ? NAN : 1.0f / total;
-            for (int64_t d = 0; d < D; ++d) out[task * D + d] = float_to_bf16(acc[d] * inverse);
+            float query[256];
+            for (int64_t d = 0; d < D; ++d) query[d] = bf16_to_float(q[task * D + d]);
+            const int64_t ks = key_strides[2], vs = value_strides[2], ms = mask_strides[1];
+            uint16_t *o = out + task * D;
+            // Qwen-VL's heads are 128 wide, the mid benchmark model's 64
+            if (D == 128)
+                attend_head(query, k, v, m, L, 128, ks, vs, ms, scale, scores, o);
+            else if (D == 64)
+                attend_head(query, k, v, m, L, 64, ks, vs, ms, scale, scores, o);
+            else
+                attend_head(query, k, v, m, L, D, ks, vs, ms, scale, scores, o);
         }
         free(scores);
     }
@@ -407,6 +478,46 @@ AVX2 int add_rms_norm(const uint16_t *x, const uint16_t *delta, const uint16_t *
         for (int64_t i = 0; i < width; ++i) {
             const float unit = bf16_to_float(float_to_bf16(bf16_to_float(xr[i]) * scale));
             nr[i] = float_to_bf16(unit * bf16_to_float(weight[i]));
+        }
+    }
+    return 0;
+}
+
+// A decode step's rotary, log-n scale and cache write for one token per row, in bf16, rounded
+// where `TorchOps.rotate_and_store` rounds: each rotated channel is bf16(x cos + x' sin) with the
+// two products and their sum each an fp32 operation (x' the rotate-half partner, `sin` already
+// signed), the query then bf16(q * logn). qkv [B, 3 H D] contiguous (queries, keys, values, each
+// [H, D]); cos and sin fp32 [B, R], R even and at most D (channels past R keep their values);
+// logn bf16 [B] or NULL; positions [B]; keys and values bf16 with strides (in elements) per row,
+// head and position, each position's D values contiguous, `capacity` positions; query out
+// [B, H, D]. Returns 0, or -2 where a position is outside the cache (nothing then written).
+// PyTorch spells this in a dozen small operations a layer, about 0.8 ms of a mid-size step.
+int rotate_to_cache(const uint16_t *qkv, int64_t B, int64_t H, int64_t D, int64_t R, const float *cos,
+                    const float *sin, const uint16_t *logn, const int64_t *positions, int64_t capacity,
+                    uint16_t *keys, const int64_t *key_strides, uint16_t *values, const int64_t *value_strides,
+                    uint16_t *query) {
+    for (int64_t b = 0; b < B; ++b)
+        if (positions[b] < 0 || positions[b] >= capacity) return -2;
+    const int64_t half = R / 2;
+    for (int64_t b = 0; b < B; ++b) {
+        const float *c = cos + b * R, *s = sin + b * R;
+        const int64_t p = positions[b];
+        for (int64_t h = 0; h < H; ++h) {
+            const uint16_t *q = qkv + b * 3 * H * D + h * D, *k = q + H * D, *v = k + H * D;
+            uint16_t *qo = query + (b * H + h) * D;
+            uint16_t *ko = keys + b * key_strides[0] + h * key_strides[1] + p * key_strides[2];
+            uint16_t *vo = values + b * value_strides[0] + h * value_strides[1] + p * value_strides[2];
+            for (int64_t d = 0; d < D; ++d) {
+                uint16_t qd = q[d], kd = k[d];
+                if (d < R) {
+                    const int64_t partner = d < half ? d + half : d - half;
+                    const float qc = bf16_to_float(q[d]) * c[d], qs = bf16_to_float(q[partner]) * s[d];
+                    const float kc = bf16_to_float(k[d]) * c[d], ks = bf16_to_float(k[partner]) * s[d];
+                    qd = float_to_bf16(qc + qs), kd = float_to_bf16(kc + ks);
+                }
+                qo[d] = logn ? float_to_bf16(bf16_to_float(qd) * bf16_to_float(logn[b])) : qd;
+                ko[d] = kd, vo[d] = v[d];
+            }
         }
     }
     return 0;

@@ -42,6 +42,8 @@ FLAGS = (
     "-std=c11",
     "-mno-avx256-split-unaligned-load",
     "-mno-avx256-split-unaligned-store",
+    # a*b + c stays two roundings, as PyTorch's separate operations round (rotate_to_cache)
+    "-ffp-contract=off",
 )
 MAX_ROWS = 8  # the int4 kernel's most rows (INT4_MAX_ROWS)
 
@@ -86,6 +88,9 @@ class CpuKernels:
         self._norm = library.add_rms_norm
         self._norm.argtypes = [_P, _P, _P, ctypes.c_float, _I, _I, _P, _P]
         self._norm.restype = ctypes.c_int
+        self._rotate = library.rotate_to_cache
+        self._rotate.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _I, _P, strides, _P, strides, _P]
+        self._rotate.restype = ctypes.c_int
 
     def bf16_product(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x @ weight^T (+ bias): weight [N, K] bf16, bias [N] fp32; K a multiple of 8, N of 4."""
@@ -190,6 +195,44 @@ class CpuKernels:
             normed.data_ptr(),
         )
         return total, normed
+
+    def rotate_to_cache(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        logn: torch.Tensor | None,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+    ) -> torch.Tensor:
+        """A decode step's rotary, log-n scale and cache write (one token per row), as
+        `TorchOps.rotate_and_store` computes them: qkv [B, 3 H D] bf16; cos and sin [B, R] fp32 (sin
+        with its first half negated); logn [B] bf16 or None; positions [B] int64; keys and values
+        the layer's cache [B, H, capacity, D] bf16, each position's D values contiguous. Returns the
+        queries [B, H, 1, D]."""
+        batch, heads, capacity, width = keys.shape
+        query = qkv.new_empty(batch, heads, 1, width)
+        status = self._rotate(
+            qkv.data_ptr(),
+            batch,
+            heads,
+            width,
+            cos.shape[-1],
+            cos.data_ptr(),
+            sin.data_ptr(),
+            _pointer(logn),
+            positions.data_ptr(),
+            capacity,
+            keys.data_ptr(),
+            _strides(keys.stride()[:3]),
+            values.data_ptr(),
+            _strides(values.stride()[:3]),
+            query.data_ptr(),
+        )
+        if status == -2:
+            raise IndexError(f"a position is outside the cache's {capacity}")
+        return query
 
 
 def _checked(status: int, out: torch.Tensor) -> torch.Tensor:
