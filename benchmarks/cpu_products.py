@@ -3,8 +3,9 @@ the mid config's shapes, one product and one thread count at a time.
 
 Run: .venv/bin/python -m benchmarks.cpu_products [--rows 1 2 4 8] [--threads 1 2] [--json PATH]
 
-- bf16: `F.linear` over the bf16 weight (what a bf16 step runs on a CPU without native bf16)
-  against ours over the same weight;
+- bf16: PyTorch's product over the bf16 weight against ours over the same weight. PyTorch's is
+  what the CPU backend would run without ours: `F.linear` on a CPU without native bf16, oneDNN's
+  product over its copy of the weight in its own layout on one with them;
 - int4: torch's `_weight_int4pack_mm_for_cpu` (bf16 activations) against ours over GPTQ's codes,
   groups of 128;
 - attention: one query per head against a bf16 cache of 300 positions, 16 heads of 64, as
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from qwenvl.decode.cpu_kernels import kernels
+from qwenvl.decode.cpu_ops import onednn_bf16
 
 from .common import MID_CONFIG, OtherLoad, add_json_option, json_path, markdown_table, save_record
 
@@ -74,9 +76,17 @@ def bf16_pair(out_features: int, in_features: int, rows: int, own) -> tuple[list
     weights = [torch.randn(out_features, in_features).bfloat16() for _ in range(copies)]
     x = torch.randn(rows, in_features).bfloat16()
     weight = cycling(weights)
-    times = best_of_alternating(
-        [lambda: F.linear(x, weight()), lambda: own.bf16_product(x, weight(), None)], per_round=copies
-    )
+    if onednn_bf16():
+        packed = cycling([torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in weights])
+
+        def pytorchs():
+            return torch.ops.mkldnn._linear_pointwise(x, packed(), None, "none", [], "")
+    else:
+
+        def pytorchs():
+            return F.linear(x, weight())
+
+    times = best_of_alternating([pytorchs, lambda: own.bf16_product(x, weight(), None)], per_round=copies)
     return times, out_features * in_features * 2
 
 
@@ -177,7 +187,13 @@ def main() -> None:
     print(markdown_table(headers, table))
     print(f"other processes' load during the run: {load.cores():.2f} cores")
     path = json_path(args, "cpu_products.json")
-    save_record(path, "cpu_products", {"products": results, "other_load_cores": load.cores()})
+    record = {
+        "products": results,
+        "pytorch_bf16_product": "oneDNN, its own layout" if onednn_bf16() else "F.linear",
+        "int4_through_bf16_dot_products": own.bf16_dot,
+        "other_load_cores": load.cores(),
+    }
+    save_record(path, "cpu_products", record)
     print(f"saved {path}")
 
 

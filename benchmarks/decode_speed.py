@@ -10,6 +10,9 @@ Both sides are a `qwenvl.decode.Decoder` over the same prompt; only their option
   GPU the Triton kernels in a step replayed as a CUDA graph, on CPU static steps over the CPU
   backend's copies of the weights).
 
+`alternating` times several models' batch-1 steps in turns, for a ratio between models that the
+machine's drift does not move (the Int4 model over bf16).
+
 A step is timed as `generation.stream_tokens` runs it: greedy tokens chosen on the device by
 `decode.choose_next` and read by the host, on a GPU while it computes the next step. Both paths
 must choose the same greedy tokens. The bound: bytes of LLM weights a step reads over the copy
@@ -160,6 +163,46 @@ def measure(
     }
 
 
+@torch.inference_mode()
+def alternating(
+    models: dict[str, QwenVLForCausalLM],
+    prompt: list[int],
+    features: torch.Tensor | None,
+    path: DecodePath,
+    *,
+    rounds: int = 9,
+    steps: int = 16,
+    warmup: int = 2,
+) -> dict:
+    """Batch-1 decode of several models in one process, in turns: each round times `steps` steps
+    of each model, one after the other. On a shared machine the memory's speed drifts over
+    minutes (a mid bf16 step took 21 to 33 ms within one run), so two figures measured in runs
+    apart compare the drift as much as the models; in turns, each round's ratio compares steps
+    taken under the same conditions. The ratios are each round's medians' ratio, the median of
+    them the figure."""
+    capacity = len(prompt) + rounds * steps + warmup + 2
+    generated = {}
+    for name, model in models.items():
+        decoder = path.decoder(model, 1, capacity)
+        logits = decoder.prefill([prompt], features)
+        generated[name] = greedy_steps(decoder, logits, capacity - len(prompt))
+        for _ in range(1 + warmup):
+            next(generated[name])
+    medians: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, steps_of in generated.items():
+            medians[name].append(
+                time_call(lambda steps_of=steps_of: next(steps_of), warmup=0, repeats=steps).median
+            )
+    return {"rounds": rounds, "steps_per_round": steps, "median_step_s_per_round": medians}
+
+
+def round_ratios(alternated: dict, slower: str, faster: str) -> list[float]:
+    """Each round's step time of `slower` over `faster` (an `alternating` record)."""
+    times = alternated["median_step_s_per_round"]
+    return [a / b for a, b in zip(times[slower], times[faster], strict=True)]
+
+
 def ratios(dtypes: dict[str, dict], bandwidth: float, headline: str, serving: str) -> dict:
     """The run's decode ratios: the fast path over the baseline (in the `headline` dtype and in
     each), bf16 over fp32, the Int4 model over bf16 (batch 1, fast paths), batch N over batch 1
@@ -174,7 +217,8 @@ def ratios(dtypes: dict[str, dict], bandwidth: float, headline: str, serving: st
         "bf16_over_fp32_decode": (
             fast_1["bf16"] / fast_1["fp32"] if {"bf16", "fp32"} <= fast_1.keys() else None
         ),
-        "int4_over_bf16_decode": (
+        # measured apart, in processes minutes apart; `run` also measures it in turns
+        "int4_over_bf16_decode_separate_runs": (
             fast_1["int4"] / fast_1["bf16"] if {"int4", "bf16"} <= fast_1.keys() else None
         ),
         **{

@@ -121,3 +121,14 @@ def test_the_commands_flags_change_the_settings_it_is_given(tmp_path):
     )
     with pytest.raises(SystemExit):
         settings(str(tmp_path / "missing.json"))
+
+
+def test_the_int4_and_bf16_models_decode_in_turns():
+    import statistics
+
+    from benchmarks.models import model_config
+
+    record = run.int4_against_bf16(model_config("tiny"), torch.device("cpu"), run.Options(steps=1))
+    per_round = record["int4_over_bf16_per_round"]
+    assert len(per_round) == record["rounds"] == len(record["median_step_s_per_round"]["int4"])
+    assert record["int4_over_bf16"] == statistics.median(per_round) > 0

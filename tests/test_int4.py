@@ -369,5 +369,5 @@ def test_the_benchmarks_int4_model_and_ratio():
     figures = ratios(
         {"bf16": record, INT4: dict(record, decode_tokens_per_s_fast_batch1=4.5)}, 1.0, "bf16", "bf16"
     )
-    assert figures["int4_over_bf16_decode"] == 1.5
-    assert "int4_over_bf16_decode" in dict(run.RATIOS)
+    assert figures["int4_over_bf16_decode_separate_runs"] == 1.5
+    assert {"int4_over_bf16_decode", "int4_over_bf16_decode_separate_runs"} <= dict(run.RATIOS).keys()
