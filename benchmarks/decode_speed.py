@@ -170,7 +170,7 @@ def alternating(
     features: torch.Tensor | None,
     path: DecodePath,
     *,
-    rounds: int = 9,
+    rounds: int = 15,
     steps: int = 16,
     warmup: int = 2,
 ) -> dict:

@@ -22,7 +22,7 @@ in mode "plain" with the "torch" backend. What each part measures:
 - `--int4`: the Int4 model too (the bf16 model with its LLM's Linears quantized as
   Qwen-VL-Chat-Int4's are), every figure above, and its batch-1 decode over bf16's: measured
   in turns with bf16's in one more process that holds both models (`int4_over_bf16_decode`, the
-  median of 9 rounds' ratios), and as the two dtypes' runs measured it
+  median of 15 rounds' ratios), and as the two dtypes' runs measured it
   (`int4_over_bf16_decode_separate_runs`, which the machine's drift between them moves); each
   model's bytes (parameters and buffers) are in the table.
 - `--load-time`: seconds of `from_pretrained` for a checkpoint of the config (`load_memory`'s
