@@ -35,9 +35,11 @@ int has_avx512_bf16(void) {
 }
 
 // Adds the products of the words q[r, 0 .. N) (one row of words: inputs 8r .. 8r + 7) with each
-// row's input pairs xp + m * xstride (four pairs: inputs 8r + j and 8r + j + 4) to acc [ROWS, N].
+// row's input pairs xp + m * xstride (four pairs: inputs 8r + j and 8r + j + 4) to acc [rows, N];
+// `first`: writes them there instead (the group's first row of words: no zeroing beforehand).
 DOT static inline __attribute__((always_inline)) void dot_word_row(const int32_t *q, int64_t N, const uint32_t *xp,
-                                                                   int64_t xstride, float *acc, const int rows) {
+                                                                   int64_t xstride, float *acc, const int rows,
+                                                                   const int first) {
     const __m512i low = _mm512_set1_epi32(0x000F000F), magic = _mm512_set1_epi32(0x43004300);
     for (int64_t n = 0; n < N; n += 16) {
         _mm_prefetch((const char *)(q + n + 4096), _MM_HINT_T1);
@@ -50,7 +52,7 @@ DOT static inline __attribute__((always_inline)) void dot_word_row(const int32_t
         for (int m = 0; m < rows; ++m) {
             const uint32_t *x = xp + m * xstride;
             float *out = acc + m * N + n;
-            __m512 even = _mm512_loadu_ps(out), odd = _mm512_setzero_ps();
+            __m512 even = first ? _mm512_setzero_ps() : _mm512_loadu_ps(out), odd = _mm512_setzero_ps();
             even = _mm512_dpbf16_ps(even, c0, (__m512bh)_mm512_set1_epi32((int)x[0]));
             odd = _mm512_dpbf16_ps(odd, c1, (__m512bh)_mm512_set1_epi32((int)x[1]));
             even = _mm512_dpbf16_ps(even, c2, (__m512bh)_mm512_set1_epi32((int)x[2]));
@@ -63,7 +65,8 @@ DOT static inline __attribute__((always_inline)) void dot_word_row(const int32_t
 DOT static inline __attribute__((always_inline)) void dot_group(const int32_t *q, int64_t N, int64_t words,
                                                                 const uint32_t *xp, int64_t xstride, float *acc,
                                                                 const int rows) {
-    for (int64_t r = 0; r < words; ++r) dot_word_row(q + r * N, N, xp + 4 * r, xstride, acc, rows);
+    dot_word_row(q, N, xp, xstride, acc, rows, 1);
+    for (int64_t r = 1; r < words; ++r) dot_word_row(q + r * N, N, xp + 4 * r, xstride, acc, rows, 0);
 }
 
 // x [rows, K] bf16, the rest as int4_product's (cpu_kernels.c); N a multiple of 16, rows at most 8.
@@ -95,9 +98,8 @@ DOT int int4_product_dot(const uint16_t *x, int64_t rows, int64_t K, const int32
         for (int64_t part = 0; part < parts; ++part) {
             if (!acc) continue;
             float *sums = partial + part * rows * N;
-            memset(sums, 0, sizeof(float) * rows * N);
             for (int64_t g = G * part / parts; g < G * (part + 1) / parts; ++g) {
-                memset(acc, 0, sizeof(float) * rows * N);
+                const int first = g == G * part / parts;  // the part's first group writes its sums
                 const int32_t *qg = q + g * words * N;
                 const uint32_t *xg = xp + g * group / 2;
                 // the row count a constant in each, so the compiler keeps the codes in registers
@@ -121,7 +123,8 @@ DOT int int4_product_dot(const uint16_t *x, int64_t rows, int64_t K, const int32
                         _mm512_mul_ps(scale, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_set1_epi32(-128), zero)));
                     for (int64_t m = 0; m < rows; ++m) {
                         float *out = sums + m * N + n;
-                        const __m512 sum = _mm512_fmadd_ps(_mm512_loadu_ps(acc + m * N + n), scale, _mm512_loadu_ps(out));
+                        const __m512 before = first ? _mm512_setzero_ps() : _mm512_loadu_ps(out);
+                        const __m512 sum = _mm512_fmadd_ps(_mm512_loadu_ps(acc + m * N + n), scale, before);
                         _mm512_storeu_ps(out, _mm512_fmadd_ps(_mm512_set1_ps(xsum[m * G + g]), minus, sum));
                     }
                 }
