@@ -231,7 +231,7 @@ class CpuKernels:
             query.data_ptr(),
         )
         if status == -2:
-            raise IndexError(f"a position is outside the cache's {capacity}")
+            raise IndexError(f"a position is outside the cache ({capacity} positions)")
         return query
 
 
