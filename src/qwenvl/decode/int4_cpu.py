@@ -70,7 +70,7 @@ class Int4Products:
         self.linear, self.few_rows, self.packed = linear, few_rows, packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.few_rows is not None and x.numel() <= self.few_rows.most_rows(x.dtype) * x.shape[-1]:
+        if self.few_rows is not None and x.numel() <= self.few_rows.most_rows.get(x.dtype, 0) * x.shape[-1]:
             return self.few_rows(x)
         if self.packed is not None:
             return self.packed(x)
@@ -89,6 +89,10 @@ class CodesInPlace:
         self.zero_offset = linear.settings.zero_offset
         self.group_size = linear.settings.group_width(linear.in_features)
         self.linear = linear
+        # the most rows in each dtype that our kernel multiplies faster than torch's
+        self.most_rows = dict(KERNEL_ROWS)
+        if kernels.bf16_dot:
+            self.most_rows[torch.bfloat16] = DOT_KERNEL_ROWS
 
     @staticmethod
     def takes(linear: Int4Linear) -> bool:
@@ -102,12 +106,6 @@ class CodesInPlace:
             and linear.scales.is_contiguous()
             and linear.ordered_groups()
         )
-
-    def most_rows(self, dtype: torch.dtype) -> int:
-        """The most rows in `dtype` that our kernel multiplies faster than torch's."""
-        if dtype == torch.bfloat16 and self.kernels.bf16_dot:
-            return DOT_KERNEL_ROWS
-        return KERNEL_ROWS.get(dtype, 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype not in (torch.float32, torch.bfloat16):
